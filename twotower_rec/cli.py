@@ -1,0 +1,220 @@
+"""Command line: one thin function per verb over importable functions.
+
+    twotower-rec prepare   --config configs/demo.yaml
+    twotower-rec train     --config configs/demo.yaml [--set train.epochs=5]
+    twotower-rec evaluate  --config configs/demo.yaml
+    twotower-rec export    --config configs/demo.yaml
+    twotower-rec recommend --export runs/demo/export --user 42 -k 10
+
+Any verb runs under ``torchrun --nproc_per_node=N -m twotower_rec ...`` too. Heavy imports
+(torch, TorchRec) happen inside the verbs, so ``--help`` is instant and ``recommend`` loads
+only the export and the serving code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from twotower_rec.errors import TwoTowerError
+
+EXIT_USER_ERROR = 2
+
+DESCRIPTION = """\
+Train two-tower retrieval models on TorchRec.
+
+The main job runs the verbs in order on one config:
+  prepare -> train -> evaluate -> export -> recommend
+
+Every verb that takes --config also takes --set KEY=VALUE (repeatable) to override a
+config value, e.g. --set train.batch_size=2048 --set model.mlp_dims=[256,128].
+Run `twotower-rec VERB --help` for a verb's options.
+"""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="YAML", help="config file (defaults are used without one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. train.batch_size=2048 (repeatable)")
+
+
+def _config(args):
+    from twotower_rec.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args) -> int:
+    from twotower_rec.data.prepared import prepare
+    from twotower_rec.data.sources import load_raw
+
+    cfg = _config(args)
+    data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
+    print(json.dumps(data.summary()))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.train.trainer import train
+
+    cfg = _config(args)
+    env = init_distributed()
+    try:
+        train(cfg, env)
+    finally:
+        shutdown()
+    return 0
+
+
+def _load_trained(cfg, checkpoint_path: Path, env):
+    """(model, data, checkpoint meta) with the checkpoint's own model config."""
+    from twotower_rec.data.prepared import PreparedData
+    from twotower_rec.train import checkpoint
+    from twotower_rec.train.trainer import build_model
+
+    trained_cfg = checkpoint.config_of(checkpoint_path)
+    trained_cfg.data.cache_dir = cfg.data.cache_dir
+    data = PreparedData(cfg.data.cache_dir)
+    model = build_model(trained_cfg, data, env)
+    meta = checkpoint.load(checkpoint_path, model, data.spec)
+    model.eval()
+    return model, data, meta, trained_cfg
+
+
+def _checkpoint_path(args, cfg) -> Path:
+    return Path(args.checkpoint) if args.checkpoint else Path(cfg.train.out_dir) / "checkpoint"
+
+
+def cmd_evaluate(args) -> int:
+    from twotower_rec.data.batches import Batcher
+    from twotower_rec.data.splits import SPLIT_NAMES
+    from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.evaluation import evaluate, format_table
+    from twotower_rec.train.trainer import towers
+
+    cfg = _config(args)
+    env = init_distributed()
+    try:
+        model, data, _, _ = _load_trained(cfg, _checkpoint_path(args, cfg), env)
+        query_tower, item_tower = towers(model)
+        results = evaluate(query_tower, item_tower, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
+                           seed=cfg.train.seed)
+    finally:
+        shutdown()
+    if env.is_main:
+        users = int(results["model"]["users"])
+        seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
+        print(f"{cfg.eval.split} split, {users} users, full catalog of {data.spec.num_items} items, {seen}")
+        print(format_table(results, cfg.eval.ks))
+        if 50 in cfg.eval.ks:
+            model_r, pop_r = results["model"]["recall@50"], results["popularity"]["recall@50"]
+            ratio = model_r / pop_r if pop_r > 0 else float("inf")
+            print(f"Recall@50: model {model_r:.4f} vs most-popular {pop_r:.4f} ({ratio:.1f}x)")
+        out = Path(args.output) if args.output else Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"metrics written to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.distributed.sharding import full_state_dict
+    from twotower_rec.export import export
+    from twotower_rec.model.two_tower import TwoTower
+    import torch
+
+    cfg = _config(args)
+    env = init_distributed()
+    try:
+        model, data, meta, trained_cfg = _load_trained(cfg, _checkpoint_path(args, cfg), env)
+        state = full_state_dict(model)
+    finally:
+        shutdown()
+    if env.is_main:
+        plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+        plain.load_state_dict(state)
+        from twotower_rec.config import to_dict
+
+        export(plain, data, to_dict(trained_cfg), args.out or cfg.export.dir, metrics=meta.get("metrics"))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from twotower_rec.serving import ExportedModel
+
+    model = ExportedModel.load(args.export)
+    recs = model.recommend_user(args.user, k=args.k, exclude_seen=not args.include_seen)
+    if args.json:
+        print(json.dumps({"user": args.user, "items": [r.to_dict() for r in recs]}))
+        return 0
+    print(f"top {len(recs)} items for user {args.user}:")
+    for rank, rec in enumerate(recs, 1):
+        title = f"  {rec.title}" if rec.title else ""
+        print(f"{rank:>3}. {rec.item:<12} {rec.score:+.4f}{title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twotower-rec", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("prepare", help="read raw data, split it, build vocabularies, write the columnar cache",
+                         description="Read the source named by data.source, sort each user's events by time, "
+                                     "split leave-last-out, build vocabularies on training rows and write "
+                                     "data.cache_dir (npy columns + feature_spec.json).")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = verbs.add_parser("train", help="train on the prepared cache; writes a checkpoint",
+                         description="Train the two-tower model with in-batch negatives on data.cache_dir. "
+                                     "Writes train.out_dir/checkpoint and train_metrics.json. "
+                                     "Runs as one process or under torchrun.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("evaluate", help="full-catalog top-K metrics of a checkpoint beside most-popular",
+                         description="Rank the whole catalog for every user of eval.split (test by default) "
+                                     "and report Recall/HR/NDCG@K and MRR for the model and most-popular.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
+    p.add_argument("--output", help="metrics JSON path (default: train.out_dir/eval_<split>.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = verbs.add_parser("export", help="write item embeddings, scripted query tower, users and manifest",
+                         description="Export what serving needs from a checkpoint: see twotower_rec/export.py.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
+    p.add_argument("--out", help="export directory (default: export.dir)")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("recommend", help="top-K items for a user, from an export alone",
+                         description="Load an export directory (no training code, no TorchRec) and print "
+                                     "the top items for a known user, with titles where known.")
+    p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
+    p.add_argument("--user", required=True, help="raw user id as in the source data")
+    p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
+    p.add_argument("--include-seen", action="store_true", help="do not filter items the user already saw")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cmd_recommend)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TwoTowerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as err:
+        print(f"error: file not found: {err.filename or err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

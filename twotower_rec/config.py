@@ -1,0 +1,300 @@
+"""Typed configuration: a dataclass tree, YAML files and dotted command-line overrides.
+
+Precedence is CLI (``--set train.batch_size=2048``) > YAML > the defaults below.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key
+and, for a misspelt key, the closest valid name.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.batch_size=512"])
+    cfg.train.batch_size  # 512
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twotower_rec.errors import TwoTowerError
+
+
+class ConfigError(TwoTowerError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in data set: users with latent tastes over item clusters."""
+
+    num_users: int = 3000
+    num_items: int = 2000
+    interactions_per_user: int = 40
+    num_clusters: int = 20
+    num_genres: int = 18
+    clusters_per_user: int = 2
+    stay_probability: float = 0.7  # chance the next item comes from the same cluster as the last
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where interactions come from and where the prepared cache goes."""
+
+    source: str = "synthetic"  # synthetic (more readers arrive with the real-data issue)
+    data_dir: str | None = None
+    cache_dir: str = "runs/demo/data"
+    split: str = "leave_last_out"  # leave_last_out
+    min_interactions: int = 3  # users with fewer are dropped: they cannot give train + val + test
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class FeaturesConfig:
+    """Which features each tower sees and how long the history bag is."""
+
+    user_features: list[str] = field(default_factory=lambda: ["user_id", "gender", "age", "occupation"])
+    item_features: list[str] = field(default_factory=lambda: ["item_id", "genres", "year"])
+    history_length: int = 50  # the last N items strictly before the interaction; 0 turns it off
+    item_dense: list[str] = field(default_factory=lambda: ["year_norm"])
+
+
+@dataclass
+class ModelConfig:
+    """Tower shapes: every table has ``embedding_dim`` columns; MLP then projection to ``output_dim``."""
+
+    embedding_dim: int = 32
+    mlp_dims: list[int] = field(default_factory=lambda: [128])
+    output_dim: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Retrieval loss: in-batch-negatives sampled softmax."""
+
+    name: str = "in_batch_softmax"
+    temperature: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1024
+    epochs: int = 3
+    max_steps: int = 0  # 0: run all epochs
+    dense_lr: float = 1e-3
+    sparse_lr: float = 0.05
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused into backward)
+    val_every_steps: int = 200  # 0: validate only at the end of each epoch
+    val_max_users: int = 2000  # validation during training scores a seeded sample of users
+    log_every_steps: int = 20
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    num_threads: int = 0  # 0: torch's default
+    progress: bool = True
+
+
+@dataclass
+class ShardingConfig:
+    """How TorchRec's planner may place tables (see distributed/sharding.py)."""
+
+    sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
+    compute_kernel: str = "fused"
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
+    filter_seen: bool = True
+    split: str = "test"  # test | validation
+    user_chunk: int = 1024  # queries scored against the whole catalog at once
+    max_users: int = 0  # 0: every user; otherwise a seeded sample (for validation during training)
+
+
+@dataclass
+class ExportConfig:
+    dir: str = "runs/demo/export"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic",),
+    "data.split": ("leave_last_out",),
+    "loss.name": ("in_batch_softmax",),
+    "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd"),
+    "sharding.compute_kernel": ("fused", "dense"),
+    "eval.split": ("test", "validation"),
+}
+_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+_POSITIVE = (
+    "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
+    "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
+    "model.embedding_dim", "model.output_dim", "train.batch_size", "train.log_every_steps", "eval.user_chunk",
+)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's type, converting YAML/CLI scalars where lossless."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _merge(obj: Any, data: dict, prefix: str) -> None:
+    """Write ``data`` into the dataclass ``obj`` in place, checking every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone do not catch; raise :class:`ConfigError` naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{_closest(value, list(choices))}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    for value in cfg.sharding.sharding_types:
+        if value not in _SHARDING_TYPES:
+            raise ConfigError(
+                f"sharding.sharding_types: '{value}' is not one of {list(_SHARDING_TYPES)}"
+                f"{_closest(value, list(_SHARDING_TYPES))}"
+            )
+    if not cfg.sharding.sharding_types:
+        raise ConfigError("sharding.sharding_types: give at least one sharding type")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature: must be positive, got {cfg.loss.temperature}")
+    if cfg.features.history_length < 0:
+        raise ConfigError(f"features.history_length: must be >= 0, got {cfg.features.history_length}")
+    if not 0.0 <= cfg.data.synthetic.stay_probability <= 1.0:
+        raise ConfigError("data.synthetic.stay_probability: must lie in [0, 1]")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
+    if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
+        raise ConfigError(f"eval.ks: give positive cut-offs, got {cfg.eval.ks}")
+    if cfg.data.min_interactions < 3:
+        raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
+    if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
+        raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.batch_size=2048'`` -> (['train', 'batch_size'], 2048); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. train.batch_size=2048")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        try:
+            _merge(cfg, data, "")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        try:
+            _merge(cfg, nested, "")
+        except ConfigError as err:
+            raise ConfigError(f"--set {text}: {err}") from None
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a config saved in a checkpoint or export (checked like a YAML file)."""
+    cfg = Config()
+    _merge(cfg, data, "")
+    return validate(cfg)

@@ -1,0 +1,238 @@
+"""The prepared columnar cache: ``prepare`` writes it once, training memory-maps it.
+
+Layout of ``cache_dir``::
+
+    feature_spec.json        FeatureSpec (vocab sizes, tables, small vocabularies)
+    interactions/*.npy       user, item, timestamp, rating, split: one row per event,
+                             sorted by (user, time, file order); user_offsets [U + 1]
+    users/<feature>.npy      [U + 1] encoded side features by user code (row 0: unknown user)
+    items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV)
+    items/<feature>.offsets.npy, items/<feature>.values.npy   multi-valued ones (CSR)
+    items/dense.npy          [V + 1, Dd] float32 dense item features
+    raw_user_ids.npy         [U] raw id of user code c at c - 1
+    raw_item_ids.npy         [V] raw id of item code c at c - 1
+    items.parquet            code, raw id, title, genres: metadata for people, not the model
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twotower_rec.config import DataConfig, FeaturesConfig
+from twotower_rec.data import splits
+from twotower_rec.data.features import HISTORY, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
+from twotower_rec.data.sources import DataError, RawData
+
+MULTI_VALUED_ITEM_FEATURES = {"genres"}
+INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
+
+
+def _require_columns(frame: pd.DataFrame, columns, table: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{table}: missing column(s) {missing}; found {list(frame.columns)}")
+
+
+def _log(message: str) -> None:
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) -> "PreparedData":
+    """Sort, filter, split, build vocabularies on training rows, encode, and write the cache."""
+    started = time.perf_counter()
+    inter = raw.interactions
+    _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
+    if len(inter) == 0:
+        raise DataError(f"{raw.name}: the interactions table is empty")
+
+    # Sort by user, time, file order; drop users too short for train + validation + test.
+    user_raw_codes, user_uniques = pd.factorize(inter["user"], sort=True)
+    timestamp = inter["timestamp"].to_numpy(np.int64)
+    order = splits.time_order(user_raw_codes, timestamp)
+    counts = np.bincount(user_raw_codes, minlength=len(user_uniques))
+    keep_user = counts >= data_cfg.min_interactions
+    dropped = int((~keep_user).sum())
+    if dropped:
+        _log(f"dropped {dropped} of {len(user_uniques)} users with fewer than "
+             f"{data_cfg.min_interactions} interactions")
+    order = order[keep_user[user_raw_codes[order]]]
+    if order.size == 0:
+        raise DataError(f"{raw.name}: no user has {data_cfg.min_interactions} or more interactions")
+    new_code = np.cumsum(keep_user)  # raw factor -> 1-based code among kept users
+    user = new_code[user_raw_codes[order]].astype(np.int64)
+    num_users = int(keep_user.sum())
+    raw_user_ids = np.asarray(user_uniques)[keep_user]
+    user_offsets = splits.offsets_from_sorted(user, num_users)
+    split = splits.leave_last_out(user_offsets)
+    train = split == splits.TRAIN
+
+    item_raw = inter["item"].to_numpy()[order]
+    item_vocab = pd.Index(np.unique(item_raw[train]))
+    item = encode(item_raw, item_vocab)
+    num_items = len(item_vocab)
+
+    out = Path(data_cfg.cache_dir)
+    for sub in ("interactions", "users", "items"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "user": user, "item": item, "timestamp": timestamp[order],
+        "rating": inter["rating"].to_numpy(np.float32)[order], "split": split, "user_offsets": user_offsets,
+    }
+    for name, array in arrays.items():
+        np.save(out / "interactions" / f"{name}.npy", np.ascontiguousarray(array))
+    np.save(out / "raw_user_ids.npy", raw_user_ids)
+    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+
+    vocabularies: dict[str, list] = {}
+    query_features = [Feature("user_id", "query", num_users + 1)]
+    users = raw.users.drop_duplicates("user", keep="first").set_index("user")
+    for name in features_cfg.user_features:
+        if name == "user_id":
+            continue
+        _require_columns(raw.users, [name], f"{raw.name} users")
+        values = users[name].reindex(raw_user_ids).to_numpy()
+        vocab = build_vocabulary(pd.Series(values))
+        column = np.concatenate([[0], encode(values, vocab)])
+        np.save(out / "users" / f"{name}.npy", column)
+        vocabularies[name] = vocab.tolist()
+        query_features.append(Feature(name, "query", len(vocab) + 1))
+    if features_cfg.history_length > 0:
+        query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean"))
+
+    items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
+    item_features = [Feature("item_id", "item", num_items + 1)]
+    for name in features_cfg.item_features:
+        if name == "item_id":
+            continue
+        _require_columns(raw.items, [name], f"{raw.name} items")
+        if name in MULTI_VALUED_ITEM_FEATURES:
+            lists = items[name].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+            lengths = lists.str.len().to_numpy(np.int64)
+            flat = pd.Series(np.concatenate([np.asarray(v, dtype=object) for v in lists] or [[]]))
+            vocab = build_vocabulary(flat)
+            np.save(out / "items" / f"{name}.offsets.npy", np.concatenate([[0, 0], np.cumsum(lengths)]))
+            np.save(out / "items" / f"{name}.values.npy", encode(flat, vocab) if len(flat) else flat.to_numpy(np.int64))
+            item_features.append(Feature(name, "item", len(vocab) + 1, pooling="mean"))
+        else:
+            values = items[name].to_numpy()
+            if name == "year":
+                values = year_bucket(np.nan_to_num(values.astype(float), nan=-1).astype(np.int64))
+                values = np.where(values < 0, np.nan, values)
+            vocab = build_vocabulary(pd.Series(values))
+            np.save(out / "items" / f"{name}.npy", np.concatenate([[0], encode(values, vocab)]))
+            item_features.append(Feature(name, "item", len(vocab) + 1))
+        vocabularies[name] = [v.item() if isinstance(v, np.generic) else v for v in vocab.tolist()]
+
+    dense_columns = []
+    for name in features_cfg.item_dense:
+        if name != "year_norm":
+            raise DataError(f"features.item_dense: unknown dense feature '{name}' (known: ['year_norm'])")
+        _require_columns(raw.items, ["year"], f"{raw.name} items")
+        year = items["year"].to_numpy(np.float64)
+        year = np.where(year > 0, year, np.nan)
+        mean, std = np.nanmean(year), np.nanstd(year) + 1e-6
+        dense_columns.append(np.nan_to_num((year - mean) / std, nan=0.0))
+    dense = np.zeros((num_items + 1, len(dense_columns)), dtype=np.float32)
+    if dense_columns:
+        dense[1:] = np.stack(dense_columns, axis=1)
+    np.save(out / "items" / "dense.npy", dense)
+
+    metadata = pd.DataFrame({"code": np.arange(1, num_items + 1), "item": np.asarray(item_vocab).astype(str)})
+    if "title" in raw.items.columns:
+        metadata["title"] = items["title"].fillna("").astype(str).to_numpy()
+    if "genres" in raw.items.columns:
+        metadata["genres"] = items["genres"].apply(
+            lambda v: "|".join(v) if isinstance(v, (list, tuple, np.ndarray)) else "").to_numpy()
+    metadata.to_parquet(out / "items.parquet", index=False)
+
+    spec = FeatureSpec(
+        query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
+        history_length=features_cfg.history_length, num_users=num_users, num_items=num_items,
+        vocabularies=vocabularies, source=raw.name,
+    )
+    (out / "feature_spec.json").write_text(spec.to_json())
+    _log(f"{len(user)} interactions, {num_users} users, {num_items} items -> {out} "
+         f"({time.perf_counter() - started:.1f}s)")
+    return PreparedData(out)
+
+
+@dataclass
+class CSR:
+    """A jagged column: row ``r`` holds ``values[offsets[r]:offsets[r + 1]]``."""
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+
+class PreparedData:
+    """Read-only, memory-mapped view of a prepared cache."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir)
+        spec_path = self.dir / "feature_spec.json"
+        if not spec_path.is_file():
+            raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` first")
+        self.spec = FeatureSpec.from_json(spec_path.read_text())
+
+        def load(*parts: str) -> np.ndarray:
+            path = self.dir.joinpath(*parts)
+            if not path.is_file():
+                raise DataError(f"prepared data at {self.dir} is incomplete: missing {path.relative_to(self.dir)}")
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+
+        self.user = load("interactions", "user.npy")
+        self.item = load("interactions", "item.npy")
+        self.timestamp = load("interactions", "timestamp.npy")
+        self.rating = load("interactions", "rating.npy")
+        self.split = load("interactions", "split.npy")
+        self.user_offsets = np.asarray(load("interactions", "user_offsets.npy"))
+        self.raw_user_ids = np.load(self.dir / "raw_user_ids.npy", allow_pickle=True)
+        self.raw_item_ids = np.load(self.dir / "raw_item_ids.npy", allow_pickle=True)
+        self.user_features = {
+            f.name: np.asarray(load("users", f"{f.name}.npy"))
+            for f in self.spec.query_features if f.name not in ("user_id", HISTORY)
+        }
+        self.item_single: dict[str, np.ndarray] = {}
+        self.item_multi: dict[str, CSR] = {}
+        for f in self.spec.item_features:
+            if f.name == "item_id":
+                continue
+            if (self.dir / "items" / f"{f.name}.offsets.npy").is_file():
+                self.item_multi[f.name] = CSR(np.asarray(load("items", f"{f.name}.offsets.npy")),
+                                              np.asarray(load("items", f"{f.name}.values.npy")))
+            else:
+                self.item_single[f.name] = np.asarray(load("items", f"{f.name}.npy"))
+        self.item_dense = np.asarray(load("items", "dense.npy"))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.user.shape[0])
+
+    def rows(self, split: int) -> np.ndarray:
+        """Row indices of one split, in (user, time) order."""
+        return np.flatnonzero(np.asarray(self.split) == split)
+
+    def item_metadata(self) -> pd.DataFrame:
+        return pd.read_parquet(self.dir / "items.parquet")
+
+    def item_counts(self) -> np.ndarray:
+        """``[V + 1]`` training interaction counts by item code (row 0: OOV)."""
+        train = np.asarray(self.split) == splits.TRAIN
+        return np.bincount(np.asarray(self.item)[train], minlength=self.spec.num_items + 1)
+
+    def summary(self) -> dict:
+        split = np.asarray(self.split)
+        return {
+            "rows": self.num_rows, "users": self.spec.num_users, "items": self.spec.num_items,
+            "train": int((split == splits.TRAIN).sum()), "validation": int((split == splits.VALIDATION).sum()),
+            "test": int((split == splits.TEST).sum()), "source": self.spec.source,
+        }
+
+

@@ -1,0 +1,36 @@
+"""Splits over time-sorted per-user sequences, and the leak-free history they imply.
+
+Interactions are sorted by (user, timestamp, file order): ties in time keep file order.
+``user_offsets[c - 1] : user_offsets[c]`` are the rows of user code ``c``. A row's history is
+the rows of the same user *before* it, so it never contains the row itself or anything later.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRAIN, VALIDATION, TEST = 0, 1, 2
+SPLIT_NAMES = {"train": TRAIN, "validation": VALIDATION, "test": TEST}
+
+
+def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """Row order by user, then timestamp, then file position (a stable tie-break)."""
+    return np.lexsort((np.arange(user.size), timestamp, user))
+
+
+def offsets_from_sorted(user_code: np.ndarray, num_users: int) -> np.ndarray:
+    """``[U + 1]`` start offsets of each user's rows; ``user_code`` is sorted and 1-based."""
+    counts = np.bincount(user_code, minlength=num_users + 1)[1:]
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def leave_last_out(user_offsets: np.ndarray) -> np.ndarray:
+    """Per user: last row = test, second-last = validation, the rest train (SASRec protocol).
+
+    Users need at least 3 rows; ``prepare`` drops the others first.
+    """
+    split = np.full(int(user_offsets[-1]), TRAIN, dtype=np.int8)
+    ends = user_offsets[1:]
+    split[ends - 1] = TEST
+    split[ends - 2] = VALIDATION
+    return split

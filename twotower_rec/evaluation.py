@@ -1,0 +1,127 @@
+"""Full-catalog top-K evaluation from embeddings, and the most-popular baseline beside it.
+
+For each evaluated event (one per user under leave-last-out) the query is built from the
+user's history strictly before the held-out item; every catalog item is scored; items the
+user interacted with before the event are filtered when ``filter_seen``; the held-out item's
+rank gives the metrics. With one held-out item per query, Recall@K equals HR@K; MRR is
+computed over the top ``max(ks)`` (0 beyond it). A held-out item unseen in training (its
+code is the OOV bucket) can never be retrieved and counts as a miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from twotower_rec.config import EvalConfig
+from twotower_rec.data.batches import Batcher, gather_ranges
+from twotower_rec.data.prepared import PreparedData
+from twotower_rec.retrieval import chunked_topk
+
+EmbedFn = Callable[..., torch.Tensor]
+
+
+def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """``top_items`` ``[Q, K]`` ranked item codes, ``targets`` ``[Q]`` -> Recall/HR/NDCG@k and MRR."""
+    if top_items.shape[0] == 0:
+        raise ValueError("no queries to evaluate")
+    hit = top_items == targets.unsqueeze(1)  # [Q, K]; at most one True per row
+    found = hit.any(dim=1)
+    rank = torch.where(found, hit.float().argmax(dim=1), torch.full_like(targets, top_items.shape[1]))
+    metrics: dict[str, float] = {}
+    for k in ks:
+        within = (rank < k).float()
+        metrics[f"recall@{k}"] = within.mean().item()
+        metrics[f"hr@{k}"] = within.mean().item()
+        metrics[f"ndcg@{k}"] = (within / torch.log2(rank.float() + 2.0)).mean().item()
+    metrics["mrr"] = torch.where(found, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float)).mean().item()
+    return metrics
+
+
+def seen_items(data: PreparedData, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of each query's items at rows ``[user start, position)``: what the user had seen."""
+    start = data.user_offsets[user - 1]
+    lengths = position - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return offsets, gather_ranges(np.asarray(data.item), start, lengths)
+
+
+@torch.no_grad()
+def catalog_embeddings(item_tower: EmbedFn, batcher: Batcher, chunk: int = 4096) -> torch.Tensor:
+    """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended)."""
+    codes = np.arange(batcher.spec.num_items + 1, dtype=np.int64)
+    parts = []
+    for begin in range(0, codes.size, chunk):
+        kjt, dense = batcher.item_features(codes[begin:begin + chunk])
+        parts.append(item_tower(kjt, dense).float().cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def query_embeddings(query_tower: EmbedFn, batcher: Batcher, user: np.ndarray, position: np.ndarray,
+                     chunk: int = 4096) -> torch.Tensor:
+    """``[Q, D]`` query embeddings as of each (user, position)."""
+    parts = []
+    for begin in range(0, user.size, chunk):
+        kjt = batcher.query_features(user[begin:begin + chunk], position[begin:begin + chunk])
+        parts.append(query_tower(kjt, torch.zeros(kjt.stride(), 0)).float().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: tuple | None,
+                 chunk: int) -> torch.Tensor:
+    """Top-``k`` item codes ``[Q, k]``; never the OOV code 0; seen items dropped if given."""
+    invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool)
+    invalid[0] = True
+    offsets, values = seen if seen is not None else (None, None)
+    _, top = chunked_topk(query_emb, item_emb, k, offsets, values, chunk=chunk, invalid_columns=invalid)
+    return top
+
+
+def evaluation_rows(data: PreparedData, split: int, max_users: int, seed: int) -> np.ndarray:
+    rows = data.rows(split)
+    if max_users and rows.size > max_users:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_users, replace=False))
+    return rows
+
+
+def evaluate(
+    query_tower: EmbedFn,
+    item_tower: EmbedFn,
+    data: PreparedData,
+    batcher: Batcher,
+    cfg: EvalConfig,
+    split: int,
+    seed: int = 0,
+    with_popularity: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
+    rows = evaluation_rows(data, split, cfg.max_users, seed)
+    if rows.size == 0:
+        raise ValueError("the evaluation split is empty")
+    user = np.asarray(data.user)[rows]
+    targets = torch.from_numpy(np.asarray(data.item)[rows])
+    seen = seen_items(data, user, rows) if cfg.filter_seen else None
+    k = max(cfg.ks)
+    item_emb = catalog_embeddings(item_tower, batcher)
+    query_emb = query_embeddings(query_tower, batcher, user, rows)
+    results = {"model": ranking_metrics(rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk), targets, cfg.ks)}
+    if with_popularity:
+        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
+        ones = torch.ones(rows.size, 1)
+        results["popularity"] = ranking_metrics(rank_catalog(ones, counts, k, seen, cfg.user_chunk), targets, cfg.ks)
+    for value in results.values():
+        value["users"] = float(rows.size)
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
+    """Models as rows, metrics as columns."""
+    columns = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks] + ["mrr"]
+    header = f"{'model':<12}" + "".join(f"{c:>11}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for name, metrics in results.items():
+        lines.append(f"{name:<12}" + "".join(f"{metrics[c]:>11.4f}" for c in columns))
+    return "\n".join(lines)

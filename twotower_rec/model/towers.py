@@ -1,0 +1,82 @@
+"""Tower: sparse features (KJT) + dense features -> L2-normalised embedding.
+
+Shapes: ``B`` batch, ``F`` tables, ``E`` embedding dim per table, ``Dd`` dense features,
+``D`` output dim. ``forward``: KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``.
+
+Tables are built on the ``meta`` device: nothing is allocated until the
+DistributedModelParallel wrapper in ``distributed/sharding.py`` places and materialises them.
+This file holds no distributed code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from twotower_rec.data.features import Feature
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def table_configs(features: list[Feature], embedding_dim: int) -> list[EmbeddingBagConfig]:
+    """One EmbeddingBagConfig per feature, in feature order."""
+    return [
+        EmbeddingBagConfig(
+            name=f.table,
+            embedding_dim=embedding_dim,
+            num_embeddings=f.num_embeddings,
+            feature_names=[f.name],
+            pooling=_POOLING[f.pooling],
+        )
+        for f in features
+    ]
+
+
+def mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
+    """Linear -> ReLU (-> Dropout) per hidden size, then a linear projection to ``out_dim``."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class Tower(nn.Module):
+    """EmbeddingBagCollection -> concat with dense -> MLP -> projection -> L2 normalisation.
+
+    Example::
+
+        tower = Tower(features, embedding_dim=8, dense_dim=0, mlp_dims=[16], output_dim=4,
+                      device=torch.device("cpu"))
+        kjt = KeyedJaggedTensor(keys=["user_id"], values=torch.tensor([1, 2]),
+                                lengths=torch.tensor([1, 1]))
+        tower(kjt, torch.zeros(2, 0)).shape  # torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        features: list[Feature],
+        embedding_dim: int,
+        dense_dim: int,
+        mlp_dims: list[int],
+        output_dim: int,
+        dropout: float = 0.0,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.feature_names = [f.name for f in features]
+        self.embedding_bags = EmbeddingBagCollection(
+            tables=table_configs(features, embedding_dim), device=device or torch.device("meta")
+        )
+        self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
+
+    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        pooled = self.embedding_bags(features).values()  # [B, F * E] in feature order
+        return F.normalize(self.mlp(torch.cat([pooled, dense], dim=1)), dim=-1)
