@@ -47,8 +47,16 @@ class SyntheticConfig:
 class DataConfig:
     """Where interactions come from and where the prepared cache goes."""
 
-    source: str = "synthetic"  # synthetic (more readers arrive with the real-data issue)
-    data_dir: str | None = None
+    source: str = "synthetic"  # synthetic | interactions (your own CSV/Parquet files)
+    # source "interactions": one table of events, optional user and item feature tables.
+    interactions_path: str | None = None
+    users_path: str | None = None
+    items_path: str | None = None
+    user_column: str = "user"
+    item_column: str = "item"
+    timestamp_column: str = "timestamp"
+    rating_column: str = "rating"  # optional in the file: missing -> every rating is 1.0
+    genres_separator: str = "|"
     cache_dir: str = "runs/demo/data"
     split: str = "leave_last_out"  # leave_last_out
     min_interactions: int = 3  # users with fewer are dropped: they cannot give train + val + test
@@ -135,7 +143,7 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synthetic",),
+    "data.source": ("synthetic", "interactions"),
     "data.split": ("leave_last_out",),
     "loss.name": ("in_batch_softmax",),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd"),
@@ -150,9 +158,9 @@ _POSITIVE = (
 )
 
 
-def _closest(name: str, options: list[str]) -> str:
+def _closest(name: str, options: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -196,7 +204,7 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names)}")
+            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, dotted + ".")

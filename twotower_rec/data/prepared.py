@@ -96,7 +96,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     for name in features_cfg.user_features:
         if name == "user_id":
             continue
-        _require_columns(raw.users, [name], f"{raw.name} users")
+        _require_columns(raw.users, [name], f"{raw.users_name} (features.user_features)")
         values = users[name].reindex(raw_user_ids).to_numpy()
         vocab = build_vocabulary(pd.Series(values))
         column = np.concatenate([[0], encode(values, vocab)])
@@ -111,10 +111,10 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     for name in features_cfg.item_features:
         if name == "item_id":
             continue
-        _require_columns(raw.items, [name], f"{raw.name} items")
+        _require_columns(raw.items, [name], f"{raw.items_name} (features.item_features)")
         if name in MULTI_VALUED_ITEM_FEATURES:
             lists = items[name].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
-            lengths = lists.str.len().to_numpy(np.int64)
+            lengths = lists.apply(len).to_numpy(np.int64)
             flat = pd.Series(np.concatenate([np.asarray(v, dtype=object) for v in lists] or [[]]))
             vocab = build_vocabulary(flat)
             np.save(out / "items" / f"{name}.offsets.npy", np.concatenate([[0, 0], np.cumsum(lengths)]))
@@ -134,7 +134,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     for name in features_cfg.item_dense:
         if name != "year_norm":
             raise DataError(f"features.item_dense: unknown dense feature '{name}' (known: ['year_norm'])")
-        _require_columns(raw.items, ["year"], f"{raw.name} items")
+        _require_columns(raw.items, ["year"], f"{raw.items_name} (features.item_dense)")
         year = items["year"].to_numpy(np.float64)
         year = np.where(year > 0, year, np.nan)
         mean, std = np.nanmean(year), np.nanstd(year) + 1e-6

@@ -13,6 +13,7 @@ interactions tend to stay in the cluster of the previous one (so recent history 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,8 @@ class RawData:
     users: pd.DataFrame
     items: pd.DataFrame
     name: str
+    users_name: str = "users table"
+    items_name: str = "items table"
 
 
 def synthetic(cfg: SyntheticConfig) -> RawData:
@@ -124,8 +127,105 @@ def synthetic(cfg: SyntheticConfig) -> RawData:
     return RawData(interactions=interactions, users=users, items=items, name=f"synthetic(seed={cfg.seed})")
 
 
+def read_table(path: str | Path, what: str) -> pd.DataFrame:
+    """A CSV, TSV or Parquet file as a DataFrame; errors name the file (and line, for text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype_backend="numpy_nullable")
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: {err}".strip()) from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from None
+    raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv or .parquet)")
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _numeric_column(frame: pd.DataFrame, column: str, path: Path, what: str) -> np.ndarray:
+    """A column as float64; the first non-numeric or missing value is reported with its line."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    bad = np.isnan(values)
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataError(f"{path}: line {row + 2}: {what} '{frame[column].iloc[row]}' in column '{column}' "
+                        f"is not a number ({int(bad.sum())} such rows)")
+    return values
+
+
+def interactions_source(cfg: DataConfig) -> RawData:
+    """Your own data: an interactions table plus optional user and item feature tables."""
+    if not cfg.interactions_path:
+        raise DataError("data.source=interactions needs data.interactions_path")
+    path = Path(cfg.interactions_path)
+    frame = read_table(path, "interactions")
+    columns = {"user": cfg.user_column, "item": cfg.item_column, "timestamp": cfg.timestamp_column}
+    missing = [f"{name} ('{column}')" for name, column in columns.items() if column not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {list(frame.columns)}. "
+                        f"Name yours with data.user_column / data.item_column / data.timestamp_column")
+    if len(frame) == 0:
+        raise DataError(f"{path}: no interaction rows (the file has a header only)")
+    for name in ("user", "item"):
+        bad = frame[columns[name]].isna().to_numpy()
+        if bad.any():
+            raise DataError(f"{path}: line {_first_bad(bad) + 2}: empty {name} id in column '{columns[name]}'")
+    timestamp = frame[columns["timestamp"]]
+    as_number = pd.to_numeric(timestamp, errors="coerce")
+    if as_number.notna().any():  # numeric timestamps (seconds); report the first that is not
+        seconds = _numeric_column(frame, columns["timestamp"], path, "timestamp")
+    else:
+        parsed = pd.to_datetime(timestamp, errors="coerce", utc=True, format="mixed")
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            row = _first_bad(bad)
+            raise DataError(f"{path}: line {row + 2}: timestamp '{timestamp.iloc[row]}' is neither a number "
+                            f"nor a date ({int(bad.sum())} such rows)")
+        seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    if cfg.rating_column in frame.columns:
+        rating = _numeric_column(frame, cfg.rating_column, path, "rating")
+    else:
+        rating = np.ones(len(frame))
+    interactions = pd.DataFrame({
+        "user": frame[columns["user"]].to_numpy(), "item": frame[columns["item"]].to_numpy(),
+        "timestamp": seconds.astype(np.int64), "rating": rating.astype(np.float32),
+    })
+
+    users = pd.DataFrame({"user": pd.unique(interactions["user"])})
+    users_name = "users table (none given: set data.users_path)"
+    if cfg.users_path:
+        users = read_table(cfg.users_path, "users").rename(columns={cfg.user_column: "user"})
+        users_name = str(cfg.users_path)
+        if "user" not in users.columns:
+            raise DataError(f"{cfg.users_path}: missing column '{cfg.user_column}' (data.user_column)")
+    items = pd.DataFrame({"item": pd.unique(interactions["item"])})
+    items_name = "items table (none given: set data.items_path)"
+    if cfg.items_path:
+        items = read_table(cfg.items_path, "items").rename(columns={cfg.item_column: "item"})
+        items_name = str(cfg.items_path)
+        if "item" not in items.columns:
+            raise DataError(f"{cfg.items_path}: missing column '{cfg.item_column}' (data.item_column)")
+        if "genres" in items.columns:
+            items["genres"] = items["genres"].apply(
+                lambda v: [g for g in str(v).split(cfg.genres_separator) if g] if isinstance(v, str) else [])
+        if "year" in items.columns:
+            items["year"] = pd.to_numeric(items["year"], errors="coerce").fillna(-1).astype(np.int64)
+    return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name)
+
+
 def load_raw(cfg: DataConfig) -> RawData:
     """The source named by ``cfg.source``."""
     if cfg.source == "synthetic":
         return synthetic(cfg.synthetic)
+    if cfg.source == "interactions":
+        return interactions_source(cfg)
     raise DataError(f"unknown data source '{cfg.source}'")
