@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 from twotower_rec.errors import TwoTowerError
@@ -204,8 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_warnings() -> None:
+    """Hide deprecation notices addressed to TorchRec's and PyTorch's own developers.
+
+    They repeat on every start and name internals a user cannot change; our own warnings
+    and every error still show.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch(rec)?\.")
+    warnings.filterwarnings("ignore", message=r".*deprecating ShardedTensor.*", category=FutureWarning)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_warnings()
     try:
         return args.func(args)
     except TwoTowerError as err:

@@ -88,7 +88,7 @@ class LossConfig:
     """Retrieval loss: in-batch-negatives sampled softmax."""
 
     name: str = "in_batch_softmax"
-    temperature: float = 0.05
+    temperature: float = 0.2
 
 
 @dataclass

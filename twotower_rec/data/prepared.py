@@ -91,7 +91,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
 
     vocabularies: dict[str, list] = {}
-    query_features = [Feature("user_id", "query", num_users + 1)]
+    query_features = [Feature("user_id", "query", num_users + 1)] if "user_id" in features_cfg.user_features else []
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
     for name in features_cfg.user_features:
         if name == "user_id":
@@ -103,11 +103,14 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         np.save(out / "users" / f"{name}.npy", column)
         vocabularies[name] = vocab.tolist()
         query_features.append(Feature(name, "query", len(vocab) + 1))
+    if not query_features and features_cfg.history_length == 0:
+        raise DataError("the query tower has no features: list some in features.user_features "
+                        "or set features.history_length > 0")
     if features_cfg.history_length > 0:
         query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean"))
 
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
-    item_features = [Feature("item_id", "item", num_items + 1)]
+    item_features = [Feature("item_id", "item", num_items + 1)] if "item_id" in features_cfg.item_features else []
     for name in features_cfg.item_features:
         if name == "item_id":
             continue
@@ -130,6 +133,8 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
             item_features.append(Feature(name, "item", len(vocab) + 1))
         vocabularies[name] = [v.item() if isinstance(v, np.generic) else v for v in vocab.tolist()]
 
+    if not item_features:
+        raise DataError("the item tower has no sparse features: list some in features.item_features")
     dense_columns = []
     for name in features_cfg.item_dense:
         if name != "year_norm":

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from twotower_rec import __version__
-from twotower_rec.config import Config, from_dict, to_dict
+from twotower_rec.config import Config, ConfigError, from_dict, to_dict
 from twotower_rec.data.features import FeatureSpec
 from twotower_rec.errors import TwoTowerError
 
@@ -76,7 +76,11 @@ def read_meta(path: str | Path) -> dict:
 
 def config_of(path: str | Path) -> Config:
     """The config a checkpoint was trained with (so evaluation rebuilds the same model)."""
-    return from_dict(read_meta(path)["config"])
+    try:
+        return from_dict(read_meta(path)["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{Path(path) / META}: its config does not fit this version of twotower_rec "
+                              f"({err}); re-train") from None
 
 
 def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:

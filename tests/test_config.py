@@ -1,0 +1,175 @@
+"""Config files, dotted overrides, validation and the error messages a user sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from twotower_rec.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_config_files():
+    names = {p.name for p in CONFIG_FILES}
+    assert {"demo.yaml", "tiny.yaml"} <= names
+
+
+def _leaves(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_file_loads_validates_and_holds_its_values(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict) and raw
+    for dotted, value in _leaves(raw):
+        assert _get(cfg, dotted) == value, dotted
+    # What a checkpoint stores rebuilds the same config.
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_file_starts_with_a_comment_showing_how_to_run_it(path):
+    lines = path.read_text().splitlines()
+    assert lines and lines[0].startswith("#"), f"{path.name}: first line is not a comment"
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    text = "\n".join(header)
+    assert "twotower-rec" in text
+    assert f"--config configs/{path.name}" in text
+
+
+def test_unknown_key_in_yaml_names_the_key_the_file_and_the_closest_valid_name(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_sise: 64\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "train.batch_sise" in message
+    assert "train.batch_size" in message
+    assert str(path) in message
+
+
+def test_unknown_top_level_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian:\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match="trian") as info:
+        load_config(path)
+    assert "'train'" in str(info.value)
+
+
+def test_unknown_override_key_names_the_key_and_the_closest_valid_name():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.embeding_dim=8"])
+    message = str(info.value)
+    assert "model.embeding_dim" in message
+    assert "model.embedding_dim" in message
+
+
+def test_bad_type_names_the_key():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.batch_size=abc"])
+    assert "train.batch_size" in str(info.value)
+    assert "abc" in str(info.value)
+
+
+def test_bad_type_in_yaml_names_the_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  mlp_dims: 128\n")  # a list is expected
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "model.mlp_dims" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["train.progress=maybe", "train.batch_size=true", "train.dense_lr=fast"])
+def test_other_bad_types_are_rejected(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_choice_suggests_the_valid_one():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["data.source=synthetc"])
+    message = str(info.value)
+    assert "data.source" in message
+    assert "'synthetic'" in message
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_batch_size_is_rejected(value):
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(None, [f"train.batch_size={value}"])
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.batch_size"])
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    defaults = TrainConfig()
+    yaml_batch, cli_batch, yaml_epochs = defaults.batch_size + 7, defaults.batch_size + 11, defaults.epochs + 4
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  batch_size: {yaml_batch}\n  epochs: {yaml_epochs}\n")
+
+    from_yaml = load_config(path)
+    assert from_yaml.train.batch_size == yaml_batch
+    assert from_yaml.train.epochs == yaml_epochs
+
+    cfg = load_config(path, [f"train.batch_size={cli_batch}", "model.mlp_dims=[256,128]"])
+    assert cfg.train.batch_size == cli_batch  # CLI beats YAML
+    assert cfg.train.epochs == yaml_epochs  # YAML beats defaults
+    assert cfg.train.dense_lr == defaults.dense_lr  # untouched: the default
+    assert cfg.model.mlp_dims == [256, 128]
+    assert load_config(None) == Config()  # no file, no overrides: the defaults
+
+    # The last of two overrides of one key wins.
+    assert load_config(None, ["train.epochs=2", "train.epochs=5"]).train.epochs == 5
+
+
+def test_overrides_do_not_leak_between_loads():
+    load_config(None, ["model.mlp_dims=[8]"])
+    assert load_config(None).model.mlp_dims == Config().model.mlp_dims
+
+
+def test_malformed_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  batch_size: [1, 2\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "YAML" in message
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(path)
+
+
+def test_config_error_is_a_user_error():
+    from twotower_rec.errors import TwoTowerError
+
+    assert issubclass(ConfigError, TwoTowerError)
