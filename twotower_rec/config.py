@@ -47,7 +47,9 @@ class SyntheticConfig:
 class DataConfig:
     """Where interactions come from and where the prepared cache goes."""
 
-    source: str = "synthetic"  # synthetic | interactions (your own CSV/Parquet files)
+    source: str = "synthetic"  # synthetic | interactions (your own files) | movielens-{100k,1m,latest-small,20m,25m,32m}
+    data_dir: str | None = None  # MovieLens: the unpacked archive
+    on_bad_rows: str = "error"  # error | skip: malformed rows stop prepare (naming the line) or are counted and dropped
     # source "interactions": one table of events, optional user and item feature tables.
     interactions_path: str | None = None
     users_path: str | None = None
@@ -143,7 +145,9 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.source": ("synthetic", "interactions"),
+    "data.source": ("synthetic", "interactions", "movielens-100k", "movielens-1m", "movielens-latest-small",
+                    "movielens-20m", "movielens-25m", "movielens-32m"),
+    "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out",),
     "loss.name": ("in_batch_softmax",),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd"),

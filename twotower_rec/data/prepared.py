@@ -56,7 +56,15 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     user_raw_codes, user_uniques = pd.factorize(inter["user"], sort=True)
     timestamp = inter["timestamp"].to_numpy(np.int64)
     order = splits.time_order(user_raw_codes, timestamp)
-    counts = np.bincount(user_raw_codes, minlength=len(user_uniques))
+    # Duplicate rule: a user meets an item once. Later events of the same (user, item) pair
+    # are dropped (the first, by time then file order, is kept), so a held-out item is never
+    # also in the user's history.
+    item_raw_codes = pd.factorize(inter["item"])[0]
+    repeated = pd.DataFrame({"u": user_raw_codes[order], "i": item_raw_codes[order]}).duplicated().to_numpy()
+    if repeated.any():
+        _log(f"dropped {int(repeated.sum())} repeated (user, item) events, keeping each pair's first")
+        order = order[~repeated]
+    counts = np.bincount(user_raw_codes[order], minlength=len(user_uniques))
     keep_user = counts >= data_cfg.min_interactions
     dropped = int((~keep_user).sum())
     if dropped:

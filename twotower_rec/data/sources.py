@@ -12,6 +12,9 @@ interactions tend to stay in the cluster of the previous one (so recent history 
 
 from __future__ import annotations
 
+import csv
+import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,10 +225,140 @@ def interactions_source(cfg: DataConfig) -> RawData:
     return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name)
 
 
+MOVIELENS_GENRES_100K = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+ML1M_AGE = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
+
+
+def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str, on_bad_rows: str,
+                    what: str) -> pd.DataFrame:
+    """A delimited text file; rows with the wrong field count raise (naming the line) or are skipped."""
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        text = path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not {encoding} text (byte {err.start}: {err.reason})") from None
+    total_lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+    if len(sep) > 1:  # '::' in MovieLens 1M: the C parser takes one-character separators only
+        text = text.replace(sep, "\x1f")
+        sep = "\x1f"
+    header_lines = 0 if names is not None else 1
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
+                            on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
+                            quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE, keep_default_na=False,
+                            na_values=[""], skip_blank_lines=True)
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: malformed row: {str(err).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    skipped = total_lines - header_lines - len(frame) - text.count("\n\n")
+    if on_bad_rows == "skip" and skipped > 0:
+        print(f"prepare: {path}: skipped {skipped} rows with the wrong number of fields", file=sys.stderr)
+    frame.attrs["header_lines"] = header_lines
+    return frame
+
+
+def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd.DataFrame:
+    """Numeric user, item, timestamp and rating; bad values raise naming the line, or are skipped."""
+    header = frame.attrs.get("header_lines", 0)
+    out, bad_any = {}, np.zeros(len(frame), dtype=bool)
+    reasons = []
+    for column in ("user", "item", "timestamp", "rating"):
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            if on_bad_rows == "error":
+                row = _first_bad(bad)
+                raise DataError(f"{path}: line {row + 1 + header}: {column} '{frame[column].iloc[row]}' is not a "
+                                f"number ({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
+            reasons.append(f"{int(bad.sum())} with a non-numeric or missing {column}")
+            bad_any |= bad
+        out[column] = values
+    if reasons:
+        print(f"prepare: {path}: skipped {int(bad_any.sum())} rows: {', '.join(reasons)}", file=sys.stderr)
+    keep = ~bad_any
+    return pd.DataFrame({"user": out["user"][keep].astype(np.int64), "item": out["item"][keep].astype(np.int64),
+                         "timestamp": out["timestamp"][keep].astype(np.int64),
+                         "rating": out["rating"][keep].astype(np.float32)})
+
+
+def _title_year(titles: pd.Series) -> np.ndarray:
+    """'Toy Story (1995)' -> 1995; -1 where the title has no trailing year."""
+    year = titles.str.extract(r"\((\d{4})\)\s*$", expand=False)
+    return pd.to_numeric(year, errors="coerce").fillna(-1).astype(np.int64).to_numpy()
+
+
+def movielens(cfg: DataConfig) -> RawData:
+    """MovieLens 100K, 1M and the CSV family (latest-small, 20M, 25M, 32M) from ``cfg.data_dir``."""
+    if not cfg.data_dir:
+        raise DataError(f"data.source={cfg.source} needs data.data_dir (or --data-dir): the unpacked archive")
+    root = Path(cfg.data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root} (download with `twotower-rec download`)")
+    bad = cfg.on_bad_rows
+    if cfg.source == "movielens-100k":
+        inter = _read_delimited(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], "latin-1", bad,
+                                "ratings")
+        users = _read_delimited(root / "u.user", "|", ["user", "age", "gender", "occupation", "zip"], "latin-1",
+                                bad, "users")
+        item_cols = ["item", "title", "release", "video_release", "url", *MOVIELENS_GENRES_100K]
+        items = _read_delimited(root / "u.item", "|", item_cols, "latin-1", bad, "movies")
+        flags = items[list(MOVIELENS_GENRES_100K)].fillna(0).to_numpy(np.int64) > 0
+        names = np.array(MOVIELENS_GENRES_100K)
+        items["genres"] = [names[row].tolist() for row in flags]
+        interactions = _clean_interactions(inter, root / "u.data", bad)
+    elif cfg.source == "movielens-1m":
+        inter = _read_delimited(root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], "latin-1",
+                                bad, "ratings")
+        users = _read_delimited(root / "users.dat", "::", ["user", "gender", "age", "occupation", "zip"],
+                                "latin-1", bad, "users")
+        items = _read_delimited(root / "movies.dat", "::", ["item", "title", "genres"], "latin-1", bad, "movies")
+        items["genres"] = items["genres"].fillna("").str.split("|")
+        interactions = _clean_interactions(inter, root / "ratings.dat", bad)
+    else:
+        inter = _read_delimited(root / "ratings.csv", ",", None, "utf-8", bad, "ratings")
+        _require_file_columns(inter, ["userId", "movieId", "rating", "timestamp"], root / "ratings.csv")
+        inter = inter.rename(columns={"userId": "user", "movieId": "item"})
+        items = _read_delimited(root / "movies.csv", ",", None, "utf-8", bad, "movies")
+        _require_file_columns(items, ["movieId", "title", "genres"], root / "movies.csv")
+        items = items.rename(columns={"movieId": "item"})
+        items["genres"] = items["genres"].fillna("").apply(
+            lambda g: [] if g == "(no genres listed)" else [x for x in g.split("|") if x])
+        users = pd.DataFrame({"user": pd.unique(pd.to_numeric(inter["user"], errors="coerce").dropna())})
+        interactions = _clean_interactions(inter, root / "ratings.csv", bad)
+    items["item"] = pd.to_numeric(items["item"], errors="coerce")
+    items = items.dropna(subset=["item"]).astype({"item": np.int64})
+    items["title"] = items["title"].fillna("").astype(str)
+    items["year"] = _title_year(items["title"])
+    if "zip" in users.columns:
+        users["zip_prefix"] = users["zip"].fillna("").astype(str).str[:1]
+    if "age" in users.columns and cfg.source == "movielens-1m":
+        users["age"] = pd.to_numeric(users["age"], errors="coerce").map(ML1M_AGE).fillna("unknown")
+    elif "age" in users.columns:
+        age = pd.to_numeric(users["age"], errors="coerce")
+        users["age"] = pd.cut(age, [0, 18, 25, 35, 45, 50, 56, 200], right=False).astype(str)
+    users["user"] = pd.to_numeric(users["user"], errors="coerce")
+    users = users.dropna(subset=["user"]).astype({"user": np.int64})
+    return RawData(interactions, users, items, name=f"{cfg.source}:{root}",
+                   users_name=f"{cfg.source} users", items_name=f"{cfg.source} movies")
+
+
+def _require_file_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+
+
 def load_raw(cfg: DataConfig) -> RawData:
     """The source named by ``cfg.source``."""
     if cfg.source == "synthetic":
         return synthetic(cfg.synthetic)
     if cfg.source == "interactions":
         return interactions_source(cfg)
+    if cfg.source.startswith("movielens-"):
+        return movielens(cfg)
     raise DataError(f"unknown data source '{cfg.source}'")
