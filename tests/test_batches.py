@@ -25,7 +25,8 @@ from twotower_rec.data.sources import RawData, load_raw
 # file line 2 is the first data row. Not in time order; ties on purpose:
 #   user 10: ts 5 twice (item 100 on line 2 before item 300 on line 5)
 #   user 50: its last two rows share ts 7 (item 200 on line 17, then item 300 on line 19)
-#   user 40 has 2 rows only (dropped by min_interactions=3); item 500 is only in a test row.
+#   user 40 has 2 rows only (dropped by min_interactions=3); items 500 and 600 are only in test rows.
+#   user 20 meets item 200 twice (lines 3 and 20): the later event is dropped (one event per pair).
 INTERACTIONS = [
     (10, 100, 5, 4.0),
     (20, 200, 3, 5.0),
@@ -38,13 +39,14 @@ INTERACTIONS = [
     (30, 100, 3, 3.0),
     (30, 500, 7, 4.0),
     (20, 400, 6, 3.0),
-    (10, 100, 10, 5.0),
+    (10, 600, 10, 5.0),
     (40, 200, 1, 1.0),
     (40, 300, 2, 1.0),
     (30, 200, 5, 2.0),
     (50, 200, 7, 1.0),
     (50, 100, 1, 2.0),
     (50, 300, 7, 3.0),
+    (20, 200, 9, 4.0),
 ]
 USERS = [  # user 50 is absent: its side features are unknown (code 0)
     (10, "F", 25, 3),
@@ -92,9 +94,17 @@ class Reference:
         by_user = defaultdict(list)
         for line_index, (u, i, t, r) in enumerate(INTERACTIONS):
             by_user[u].append((t, line_index, i, r))
-        self.users = sorted(u for u, rows in by_user.items() if len(rows) >= 3)
+        first_events = {}
+        for u, rows in by_user.items():  # (time, file line) order; a (user, item) pair's first event only
+            seen, kept = set(), []
+            for event in sorted(rows):
+                if event[2] not in seen:
+                    seen.add(event[2])
+                    kept.append(event)
+            first_events[u] = kept
+        self.users = sorted(u for u, rows in first_events.items() if len(rows) >= 3)
         self.user_code = {u: c + 1 for c, u in enumerate(self.users)}
-        self.seq = {u: sorted(by_user[u]) for u in self.users}  # (time, file line) order
+        self.seq = {u: first_events[u] for u in self.users}
         train_items = {i for u in self.users for (_, _, i, _) in self.seq[u][:-2]}
         self.item_code = {item: c + 1 for c, item in enumerate(sorted(train_items))}
         # global rows: (user, position within the user's sequence)
@@ -196,16 +206,16 @@ def test_hand_batch_item_kjt_exact(hand):
     batch = Batcher(hand).batch(np.array([2, 4, 8, 12, 0, 15]))
     kjt = batch.item_features
     assert kjt.keys() == ["item_id", "genres", "year"]
-    # items of the rows: 300, 100, 300, 500 (OOV), 200, 300
+    # items of the rows: 300, 600 (OOV), 300, 500 (OOV), 200, 300
     # genres vocabulary over training items in code order: Drama 1, Comedy 2, Action 3
     # 5-year buckets in first-seen order: 1990 -> 1, 2000 -> 2, 1985 -> 3
-    assert kjt.lengths().tolist() == [1] * 6 + [1, 2, 1, 0, 1, 1] + [1] * 6
-    assert kjt.values().tolist() == [3, 1, 3, 0, 2, 3] + [2, 1, 2, 2, 3, 2] + [1, 1, 1, 0, 2, 1]
-    assert batch.item_ids.tolist() == [3, 1, 3, 0, 2, 3]
+    assert kjt.lengths().tolist() == [1] * 6 + [1, 0, 1, 0, 1, 1] + [1] * 6
+    assert kjt.values().tolist() == [3, 0, 3, 0, 2, 3] + [2, 2, 3, 2] + [1, 0, 1, 0, 2, 1]
+    assert batch.item_ids.tolist() == [3, 0, 3, 0, 2, 3]
     assert batch.labels.tolist() == [2.0, 5.0, 2.0, 4.0, 3.0, 3.0]
     years = np.array([1994, 2001, 1994, 1988], dtype=np.float64)  # items 100..400
     norm = (years - years.mean()) / years.std()
-    expected_dense = [norm[2], norm[0], norm[2], 0.0, norm[1], norm[2]]
+    expected_dense = [norm[2], 0.0, norm[2], 0.0, norm[1], norm[2]]
     np.testing.assert_allclose(batch.item_dense[:, 0].numpy(), expected_dense, rtol=1e-4, atol=1e-5)
     assert len(batch) == 6
 
@@ -254,11 +264,12 @@ def test_users_items_and_vocabularies(hand):
 def test_item_only_in_test_split_is_oov(hand):
     item = np.asarray(hand.item)
     split = np.asarray(hand.split)
-    # user 30's last event is item 500, the only time it occurs
-    test_row = hand.user_offsets[3] - 1
-    assert split[test_row] == splits.TEST
-    assert item[test_row] == 0
-    assert 500 not in hand.raw_item_ids.tolist()
+    # user 30's last event is item 500, user 10's is item 600: the only times they occur
+    for code in (1, 3):
+        test_row = hand.user_offsets[code] - 1
+        assert split[test_row] == splits.TEST
+        assert item[test_row] == 0
+    assert 500 not in hand.raw_item_ids.tolist() and 600 not in hand.raw_item_ids.tolist()
     assert "Horror" not in hand.spec.vocabularies["genres"]
     # every training row has a real code
     assert (item[split == splits.TRAIN] > 0).all()
@@ -276,6 +287,10 @@ def test_leave_last_out_on_hand_data(hand):
         assert list(split[lo:hi]) == [splits.TRAIN] * (hi - lo - 2) + [splits.VALIDATION, splits.TEST]
         assert [ref.item_code.get(i, 0) for (_, _, i, _) in ref.seq[u]] == item[lo:hi].tolist()
         assert [r for (_, _, _, r) in ref.seq[u]] == rating[lo:hi].tolist()
+    # user 20 met item 200 twice: only the first (ts 3) stays; its test item is 300 (ts 8), not 200 (ts 9)
+    lo = hand.user_offsets[1]
+    assert item[lo:lo + 4].tolist() == [2, 1, 4, 3]
+    assert rating[lo:lo + 4].tolist() == [5.0, 1.0, 3.0, 2.0]
     # user 50: items 200 (line 17) and 300 (line 19) share ts 7 -> 200 is validation, 300 test
     lo = hand.user_offsets[3]
     assert item[lo + 1:lo + 3].tolist() == [2, 3]
@@ -332,6 +347,13 @@ def test_leave_last_out_property(table):
     by_user = defaultdict(list)
     for position, (u, t) in enumerate(zip(users, times)):
         by_user[u].append((t, position))
+    for u, rows in by_user.items():  # time, then file order; each (user, item) pair's first event only
+        seen, first = set(), []
+        for t, position in sorted(rows):
+            if items[position] not in seen:
+                seen.add(items[position])
+                first.append((t, position))
+        by_user[u] = first
     kept = sorted(u for u, rows in by_user.items() if len(rows) >= 3)
     features = FeaturesConfig(user_features=["user_id"], item_features=["item_id"], item_dense=[], history_length=3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -358,8 +380,8 @@ def test_leave_last_out_property(table):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), num_users=st.integers(5, 30), num_items=st.integers(10, 60),
-       per_user=st.integers(4, 15), history_length=st.integers(1, 8))
+@given(seed=st.integers(0, 10_000), num_users=st.integers(5, 30), num_items=st.integers(30, 80),
+       per_user=st.integers(8, 20), history_length=st.integers(1, 8))
 def test_training_history_is_earlier_interactions_of_the_same_user(seed, num_users, num_items, per_user,
                                                                      history_length):
     syn = SyntheticConfig(num_users=num_users, num_items=num_items, interactions_per_user=per_user,

@@ -52,6 +52,9 @@ def cmd_prepare(args) -> int:
     from twotower_rec.data.prepared import prepare
     from twotower_rec.data.sources import load_raw
 
+    for flag, key in (("dataset", "data.source"), ("data_dir", "data.data_dir"), ("on_bad_rows", "data.on_bad_rows")):
+        if getattr(args, flag) is not None:
+            args.overrides.append(f"{key}={getattr(args, flag)}")
     cfg = _config(args)
     data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
     print(json.dumps(data.summary()))
@@ -170,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "split leave-last-out, build vocabularies on training rows and write "
                                      "data.cache_dir (npy columns + feature_spec.json).")
     _add_config_args(p)
+    p.add_argument("--dataset", help="same as --set data.source=...: synthetic, interactions, movielens-100k, "
+                                     "movielens-1m, movielens-latest-small, movielens-20m, movielens-25m, movielens-32m")
+    p.add_argument("--data-dir", help="same as --set data.data_dir=...: the unpacked MovieLens archive")
+    p.add_argument("--on-bad-rows", choices=["error", "skip"],
+                   help="malformed rows: stop naming file and line (error, the default) or count and drop them")
     p.set_defaults(func=cmd_prepare)
 
     p = verbs.add_parser("train", help="train on the prepared cache; writes a checkpoint",
