@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import settings
+
+# No example database in the working tree: the suite leaves nothing behind but pytest's cache.
+settings.register_profile("twotower", database=None)
+settings.load_profile("twotower")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -122,6 +122,14 @@ def test_non_positive_batch_size_is_rejected(value):
         load_config(None, [f"train.batch_size={value}"])
 
 
+@pytest.mark.parametrize("override", ["train.epochs=0", "train.epochs=-1", "train.max_steps=-1"])
+def test_values_that_leave_training_with_no_steps_are_rejected(override):
+    """Zero epochs or a negative step cap run no step at all; `train` then crashes with a
+    TypeError traceback while printing the final loss (None). Validation must catch them."""
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
 def test_override_without_equals_sign_is_rejected():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["train.batch_size"])

@@ -158,7 +158,7 @@ _SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "d
 _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
     "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
-    "model.embedding_dim", "model.output_dim", "train.batch_size", "train.log_every_steps", "eval.user_chunk",
+    "model.embedding_dim", "model.output_dim", "train.batch_size", "train.epochs", "train.log_every_steps", "eval.user_chunk",
 )
 
 
@@ -240,6 +240,8 @@ def validate(cfg: Config) -> Config:
             )
     if not cfg.sharding.sharding_types:
         raise ConfigError("sharding.sharding_types: give at least one sharding type")
+    if cfg.train.max_steps < 0:
+        raise ConfigError(f"train.max_steps: must be >= 0 (0 = all epochs), got {cfg.train.max_steps}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be positive, got {cfg.loss.temperature}")
     if cfg.features.history_length < 0:

@@ -29,7 +29,8 @@ def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int
         raise ValueError("no queries to evaluate")
     hit = top_items == targets.unsqueeze(1)  # [Q, K]; at most one True per row
     found = hit.any(dim=1)
-    rank = torch.where(found, hit.float().argmax(dim=1), torch.full_like(targets, top_items.shape[1]))
+    miss = max([top_items.shape[1], *ks])  # beyond every cut-off, even when the list is short
+    rank = torch.where(found, hit.float().argmax(dim=1), torch.full_like(targets, miss))
     metrics: dict[str, float] = {}
     for k in ks:
         within = (rank < k).float()
@@ -72,12 +73,13 @@ def query_embeddings(query_tower: EmbedFn, batcher: Batcher, user: np.ndarray, p
 
 def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: tuple | None,
                  chunk: int) -> torch.Tensor:
-    """Top-``k`` item codes ``[Q, k]``; never the OOV code 0; seen items dropped if given."""
+    """Top-``k`` item codes ``[Q, k]``; never the OOV code 0 nor a seen item (``-1`` pads short lists)."""
     invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool)
     invalid[0] = True
     offsets, values = seen if seen is not None else (None, None)
-    _, top = chunked_topk(query_emb, item_emb, k, offsets, values, chunk=chunk, invalid_columns=invalid)
-    return top
+    scores, top = chunked_topk(query_emb, item_emb, k, offsets, values, chunk=chunk, invalid_columns=invalid)
+    # When k exceeds what is left to recommend, topk fills up with excluded (-inf) columns.
+    return top.masked_fill(torch.isneginf(scores), -1)
 
 
 def evaluation_rows(data: PreparedData, split: int, max_users: int, seed: int) -> np.ndarray:

@@ -140,7 +140,11 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype_backend="numpy_nullable")
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype_backend="numpy_nullable",
+                                skip_blank_lines=False)
+            frame = frame.dropna(how="all")  # blank lines go; the index keeps each row's file position
+            frame.attrs["first_line"] = 2  # the header is line 1
+            return frame
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: {err}".strip()) from None
     except UnicodeDecodeError as err:
@@ -154,13 +158,20 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _where(frame: pd.DataFrame, row: int) -> str:
+    """'line N' of a text file (counting the header and blank lines) or 'row N' of a Parquet file."""
+    if "first_line" in frame.attrs:
+        return f"line {int(frame.index[row]) + frame.attrs['first_line']}"
+    return f"row {row + 1}"
+
+
 def _numeric_column(frame: pd.DataFrame, column: str, path: Path, what: str) -> np.ndarray:
     """A column as float64; the first non-numeric or missing value is reported with its line."""
     values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
     bad = np.isnan(values)
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: line {row + 2}: {what} '{frame[column].iloc[row]}' in column '{column}' "
+        raise DataError(f"{path}: {_where(frame, row)}: {what} '{frame[column].iloc[row]}' in column '{column}' "
                         f"is not a number ({int(bad.sum())} such rows)")
     return values
 
@@ -181,7 +192,7 @@ def interactions_source(cfg: DataConfig) -> RawData:
     for name in ("user", "item"):
         bad = frame[columns[name]].isna().to_numpy()
         if bad.any():
-            raise DataError(f"{path}: line {_first_bad(bad) + 2}: empty {name} id in column '{columns[name]}'")
+            raise DataError(f"{path}: {_where(frame, _first_bad(bad))}: empty {name} id in column '{columns[name]}'")
     timestamp = frame[columns["timestamp"]]
     as_number = pd.to_numeric(timestamp, errors="coerce")
     if as_number.notna().any():  # numeric timestamps (seconds); report the first that is not
@@ -191,7 +202,7 @@ def interactions_source(cfg: DataConfig) -> RawData:
         bad = parsed.isna().to_numpy()
         if bad.any():
             row = _first_bad(bad)
-            raise DataError(f"{path}: line {row + 2}: timestamp '{timestamp.iloc[row]}' is neither a number "
+            raise DataError(f"{path}: {_where(frame, row)}: timestamp '{timestamp.iloc[row]}' is neither a number "
                             f"nor a date ({int(bad.sum())} such rows)")
         seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
     if cfg.rating_column in frame.columns:
@@ -250,21 +261,22 @@ def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str
         frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
                             on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
                             quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE, keep_default_na=False,
-                            na_values=[""], skip_blank_lines=True)
+                            na_values=[""], skip_blank_lines=False)
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed row: {str(err).strip()}") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
-    skipped = total_lines - header_lines - len(frame) - text.count("\n\n")
+    skipped = total_lines - header_lines - len(frame)
     if on_bad_rows == "skip" and skipped > 0:
         print(f"prepare: {path}: skipped {skipped} rows with the wrong number of fields", file=sys.stderr)
-    frame.attrs["header_lines"] = header_lines
+    frame = frame.dropna(how="all")
+    if on_bad_rows == "error":  # nothing was skipped: the index is the file position
+        frame.attrs["first_line"] = header_lines + 1
     return frame
 
 
 def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd.DataFrame:
     """Numeric user, item, timestamp and rating; bad values raise naming the line, or are skipped."""
-    header = frame.attrs.get("header_lines", 0)
     out, bad_any = {}, np.zeros(len(frame), dtype=bool)
     reasons = []
     for column in ("user", "item", "timestamp", "rating"):
@@ -273,7 +285,7 @@ def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd
         if bad.any():
             if on_bad_rows == "error":
                 row = _first_bad(bad)
-                raise DataError(f"{path}: line {row + 1 + header}: {column} '{frame[column].iloc[row]}' is not a "
+                raise DataError(f"{path}: {_where(frame, row)}: {column} '{frame[column].iloc[row]}' is not a "
                                 f"number ({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
             reasons.append(f"{int(bad.sum())} with a non-numeric or missing {column}")
             bad_any |= bad

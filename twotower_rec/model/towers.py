@@ -78,5 +78,8 @@ class Tower(nn.Module):
         self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
 
     def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        pooled = self.embedding_bags(features).values()  # [B, F * E] in feature order
-        return F.normalize(self.mlp(torch.cat([pooled, dense], dim=1)), dim=-1)
+        # A sharded collection may return features grouped differently (e.g. by pooling type)
+        # from an unsharded one: order the columns by name so every placement feeds the MLP alike.
+        by_name = self.embedding_bags(features).to_dict()
+        pooled = [by_name[name] for name in self.feature_names]  # F x [B, E]
+        return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)
