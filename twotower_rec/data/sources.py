@@ -176,6 +176,17 @@ def _numeric_column(frame: pd.DataFrame, column: str, path: Path, what: str) -> 
     return values
 
 
+def _side_table(path: str | None, id_column: str, key: str, interactions: pd.DataFrame,
+                setting: str) -> tuple[pd.DataFrame, str]:
+    """An optional user or item feature table keyed by ``key``; ids only when none is given."""
+    if not path:
+        return pd.DataFrame({key: pd.unique(interactions[key])}), f"{key}s table (none given: set {setting})"
+    table = read_table(path, f"{key}s").rename(columns={id_column: key})
+    if key not in table.columns:
+        raise DataError(f"{path}: missing column '{id_column}' (data.{key}_column)")
+    return table, str(path)
+
+
 def interactions_source(cfg: DataConfig) -> RawData:
     """Your own data: an interactions table plus optional user and item feature tables."""
     if not cfg.interactions_path:
@@ -214,20 +225,9 @@ def interactions_source(cfg: DataConfig) -> RawData:
         "timestamp": seconds.astype(np.int64), "rating": rating.astype(np.float32),
     })
 
-    users = pd.DataFrame({"user": pd.unique(interactions["user"])})
-    users_name = "users table (none given: set data.users_path)"
-    if cfg.users_path:
-        users = read_table(cfg.users_path, "users").rename(columns={cfg.user_column: "user"})
-        users_name = str(cfg.users_path)
-        if "user" not in users.columns:
-            raise DataError(f"{cfg.users_path}: missing column '{cfg.user_column}' (data.user_column)")
-    items = pd.DataFrame({"item": pd.unique(interactions["item"])})
-    items_name = "items table (none given: set data.items_path)"
+    users, users_name = _side_table(cfg.users_path, cfg.user_column, "user", interactions, "data.users_path")
+    items, items_name = _side_table(cfg.items_path, cfg.item_column, "item", interactions, "data.items_path")
     if cfg.items_path:
-        items = read_table(cfg.items_path, "items").rename(columns={cfg.item_column: "item"})
-        items_name = str(cfg.items_path)
-        if "item" not in items.columns:
-            raise DataError(f"{cfg.items_path}: missing column '{cfg.item_column}' (data.item_column)")
         if "genres" in items.columns:
             items["genres"] = items["genres"].apply(
                 lambda v: [g for g in str(v).split(cfg.genres_separator) if g] if isinstance(v, str) else [])
