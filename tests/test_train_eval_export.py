@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -240,3 +242,19 @@ def test_recommend_cli_json_matches_the_api(pipeline, cli, exported):
     assert len(payload["items"]) == 5
     scores = [x["score"] for x in payload["items"]]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_recommend_loads_only_the_export_without_torchrec(pipeline):
+    """Serving needs the export directory alone: neither TorchRec nor fbgemm is imported."""
+    data = PreparedData(pipeline.cache_dir)
+    script = (
+        "import sys\n"
+        "from twotower_rec.cli import main\n"
+        f"code = main(['recommend', '--export', {str(pipeline.export_dir)!r}, '--user', {str(data.raw_user_ids[1])!r}])\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu'))\n"
+        "print('LOADED', loaded, 'EXIT', code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED [] EXIT 0" in proc.stdout, proc.stdout
+    assert "top 10 items for user" in proc.stdout
