@@ -140,7 +140,11 @@ def exported(pipeline):
 def test_checkpoint_config_is_the_training_config(trained, pipeline):
     assert trained.trained_cfg.model == trained.cfg.model
     assert trained.trained_cfg.features == trained.cfg.features
-    assert trained.meta["step"] == pipeline.train_metrics["steps"]
+    # The checkpoint kept is the one best on validation (train.select_metric), not the last step.
+    metrics = pipeline.train_metrics
+    assert trained.meta["step"] == metrics["best_step"]
+    scores = {v["step"]: v["ndcg@10"] for v in metrics["validation"]}
+    assert scores[metrics["best_step"]] == max(scores.values())
 
 
 def test_in_process_evaluation_matches_the_cli_json(trained, pipeline):

@@ -60,8 +60,13 @@ class DataConfig:
     rating_column: str = "rating"  # optional in the file: missing -> every rating is 1.0
     genres_separator: str = "|"
     cache_dir: str = "runs/demo/data"
-    split: str = "leave_last_out"  # leave_last_out
-    min_interactions: int = 3  # users with fewer are dropped: they cannot give train + val + test
+    # leave_last_out: per user, last event = test, second-last = validation (SASRec / HSTU protocol);
+    # temporal: the latest events of the whole log; random: each event drawn with data.seed.
+    split: str = "leave_last_out"
+    validation_fraction: float = 0.1  # temporal and random splits
+    test_fraction: float = 0.1  # temporal and random splits
+    seed: int = 42  # random split
+    min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -102,7 +107,9 @@ class TrainConfig:
     sparse_lr: float = 0.05
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused into backward)
     val_every_steps: int = 200  # 0: validate only at the end of each epoch
-    val_max_users: int = 2000  # validation during training scores a seeded sample of users
+    val_max_users: int = 2000  # validation during training scores a seeded sample of events (0: all)
+    select_metric: str = "ndcg@10"  # the checkpoint kept is the one best on this validation metric
+    early_stopping_patience: int = 0  # stop after this many validations without improvement (0: never)
     log_every_steps: int = 20
     seed: int = 0
     out_dir: str = "runs/demo"
@@ -148,11 +155,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "interactions", "movielens-100k", "movielens-1m", "movielens-latest-small",
                     "movielens-20m", "movielens-25m", "movielens-32m"),
     "data.on_bad_rows": ("error", "skip"),
-    "data.split": ("leave_last_out",),
+    "data.split": ("leave_last_out", "temporal", "random"),
     "loss.name": ("in_batch_softmax",),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd"),
     "sharding.compute_kernel": ("fused", "dense"),
     "eval.split": ("test", "validation"),
+    "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr"),
 }
 _SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 _POSITIVE = (
@@ -252,8 +260,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"eval.ks: give positive cut-offs, got {cfg.eval.ks}")
-    if cfg.data.min_interactions < 3:
+    if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
         raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
+    if cfg.data.min_interactions < 1:
+        raise ConfigError("data.min_interactions: must be at least 1")
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    if min(fractions) < 0 or sum(fractions) >= 1:
+        raise ConfigError("data.validation_fraction + data.test_fraction: each >= 0 and together below 1")
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
     return cfg

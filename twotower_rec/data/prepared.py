@@ -78,7 +78,12 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     num_users = int(keep_user.sum())
     raw_user_ids = np.asarray(user_uniques)[keep_user]
     user_offsets = splits.offsets_from_sorted(user, num_users)
-    split = splits.leave_last_out(user_offsets)
+    if data_cfg.split == "leave_last_out":
+        split = splits.leave_last_out(user_offsets)
+    elif data_cfg.split == "temporal":
+        split = splits.temporal(timestamp[order], order, data_cfg.validation_fraction, data_cfg.test_fraction)
+    else:
+        split = splits.random_split(order.size, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
     train = split == splits.TRAIN
 
     item_raw = inter["item"].to_numpy()[order]

@@ -34,3 +34,27 @@ def leave_last_out(user_offsets: np.ndarray) -> np.ndarray:
     split[ends - 1] = TEST
     split[ends - 2] = VALIDATION
     return split
+
+
+def temporal(timestamp: np.ndarray, file_position: np.ndarray, validation_fraction: float,
+             test_fraction: float) -> np.ndarray:
+    """Global time split: the latest ``test_fraction`` of all events (ties by file order) are test,
+    the ``validation_fraction`` before them validation, the rest train."""
+    n = timestamp.size
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.lexsort((file_position, timestamp))] = np.arange(n)
+    n_test = int(round(n * test_fraction))
+    n_validation = int(round(n * validation_fraction))
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[rank >= n - n_test - n_validation] = VALIDATION
+    split[rank >= n - n_test] = TEST
+    return split
+
+
+def random_split(n: int, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Each event independently: test with ``test_fraction``, validation with ``validation_fraction``."""
+    draw = np.random.default_rng(seed).random(n)
+    split = np.full(n, TRAIN, dtype=np.int8)
+    split[draw < test_fraction + validation_fraction] = VALIDATION
+    split[draw < test_fraction] = TEST
+    return split

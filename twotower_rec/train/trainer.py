@@ -107,11 +107,33 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     progress = tqdm(total=total_steps, desc="train", unit="step", disable=not (env.is_main and cfg.train.progress),
                     file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     step, losses_seen, validation = 0, [], []
+    best, best_step, stale = float("-inf"), 0, 0
+    out_dir = Path(cfg.train.out_dir)
+    path = out_dir / "checkpoint"
+    metric = cfg.train.select_metric
     examples, started = 0, time.perf_counter()
+
+    def validate_and_keep_best() -> bool:
+        """Validate; save the checkpoint if it improved. True when early stopping says stop."""
+        nonlocal best, best_step, stale
+        validation.append({"step": step, **validate(model, data, batcher, cfg)})
+        value = validation[-1][metric]
+        improved = value > best
+        if improved:
+            best, best_step, stale = value, step, 0
+            checkpoint.save(path, model, cfg, data.spec, step, {"validation": validation[-1]})
+        else:
+            stale += 1
+        if env.is_main:
+            progress.write(f"step {step}: validation recall@10 {validation[-1]['recall@10']:.4f} "
+                           f"ndcg@10 {validation[-1]['ndcg@10']:.4f}" + ("  (best: checkpoint saved)" if improved else ""))
+        return bool(cfg.train.early_stopping_patience) and stale >= cfg.train.early_stopping_patience
+
     model.train()
+    stopped_early = False
     for epoch in range(cfg.train.epochs):
         for rows in global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, epoch):
-            if step >= total_steps:
+            if step >= total_steps or stopped_early:
                 break
             batch = batcher.batch(train_rows[local_slice(rows, env)]).to(env.device)
             loss = train_step(model, optimizer, batch, cfg)
@@ -123,20 +145,21 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
                 progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
             progress.update(1)
             if cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0 and step < total_steps:
-                validation.append({"step": step, **validate(model, data, batcher, cfg)})
-                progress.write(f"step {step}: validation recall@10 {validation[-1]['recall@10']:.4f} "
-                               f"ndcg@10 {validation[-1]['ndcg@10']:.4f}")
-        if step >= total_steps:
+                stopped_early = validate_and_keep_best()
+        if not cfg.train.val_every_steps and step < total_steps and not stopped_early:
+            stopped_early = validate_and_keep_best()  # once per epoch
+        if step >= total_steps or stopped_early:
             break
     progress.close()
     rate = examples / max(time.perf_counter() - started, 1e-9)
-    validation.append({"step": step, **validate(model, data, batcher, cfg)})
-    out_dir = Path(cfg.train.out_dir)
+    if not validation or validation[-1]["step"] != step:
+        validate_and_keep_best()
     metrics = {"steps": step, "final_loss": losses_seen[-1] if losses_seen else None,
-               "examples_per_second": rate, "validation": validation}
-    path = checkpoint.save(out_dir / "checkpoint", model, cfg, data.spec, step, metrics)
+               "examples_per_second": rate, "best_step": best_step, f"best_validation_{metric}": best,
+               "stopped_early": stopped_early, "validation": validation}
     if env.is_main:
         (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": losses_seen}, indent=2))
         print(f"train: {step} steps, {rate:,.0f} examples/s, final loss {metrics['final_loss']:.4f}, "
-              f"validation recall@10 {validation[-1]['recall@10']:.4f}; checkpoint {path}", file=sys.stderr)
+              f"best validation {metric} {best:.4f} at step {best_step}"
+              f"{' (stopped early)' if stopped_early else ''}; checkpoint {path}", file=sys.stderr)
     return TrainResult(step, losses_seen, validation, path, rate)
