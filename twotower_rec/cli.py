@@ -97,7 +97,7 @@ def cmd_evaluate(args) -> int:
     from twotower_rec.data.batches import Batcher
     from twotower_rec.data.splits import SPLIT_NAMES
     from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.evaluation import evaluate, format_table
+    from twotower_rec.evaluation import format_table, rank_split, ranking_metrics, save_topk
     from twotower_rec.train.trainer import towers
 
     cfg = _config(args)
@@ -105,10 +105,12 @@ def cmd_evaluate(args) -> int:
     try:
         model, data, _, _ = _load_trained(cfg, _checkpoint_path(args, cfg), env)
         query_tower, item_tower = towers(model)
-        results = evaluate(query_tower, item_tower, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
-                           seed=cfg.train.seed)
+        ranking = rank_split(query_tower, item_tower, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
+                             seed=cfg.train.seed)
     finally:
         shutdown()
+    results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
+               for name, top in ranking.top.items()}
     if env.is_main:
         users = int(results["model"]["users"])
         seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
@@ -122,6 +124,8 @@ def cmd_evaluate(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(f"metrics written to {out}")
+        if args.save_topk:
+            print(f"ranked lists written to {save_topk(ranking, data, args.save_topk)}")
     return 0
 
 
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
     p.add_argument("--output", help="metrics JSON path (default: train.out_dir/eval_<split>.json)")
+    p.add_argument("--save-topk", metavar="PATH",
+                   help="also write each user's top max(eval.ks) raw item ids and held-out item (.npz or .parquet)")
     p.set_defaults(func=cmd_evaluate)
 
     p = verbs.add_parser("export", help="write item embeddings, scripted query tower, users and manifest",

@@ -11,13 +11,18 @@ code is the OOV bucket) can never be retrieved and counts as a miss.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from twotower_rec.config import EvalConfig
 from twotower_rec.data.batches import Batcher, gather_ranges
 from twotower_rec.data.prepared import PreparedData
+from twotower_rec.data.sources import DataError
+from twotower_rec.data.splits import split_name
 from twotower_rec.retrieval import chunked_topk
 
 EmbedFn = Callable[..., torch.Tensor]
@@ -89,6 +94,35 @@ def evaluation_rows(data: PreparedData, split: int, max_users: int, seed: int) -
     return rows
 
 
+@dataclass
+class SplitRanking:
+    """Ranked item codes per evaluated event: ``top[name]`` ``[Q, K]`` (``-1`` pads short lists)."""
+
+    rows: np.ndarray
+    user: np.ndarray
+    targets: torch.Tensor
+    top: dict[str, torch.Tensor]
+
+
+def rank_split(query_tower: EmbedFn, item_tower: EmbedFn, data: PreparedData, batcher: Batcher, cfg: EvalConfig,
+               split: int, seed: int = 0, with_popularity: bool = True) -> SplitRanking:
+    """Rank the catalog for every event of ``split`` with the model (and most-popular)."""
+    rows = evaluation_rows(data, split, cfg.max_users, seed)
+    if rows.size == 0:
+        raise DataError(f"the {split_name(split)} split of {data.dir} is empty: nothing to evaluate")
+    user = np.asarray(data.user)[rows]
+    targets = torch.from_numpy(np.asarray(data.item)[rows])
+    seen = seen_items(data, user, rows) if cfg.filter_seen else None
+    k = max(cfg.ks)
+    item_emb = catalog_embeddings(item_tower, batcher)
+    query_emb = query_embeddings(query_tower, batcher, user, rows)
+    top = {"model": rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk)}
+    if with_popularity:
+        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
+        top["popularity"] = rank_catalog(torch.ones(rows.size, 1), counts, k, seen, cfg.user_chunk)
+    return SplitRanking(rows, user, targets, top)
+
+
 def evaluate(
     query_tower: EmbedFn,
     item_tower: EmbedFn,
@@ -100,23 +134,29 @@ def evaluate(
     with_popularity: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
-    rows = evaluation_rows(data, split, cfg.max_users, seed)
-    if rows.size == 0:
-        raise ValueError("the evaluation split is empty")
-    user = np.asarray(data.user)[rows]
-    targets = torch.from_numpy(np.asarray(data.item)[rows])
-    seen = seen_items(data, user, rows) if cfg.filter_seen else None
-    k = max(cfg.ks)
-    item_emb = catalog_embeddings(item_tower, batcher)
-    query_emb = query_embeddings(query_tower, batcher, user, rows)
-    results = {"model": ranking_metrics(rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk), targets, cfg.ks)}
-    if with_popularity:
-        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
-        ones = torch.ones(rows.size, 1)
-        results["popularity"] = ranking_metrics(rank_catalog(ones, counts, k, seen, cfg.user_chunk), targets, cfg.ks)
-    for value in results.values():
-        value["users"] = float(rows.size)
-    return results
+    ranking = rank_split(query_tower, item_tower, data, batcher, cfg, split, seed, with_popularity)
+    return {name: {**ranking_metrics(top, ranking.targets, cfg.ks), "users": float(ranking.rows.size)}
+            for name, top in ranking.top.items()}
+
+
+def save_topk(ranking: SplitRanking, data: PreparedData, path: str | Path, name: str = "model") -> Path:
+    """Each evaluated event's ranked raw item ids and its held-out raw item id (.npz or .parquet)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    top = ranking.top[name].numpy()
+    raw_ids = np.asarray(data.raw_item_ids)
+    ranked = np.where(top > 0, raw_ids[np.maximum(top - 1, 0)], None)
+    users = np.asarray(data.raw_user_ids)[ranking.user - 1]
+    held_out = data.raw_items_of_rows(ranking.rows)
+    if path.suffix == ".parquet":
+        pd.DataFrame({"user": users, "held_out_item": held_out,
+                      "top_items": [[x for x in row if x is not None] for row in ranked]}).to_parquet(path, index=False)
+    elif path.suffix == ".npz":
+        np.savez(path, user=users, held_out_item=held_out, top_items=ranked,
+                 timestamp=np.asarray(data.timestamp)[ranking.rows])
+    else:
+        raise DataError(f"--save-topk {path}: use a .npz or .parquet file name")
+    return path
 
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:

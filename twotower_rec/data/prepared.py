@@ -102,6 +102,10 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         np.save(out / "interactions" / f"{name}.npy", np.ascontiguousarray(array))
     np.save(out / "raw_user_ids.npy", raw_user_ids)
     np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+    # Items first seen outside training are code 0; keep their raw ids for ranked-list exports.
+    oov_rows = np.flatnonzero(item == 0)
+    np.save(out / "interactions" / "oov_rows.npy", oov_rows)
+    np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
 
     vocabularies: dict[str, list] = {}
     query_features = [Feature("user_id", "query", num_users + 1)] if "user_id" in features_cfg.user_features else []
@@ -232,6 +236,17 @@ class PreparedData:
     @property
     def num_rows(self) -> int:
         return int(self.user.shape[0])
+
+    def raw_items_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Raw item ids of interaction rows, including items unseen in training (code 0)."""
+        codes = np.asarray(self.item)[rows]
+        raw = np.where(codes > 0, self.raw_item_ids[np.maximum(codes - 1, 0)], None).astype(object)
+        oov_rows = np.load(self.dir / "interactions" / "oov_rows.npy")
+        oov_raw = np.load(self.dir / "interactions" / "oov_raw_items.npy", allow_pickle=True)
+        where = np.searchsorted(oov_rows, rows)
+        hit = (codes == 0) & (where < oov_rows.size)
+        raw[hit] = oov_raw[where[hit]]
+        return raw
 
     def rows(self, split: int) -> np.ndarray:
         """Row indices of one split, in (user, time) order."""

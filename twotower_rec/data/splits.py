@@ -13,6 +13,10 @@ TRAIN, VALIDATION, TEST = 0, 1, 2
 SPLIT_NAMES = {"train": TRAIN, "validation": VALIDATION, "test": TEST}
 
 
+def split_name(split: int) -> str:
+    return {v: k for k, v in SPLIT_NAMES.items()}[split]
+
+
 def time_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     """Row order by user, then timestamp, then file position (a stable tie-break)."""
     return np.lexsort((np.arange(user.size), timestamp, user))
