@@ -1,5 +1,6 @@
 """Command line: one thin function per verb over importable functions.
 
+    twotower-rec download  --dataset movielens-1m --data-dir data
     twotower-rec prepare   --config configs/demo.yaml
     twotower-rec train     --config configs/demo.yaml [--set train.epochs=5]
     twotower-rec evaluate  --config configs/demo.yaml
@@ -58,6 +59,14 @@ def cmd_prepare(args) -> int:
     cfg = _config(args)
     data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
     print(json.dumps(data.summary()))
+    return 0
+
+
+def cmd_download(args) -> int:
+    from twotower_rec.data.download import download
+
+    folder = download(args.dataset, args.data_dir, timeout=args.timeout)
+    print(f"twotower-rec prepare --dataset {args.dataset} --data-dir {folder}")
     return 0
 
 
@@ -183,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-rows", choices=["error", "skip"],
                    help="malformed rows: stop naming file and line (error, the default) or count and drop them")
     p.set_defaults(func=cmd_prepare)
+
+    p = verbs.add_parser("download", help="fetch a MovieLens archive, check its MD5, unpack it",
+                         description="Download an official MovieLens archive, check it against the MD5 "
+                                     "GroupLens publishes beside it, and unpack it under --data-dir. "
+                                     "Prints the prepare command to run next.")
+    p.add_argument("--dataset", required=True, choices=["movielens-100k", "movielens-1m", "movielens-latest-small",
+                                                         "movielens-20m", "movielens-25m", "movielens-32m"])
+    p.add_argument("--data-dir", default="data", help="where to unpack (default: ./data)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
+    p.set_defaults(func=cmd_download)
 
     p = verbs.add_parser("train", help="train on the prepared cache; writes a checkpoint",
                          description="Train the two-tower model with in-batch negatives on data.cache_dir. "

@@ -30,7 +30,7 @@ from twotower_rec.data import splits
 from twotower_rec.data.features import HISTORY, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
 from twotower_rec.data.sources import DataError, RawData
 
-MULTI_VALUED_ITEM_FEATURES = {"genres"}
+MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
 
 
@@ -38,6 +38,12 @@ def _require_columns(frame: pd.DataFrame, columns, table: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(f"{table}: missing column(s) {missing}; found {list(frame.columns)}")
+
+
+def title_tokens(titles: pd.Series) -> pd.Series:
+    """'Toy Story (1995)' -> ['toy', 'story']: lower-case words, the trailing year removed."""
+    cleaned = titles.fillna("").astype(str).str.lower().str.replace(r"\(\d{4}\)\s*$", "", regex=True)
+    return cleaned.str.findall(r"[^\W_]+")
 
 
 def _log(message: str) -> None:
@@ -127,11 +133,14 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean"))
 
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
+    if "title_tokens" in features_cfg.item_features and "title" in items.columns:
+        items["title_tokens"] = title_tokens(items["title"])
     item_features = [Feature("item_id", "item", num_items + 1)] if "item_id" in features_cfg.item_features else []
     for name in features_cfg.item_features:
         if name == "item_id":
             continue
-        _require_columns(raw.items, [name], f"{raw.items_name} (features.item_features)")
+        _require_columns(items.reset_index(), [name if name != "title_tokens" else "title"],
+                         f"{raw.items_name} (features.item_features)")
         if name in MULTI_VALUED_ITEM_FEATURES:
             lists = items[name].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
             lengths = lists.apply(len).to_numpy(np.int64)

@@ -310,7 +310,7 @@ def movielens(cfg: DataConfig) -> RawData:
         raise DataError(f"data.source={cfg.source} needs data.data_dir (or --data-dir): the unpacked archive")
     root = Path(cfg.data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root} (unpack the MovieLens archive there)")
+        raise DataError(f"data directory not found: {root} (fetch it with `twotower-rec download --dataset {cfg.source} --data-dir DIR`)")
     bad = cfg.on_bad_rows
     if cfg.source == "movielens-100k":
         inter = _read_delimited(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], "latin-1", bad,
