@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,14 +259,24 @@ def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str
         sep = "\x1f"
     header_lines = 0 if names is not None else 1
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
-                            on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
-                            quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE, keep_default_na=False,
-                            na_values=[""], skip_blank_lines=False)
+        # index_col=False: an extra field on the first data row must not turn into an index
+        # column (shifting every row); pandas warns instead, and that warning is handled below.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
+                                on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
+                                index_col=False, quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE,
+                                keep_default_na=False, na_values=[""], skip_blank_lines=False)
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed row: {str(err).strip()}") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
+    first_row_too_long = any(issubclass(w.category, pd.errors.ParserWarning) for w in caught)
+    if first_row_too_long and on_bad_rows == "error":
+        raise DataError(f"{path}: malformed row: line {header_lines + 1} has more than the "
+                        f"{len(frame.columns)} fields of this file")
+    if first_row_too_long:
+        frame = frame.iloc[1:]
     skipped = total_lines - header_lines - len(frame)
     if on_bad_rows == "skip" and skipped > 0:
         print(f"prepare: {path}: skipped {skipped} rows with the wrong number of fields", file=sys.stderr)
