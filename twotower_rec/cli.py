@@ -113,8 +113,8 @@ def cmd_evaluate(args) -> int:
     env = init_distributed()
     try:
         model, data, _, _ = _load_trained(cfg, _checkpoint_path(args, cfg), env)
-        query_tower, item_tower = towers(model)
-        ranking = rank_split(query_tower, item_tower, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
+        encode_query, encode_items = towers(model)
+        ranking = rank_split(encode_query, encode_items, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
                              seed=cfg.train.seed)
     finally:
         shutdown()

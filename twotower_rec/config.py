@@ -77,6 +77,7 @@ class FeaturesConfig:
     user_features: list[str] = field(default_factory=lambda: ["user_id", "gender", "age", "occupation"])
     item_features: list[str] = field(default_factory=lambda: ["item_id", "genres", "year"])
     history_length: int = 50  # the last N items strictly before the interaction; 0 turns it off
+    share_item_table: bool = False  # history looks up the item tower's item-id table instead of its own
     item_dense: list[str] = field(default_factory=lambda: ["year_norm"])
 
 

@@ -55,24 +55,24 @@ def seen_items(data: PreparedData, user: np.ndarray, position: np.ndarray) -> tu
 
 
 @torch.no_grad()
-def catalog_embeddings(item_tower: EmbedFn, batcher: Batcher, chunk: int = 4096) -> torch.Tensor:
+def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 4096) -> torch.Tensor:
     """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended)."""
     codes = np.arange(batcher.spec.num_items + 1, dtype=np.int64)
     parts = []
     for begin in range(0, codes.size, chunk):
         kjt, dense = batcher.item_features(codes[begin:begin + chunk])
-        parts.append(item_tower(kjt, dense).float().cpu())
+        parts.append(encode_items(kjt, dense).float().cpu())
     return torch.cat(parts)
 
 
 @torch.no_grad()
-def query_embeddings(query_tower: EmbedFn, batcher: Batcher, user: np.ndarray, position: np.ndarray,
+def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, position: np.ndarray,
                      chunk: int = 4096) -> torch.Tensor:
     """``[Q, D]`` query embeddings as of each (user, position)."""
     parts = []
     for begin in range(0, user.size, chunk):
         kjt = batcher.query_features(user[begin:begin + chunk], position[begin:begin + chunk])
-        parts.append(query_tower(kjt, torch.zeros(kjt.stride(), 0)).float().cpu())
+        parts.append(encode_query(kjt).float().cpu())
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
@@ -104,7 +104,7 @@ class SplitRanking:
     top: dict[str, torch.Tensor]
 
 
-def rank_split(query_tower: EmbedFn, item_tower: EmbedFn, data: PreparedData, batcher: Batcher, cfg: EvalConfig,
+def rank_split(encode_query: EmbedFn, encode_items: EmbedFn, data: PreparedData, batcher: Batcher, cfg: EvalConfig,
                split: int, seed: int = 0, with_popularity: bool = True) -> SplitRanking:
     """Rank the catalog for every event of ``split`` with the model (and most-popular)."""
     rows = evaluation_rows(data, split, cfg.max_users, seed)
@@ -114,8 +114,8 @@ def rank_split(query_tower: EmbedFn, item_tower: EmbedFn, data: PreparedData, ba
     targets = torch.from_numpy(np.asarray(data.item)[rows])
     seen = seen_items(data, user, rows) if cfg.filter_seen else None
     k = max(cfg.ks)
-    item_emb = catalog_embeddings(item_tower, batcher)
-    query_emb = query_embeddings(query_tower, batcher, user, rows)
+    item_emb = catalog_embeddings(encode_items, batcher)
+    query_emb = query_embeddings(encode_query, batcher, user, rows)
     top = {"model": rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk)}
     if with_popularity:
         counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
@@ -124,8 +124,8 @@ def rank_split(query_tower: EmbedFn, item_tower: EmbedFn, data: PreparedData, ba
 
 
 def evaluate(
-    query_tower: EmbedFn,
-    item_tower: EmbedFn,
+    encode_query: EmbedFn,
+    encode_items: EmbedFn,
     data: PreparedData,
     batcher: Batcher,
     cfg: EvalConfig,
@@ -134,7 +134,7 @@ def evaluate(
     with_popularity: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
-    ranking = rank_split(query_tower, item_tower, data, batcher, cfg, split, seed, with_popularity)
+    ranking = rank_split(encode_query, encode_items, data, batcher, cfg, split, seed, with_popularity)
     return {name: {**ranking_metrics(top, ranking.targets, cfg.ks), "users": float(ranking.rows.size)}
             for name, top in ranking.top.items()}
 

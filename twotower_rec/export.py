@@ -66,10 +66,16 @@ class QueryEncoder(nn.Module):
 
 
 def build_query_encoder(model: TwoTower, features: list[Feature]) -> QueryEncoder:
-    """Copy an unsharded TwoTower's query tables and MLP into a :class:`QueryEncoder`."""
-    tables = model.query_tower.embedding_bags.embedding_bags
-    weights = [tables[f.table].weight.detach() for f in features]
-    return QueryEncoder(weights, [f.pooling for f in features], model.query_tower.mlp).eval()
+    """Copy an unsharded TwoTower's query-side tables and query MLP into a :class:`QueryEncoder`.
+
+    Inputs follow ``model.query_feature_order``; a history that shares the item tower's
+    item-id table takes its weights from there.
+    """
+    by_name = {f.name: f for f in features}
+    tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
+    ordered = [by_name[name] for name in model.query_feature_order]
+    weights = [tables[f.table].weight.detach() for f in ordered]
+    return QueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp).eval()
 
 
 def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | Path, metrics: dict | None = None) -> Path:
@@ -83,7 +89,7 @@ def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | P
     batcher = Batcher(data)
 
     with torch.no_grad():
-        item_emb = catalog_embeddings(model.item_tower, batcher)[1:].numpy().astype(np.float32)
+        item_emb = catalog_embeddings(model.encode_items, batcher)[1:].numpy().astype(np.float32)
     np.save(tmp / "item_embeddings.npy", item_emb)
     np.save(tmp / "item_ids.npy", np.asarray(data.raw_item_ids))
     data.item_metadata().drop(columns=["code"]).to_parquet(tmp / "items.parquet", index=False)
@@ -107,7 +113,7 @@ def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | P
         "embedding_dim": int(item_emb.shape[1]),
         "num_items": int(item_emb.shape[0]),
         "num_users": int(spec.num_users),
-        "query_features": spec.query_keys,
+        "query_features": model.query_feature_order,
         "history_length": spec.history_length,
         "feature_spec_fingerprint": spec.fingerprint(),
         "data_source": spec.source,

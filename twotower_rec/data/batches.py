@@ -76,6 +76,28 @@ def _kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -
     )
 
 
+def with_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
+    """The same rows with exactly ``keys`` in that order; keys ``features`` lacks get no ids.
+
+    Lets a tower's EmbeddingBagCollection, which expects all of its features, be called with
+    only some of them (a table shared between towers is looked up once per tower's rows).
+    """
+    present = features.to_dict()
+    rows = features.stride()
+    values, lengths = [], []
+    for key in keys:
+        if key in present:
+            values.append(present[key].values())
+            lengths.append(present[key].lengths())
+        else:
+            lengths.append(torch.zeros(rows, dtype=features.lengths().dtype, device=features.device()))
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat(values) if values else features.values().new_zeros(0),
+        lengths=torch.cat(lengths),
+    )
+
+
 class Batcher:
     """Turns row indices of a :class:`PreparedData` into :class:`Batch` objects."""
 

@@ -130,12 +130,19 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         raise DataError("the query tower has no features: list some in features.user_features "
                         "or set features.history_length > 0")
     if features_cfg.history_length > 0:
-        query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean"))
+        if features_cfg.share_item_table and "item_id" not in features_cfg.item_features:
+            raise DataError("features.share_item_table needs item_id in features.item_features")
+        table = "t_item_id" if features_cfg.share_item_table else ""
+        query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean", table=table))
 
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
         items["title_tokens"] = title_tokens(items["title"])
-    item_features = [Feature("item_id", "item", num_items + 1)] if "item_id" in features_cfg.item_features else []
+    # A table has one pooling: shared with the (mean-pooled) history, the single-valued item id
+    # pools by mean too, which is the same vector.
+    shared_pooling = "mean" if features_cfg.share_item_table and features_cfg.history_length > 0 else "sum"
+    item_features = ([Feature("item_id", "item", num_items + 1, pooling=shared_pooling)]
+                     if "item_id" in features_cfg.item_features else [])
     for name in features_cfg.item_features:
         if name == "item_id":
             continue

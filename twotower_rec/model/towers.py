@@ -23,17 +23,22 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_configs(features: list[Feature], embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """One EmbeddingBagConfig per feature, in feature order."""
-    return [
-        EmbeddingBagConfig(
-            name=f.table,
+    """One EmbeddingBagConfig per table, in first-use order; features naming the same table share it."""
+    by_table: dict[str, list[Feature]] = {}
+    for f in features:
+        by_table.setdefault(f.table, []).append(f)
+    configs = []
+    for table, users in by_table.items():
+        if len({(f.num_embeddings, f.pooling) for f in users}) > 1:
+            raise ValueError(f"features {[f.name for f in users]} share {table} but differ in size or pooling")
+        configs.append(EmbeddingBagConfig(
+            name=table,
             embedding_dim=embedding_dim,
-            num_embeddings=f.num_embeddings,
-            feature_names=[f.name],
-            pooling=_POOLING[f.pooling],
-        )
-        for f in features
-    ]
+            num_embeddings=users[0].num_embeddings,
+            feature_names=[f.name for f in users],
+            pooling=_POOLING[users[0].pooling],
+        ))
+    return configs
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
@@ -51,10 +56,13 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequ
 class Tower(nn.Module):
     """EmbeddingBagCollection -> concat with dense -> MLP -> projection -> L2 normalisation.
 
+    ``features`` feed this tower's MLP; ``lent_features`` are looked up in this tower's tables
+    on behalf of the other tower (they join the collection but not this MLP).
+
     Example::
 
-        tower = Tower(features, embedding_dim=8, dense_dim=0, mlp_dims=[16], output_dim=4,
-                      device=torch.device("cpu"))
+        tower = Tower([Feature("user_id", "query", 10)], embedding_dim=8, dense_dim=0,
+                      mlp_dims=[16], output_dim=4, device=torch.device("cpu"))
         kjt = KeyedJaggedTensor(keys=["user_id"], values=torch.tensor([1, 2]),
                                 lengths=torch.tensor([1, 1]))
         tower(kjt, torch.zeros(2, 0)).shape  # torch.Size([2, 4])
@@ -69,17 +77,24 @@ class Tower(nn.Module):
         output_dim: int,
         dropout: float = 0.0,
         device: torch.device | None = None,
+        lent_features: list[Feature] | None = None,
     ) -> None:
         super().__init__()
         self.feature_names = [f.name for f in features]
-        self.embedding_bags = EmbeddingBagCollection(
-            tables=table_configs(features, embedding_dim), device=device or torch.device("meta")
-        )
+        configs = table_configs(features + list(lent_features or []), embedding_dim)
+        self.collection_feature_names = [name for c in configs for name in c.feature_names]
+        self.embedding_bags = EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
         self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
 
-    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        # A sharded collection may return features grouped differently (e.g. by pooling type)
-        # from an unsharded one: order the columns by name so every placement feeds the MLP alike.
+    def pool(self, features: KeyedJaggedTensor, names: list[str]) -> list[torch.Tensor]:
+        """Pooled ``[B, E]`` embeddings of ``names``, in that order.
+
+        A sharded collection may return features grouped differently (e.g. by pooling type)
+        from an unsharded one: columns are picked by name so every placement agrees.
+        """
         by_name = self.embedding_bags(features).to_dict()
-        pooled = [by_name[name] for name in self.feature_names]  # F x [B, E]
+        return [by_name[name] for name in names]
+
+    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(features, self.feature_names)  # F x [B, E]
         return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)

@@ -1,16 +1,23 @@
-"""TwoTower: a query tower and an item tower; ``forward(batch) -> (query_emb [B, D], item_emb [B, D])``.
+"""TwoTower: a query tower and an item tower.
 
+``forward(batch) -> (query_emb [B, D], item_emb [B, D])``; ``encode_query(query_kjt)`` and
+``encode_items(item_kjt, item_dense)`` embed one side (evaluation and export use them).
 Both outputs are L2-normalised, so their dot product is the cosine similarity the loss,
 evaluation and the exported index all use.
+
+With ``features.share_item_table`` the history feature names the item tower's item-id
+table: it is looked up in the item tower's collection and its pooled vector joins the query
+tower's MLP input after the query tower's own features.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_rec.config import ModelConfig
-from twotower_rec.data.batches import Batch
+from twotower_rec.data.batches import Batch, with_keys
 from twotower_rec.data.features import FeatureSpec
 from twotower_rec.model.towers import Tower
 
@@ -18,12 +25,31 @@ from twotower_rec.model.towers import Tower
 class TwoTower(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
         super().__init__()
-        self.query_tower = Tower(spec.query_features, cfg.embedding_dim, 0, cfg.mlp_dims, cfg.output_dim,
-                                 cfg.dropout, device)
+        item_tables = {f.table for f in spec.item_features}
+        own = [f for f in spec.query_features if f.table not in item_tables]
+        self.borrowed = [f.name for f in spec.query_features if f.table in item_tables]
+        # The order the query MLP sees its inputs: its own features, then borrowed ones.
+        self.query_feature_order = [f.name for f in own] + self.borrowed
+        self.query_tower = Tower(own, cfg.embedding_dim, cfg.embedding_dim * len(self.borrowed), cfg.mlp_dims,
+                                 cfg.output_dim, cfg.dropout, device)
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
-                                cfg.output_dim, cfg.dropout, device)
+                                cfg.output_dim, cfg.dropout, device,
+                                lent_features=[f for f in spec.query_features if f.table in item_tables])
+
+    def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Query KJT (B rows) -> ``[B, D]``."""
+        if not self.borrowed:
+            return self.query_tower(features, features.values().new_zeros(features.stride(), 0).float())
+        lent = with_keys(features, self.item_tower.collection_feature_names)
+        borrowed = torch.cat(self.item_tower.pool(lent, self.borrowed), dim=1)
+        own = with_keys(features, self.query_tower.collection_feature_names)
+        return self.query_tower(own, borrowed)
+
+    def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""
+        if self.borrowed:
+            features = with_keys(features, self.item_tower.collection_feature_names)
+        return self.item_tower(features, dense)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        query_dense = batch.item_dense.new_zeros(len(batch), 0)
-        return (self.query_tower(batch.query_features, query_dense),
-                self.item_tower(batch.item_features, batch.item_dense))
+        return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

@@ -47,9 +47,9 @@ def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedMod
 
 
 def towers(model: DistributedModelParallel):
-    """(query_tower, item_tower) callables of a DMP-wrapped TwoTower."""
+    """(encode_query, encode_items) of a DMP-wrapped TwoTower."""
     inner = model.module
-    return inner.query_tower, inner.item_tower
+    return inner.encode_query, inner.encode_items
 
 
 def global_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -78,8 +78,8 @@ def validate(model: DistributedModelParallel, data: PreparedData, batcher: Batch
     model.eval()
     eval_cfg = EvalConfig(ks=[10, 50], filter_seen=cfg.eval.filter_seen, user_chunk=cfg.eval.user_chunk,
                           max_users=cfg.train.val_max_users)
-    query_tower, item_tower = towers(model)
-    result = evaluate(query_tower, item_tower, data, batcher, eval_cfg, VALIDATION, seed=cfg.train.seed,
+    encode_query, encode_items = towers(model)
+    result = evaluate(encode_query, encode_items, data, batcher, eval_cfg, VALIDATION, seed=cfg.train.seed,
                       with_popularity=False)["model"]
     model.train()
     return result
