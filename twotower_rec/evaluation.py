@@ -82,6 +82,7 @@ def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: 
     invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool)
     invalid[0] = True
     offsets, values = seen if seen is not None else (None, None)
+    k = max(1, min(k, item_emb.shape[0] - 1))  # the OOV row is never a candidate
     scores, top = chunked_topk(query_emb, item_emb, k, offsets, values, chunk=chunk, invalid_columns=invalid)
     # When k exceeds what is left to recommend, topk fills up with excluded (-inf) columns.
     return top.masked_fill(torch.isneginf(scores), -1)
@@ -152,11 +153,22 @@ def save_topk(ranking: SplitRanking, data: PreparedData, path: str | Path, name:
         pd.DataFrame({"user": users, "held_out_item": held_out,
                       "top_items": [[x for x in row if x is not None] for row in ranked]}).to_parquet(path, index=False)
     elif path.suffix == ".npz":
-        np.savez(path, user=users, held_out_item=held_out, top_items=ranked,
+        # Plain arrays (no pickled objects): integer ids stay integers padded with -1, any other
+        # ids become strings padded with "".
+        np.savez(path, user=_plain(users), held_out_item=_plain(held_out), top_items=_plain(ranked),
                  timestamp=np.asarray(data.timestamp)[ranking.rows])
     else:
         raise DataError(f"--save-topk {path}: use a .npz or .parquet file name")
     return path
+
+
+def _plain(ids: np.ndarray) -> np.ndarray:
+    """Raw ids (object array, ``None`` for a pad) as an int64 (pad -1) or unicode (pad "") array."""
+    ids = np.asarray(ids, dtype=object)
+    present = [x for x in ids.ravel() if x is not None]
+    if all(isinstance(x, (int, np.integer)) for x in present):
+        return np.where(ids == None, -1, ids).astype(np.int64)  # noqa: E711 (elementwise)
+    return np.where(ids == None, "", ids).astype(str)  # noqa: E711
 
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
