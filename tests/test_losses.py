@@ -95,3 +95,16 @@ def test_a_batch_of_one_item_repeated_has_zero_loss_and_zero_gradient():
     assert torch.count_nonzero(q.grad) == 0 and torch.count_nonzero(i.grad) == 0
     # without ids the same batch has a positive loss
     assert in_batch_softmax(q.detach(), i.detach(), 0.05).item() > 0.0
+
+
+def test_positive_offset_scores_rows_against_a_larger_candidate_set():
+    """A rank's rows against the whole gathered batch give exactly those rows' terms of the
+    single-process loss: the mean of both ranks' losses is the full-batch loss."""
+    q, i = _embeddings(8, 4, seed=5)
+    ids = torch.tensor([1, 2, 3, 1, 4, 5, 2, 6])
+    full = in_batch_softmax(q, i, 0.3, ids)
+    first = in_batch_softmax(q[:4], i, 0.3, ids, positive_offset=0)
+    second = in_batch_softmax(q[4:], i, 0.3, ids, positive_offset=4)
+    assert ((first + second) / 2).item() == pytest.approx(full.item(), rel=1e-12)
+    # and not the local-negatives loss
+    assert second.item() != pytest.approx(in_batch_softmax(q[4:], i[4:], 0.3, ids[4:]).item(), rel=1e-6)

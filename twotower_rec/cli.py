@@ -75,9 +75,12 @@ def cmd_train(args) -> int:
     from twotower_rec.train.trainer import train
 
     cfg = _config(args)
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume else Path(cfg.train.out_dir) / "last"
     env = init_distributed()
     try:
-        train(cfg, env)
+        train(cfg, env, resume=resume)
     finally:
         shutdown()
     return 0
@@ -115,7 +118,7 @@ def cmd_evaluate(args) -> int:
         model, data, _, _ = _load_trained(cfg, _checkpoint_path(args, cfg), env)
         encode_query, encode_items = towers(model)
         ranking = rank_split(encode_query, encode_items, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
-                             seed=cfg.train.seed)
+                             seed=cfg.train.seed, device=env.device)
     finally:
         shutdown()
     results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
@@ -205,9 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("train", help="train on the prepared cache; writes a checkpoint",
                          description="Train the two-tower model with in-batch negatives on data.cache_dir. "
-                                     "Writes train.out_dir/checkpoint and train_metrics.json. "
-                                     "Runs as one process or under torchrun.")
+                                     "Writes train.out_dir/checkpoint (best on validation), train.out_dir/last "
+                                     "(resumable: every train.checkpoint_every_steps and at the end) and "
+                                     "train_metrics.json. Runs as one process, or as N under "
+                                     "`torchrun --nproc_per_node=N -m twotower_rec train ...` (gloo on CPU, "
+                                     "nccl on CUDA); the result does not depend on N.")
     _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from train.out_dir/last (or the CHECKPOINT given): weights, optimizer state, "
+                        "step, data position and RNG; the world size may differ from the run that wrote it")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("evaluate", help="full-catalog top-K metrics of a checkpoint beside most-popular",

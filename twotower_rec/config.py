@@ -97,6 +97,9 @@ class LossConfig:
 
     name: str = "in_batch_softmax"
     temperature: float = 0.2
+    # Score each rank's queries against the items of the whole global batch (all-gathered),
+    # so the loss, and training, do not depend on the number of processes.
+    global_negatives: bool = True
 
 
 @dataclass
@@ -106,7 +109,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: run all epochs
     dense_lr: float = 1e-3
     sparse_lr: float = 0.05
-    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd (fused into backward)
+    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only); fused into backward
     val_every_steps: int = 200  # 0: validate only at the end of each epoch
     val_max_users: int = 2000  # validation during training scores a seeded sample of events (0: all)
     select_metric: str = "ndcg@10"  # the checkpoint kept is the one best on this validation metric
@@ -114,6 +117,8 @@ class TrainConfig:
     log_every_steps: int = 20
     seed: int = 0
     out_dir: str = "runs/demo"
+    checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
+    bf16: bool = False  # autocast the MLPs and the loss to bfloat16 (tables stay float32)
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
 
@@ -158,12 +163,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out", "temporal", "random"),
     "loss.name": ("in_batch_softmax",),
-    "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd"),
+    "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "sharding.compute_kernel": ("fused", "dense"),
     "eval.split": ("test", "validation"),
     "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr"),
 }
-_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+# data_parallel is left out: it replicates whole tables on every rank and cannot use the fused
+# kernel, which is what this package is for.
+_SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
     "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
@@ -249,6 +256,9 @@ def validate(cfg: Config) -> Config:
             )
     if not cfg.sharding.sharding_types:
         raise ConfigError("sharding.sharding_types: give at least one sharding type")
+    if cfg.train.checkpoint_every_steps < 0:
+        raise ConfigError(f"train.checkpoint_every_steps: must be >= 0 (0 = at the end only), "
+                          f"got {cfg.train.checkpoint_every_steps}")
     if cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps: must be >= 0 (0 = all epochs), got {cfg.train.max_steps}")
     if cfg.loss.temperature <= 0:

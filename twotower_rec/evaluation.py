@@ -23,6 +23,7 @@ from twotower_rec.data.batches import Batcher, gather_ranges
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.sources import DataError
 from twotower_rec.data.splits import split_name
+from twotower_rec.distributed.collect import gather_parts, local_part
 from twotower_rec.retrieval import chunked_topk
 
 EmbedFn = Callable[..., torch.Tensor]
@@ -55,25 +56,38 @@ def seen_items(data: PreparedData, user: np.ndarray, position: np.ndarray) -> tu
 
 
 @torch.no_grad()
-def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 4096) -> torch.Tensor:
-    """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended)."""
+def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 4096,
+                       device: torch.device | None = None) -> torch.Tensor:
+    """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended).
+
+    Under a process group each rank encodes its share of the catalog; all ranks get the whole.
+    """
     codes = np.arange(batcher.spec.num_items + 1, dtype=np.int64)
+    local = local_part(codes)
     parts = []
-    for begin in range(0, codes.size, chunk):
-        kjt, dense = batcher.item_features(codes[begin:begin + chunk])
+    for begin in range(0, local.size, chunk):
+        kjt, dense = batcher.item_features(local[begin:begin + chunk])
+        if device is not None:
+            kjt, dense = kjt.to(device), dense.to(device)
         parts.append(encode_items(kjt, dense).float().cpu())
-    return torch.cat(parts)
+    return gather_parts(torch.cat(parts), codes.size)
 
 
 @torch.no_grad()
 def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, position: np.ndarray,
-                     chunk: int = 4096) -> torch.Tensor:
-    """``[Q, D]`` query embeddings as of each (user, position)."""
+                     chunk: int = 4096, device: torch.device | None = None, gather: bool = True) -> torch.Tensor:
+    """``[Q, D]`` query embeddings as of each (user, position).
+
+    Under a process group each rank encodes its share of the queries; with ``gather`` all
+    ranks get the whole, without it each keeps its (padded) share of :func:`local_part`.
+    """
+    local_user, local_position = local_part(user), local_part(position)
     parts = []
-    for begin in range(0, user.size, chunk):
-        kjt = batcher.query_features(user[begin:begin + chunk], position[begin:begin + chunk])
-        parts.append(encode_query(kjt).float().cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
+    for begin in range(0, local_user.size, chunk):
+        kjt = batcher.query_features(local_user[begin:begin + chunk], local_position[begin:begin + chunk])
+        parts.append(encode_query(kjt.to(device) if device is not None else kjt).float().cpu())
+    local = torch.cat(parts) if parts else torch.zeros(0, 0)
+    return gather_parts(local, user.size) if gather else local
 
 
 def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: tuple | None,
@@ -106,21 +120,25 @@ class SplitRanking:
 
 
 def rank_split(encode_query: EmbedFn, encode_items: EmbedFn, data: PreparedData, batcher: Batcher, cfg: EvalConfig,
-               split: int, seed: int = 0, with_popularity: bool = True) -> SplitRanking:
+               split: int, seed: int = 0, with_popularity: bool = True,
+               device: torch.device | None = None) -> SplitRanking:
     """Rank the catalog for every event of ``split`` with the model (and most-popular)."""
     rows = evaluation_rows(data, split, cfg.max_users, seed)
     if rows.size == 0:
         raise DataError(f"the {split_name(split)} split of {data.dir} is empty: nothing to evaluate")
     user = np.asarray(data.user)[rows]
     targets = torch.from_numpy(np.asarray(data.item)[rows])
-    seen = seen_items(data, user, rows) if cfg.filter_seen else None
     k = max(cfg.ks)
-    item_emb = catalog_embeddings(encode_items, batcher)
-    query_emb = query_embeddings(encode_query, batcher, user, rows)
-    top = {"model": rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk)}
+    item_emb = catalog_embeddings(encode_items, batcher, device=device)
+    # Each rank ranks the catalog for its share of the queries; the ranked lists are gathered.
+    local_user, local_rows = local_part(user), local_part(rows)
+    seen = seen_items(data, local_user, local_rows) if cfg.filter_seen else None
+    query_emb = query_embeddings(encode_query, batcher, user, rows, device=device, gather=False)
+    top = {"model": gather_parts(rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk), rows.size)}
     if with_popularity:
         counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
-        top["popularity"] = rank_catalog(torch.ones(rows.size, 1), counts, k, seen, cfg.user_chunk)
+        popular = rank_catalog(torch.ones(local_rows.size, 1), counts, k, seen, cfg.user_chunk)
+        top["popularity"] = gather_parts(popular, rows.size)
     return SplitRanking(rows, user, targets, top)
 
 
@@ -133,9 +151,10 @@ def evaluate(
     split: int,
     seed: int = 0,
     with_popularity: bool = True,
+    device: torch.device | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
-    ranking = rank_split(encode_query, encode_items, data, batcher, cfg, split, seed, with_popularity)
+    ranking = rank_split(encode_query, encode_items, data, batcher, cfg, split, seed, with_popularity, device)
     return {name: {**ranking_metrics(top, ranking.targets, cfg.ks), "users": float(ranking.rows.size)}
             for name, top in ranking.top.items()}
 

@@ -15,17 +15,59 @@ def in_batch_softmax(
     item: torch.Tensor,
     temperature: float,
     item_ids: torch.Tensor | None = None,
+    positive_offset: int = 0,
 ) -> torch.Tensor:
-    """Sampled softmax with in-batch negatives: mean over rows of ``-log softmax(q·I / t)[b, b]``.
+    """Sampled softmax with in-batch negatives: mean over rows of ``-log softmax(q·I / t)[b, b + offset]``.
 
-    With ``item_ids`` ``[B]``, a candidate whose id equals the row's positive id (an
-    "accidental hit": the same item appears twice in the batch) is removed from that row's
-    negatives, so the model is not pushed away from its own positive.
+    ``query`` is ``[B, D]`` and ``item`` ``[N, D]`` with ``N >= B``: the candidates of every row.
+    Row ``b``'s positive is candidate ``b + positive_offset`` (``positive_offset`` > 0 when the
+    candidates are the items of the global batch gathered from every rank and this rank's
+    rows start there). With ``item_ids`` ``[N]``, a candidate whose id equals the row's
+    positive id (an "accidental hit": the same item appears twice in the batch) is removed
+    from that row's negatives, so the model is not pushed away from its own positive.
     """
-    logits = query @ item.t() / temperature  # [B, B]
+    rows = torch.arange(query.shape[0], device=query.device)
+    targets = rows + positive_offset
+    logits = query @ item.t() / temperature  # [B, N]
     if item_ids is not None:
-        same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-        same.fill_diagonal_(False)
+        same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
+        same[rows, targets] = False
         logits = logits.masked_fill(same, torch.finfo(logits.dtype).min)
-    targets = torch.arange(query.shape[0], device=query.device)
     return F.cross_entropy(logits, targets)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along rows; backward sums every rank's gradient and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_candidates(item: torch.Tensor, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All ranks' item embeddings and ids, concatenated in rank order, and this rank's offset.
+
+    The gather's backward sums every rank's gradient into each rank's own slice, so a negative
+    scored on any rank trains the tower that produced it. Every rank must hold the same number
+    of rows.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return item, item_ids, 0
+    ids = [torch.empty_like(item_ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(ids, item_ids.contiguous())
+    return _GatherRows.apply(item), torch.cat(ids), dist.get_rank() * item.shape[0]

@@ -8,6 +8,7 @@ returns the DMP-wrapped model with materialised tables. One path for one process
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any
 
 import torch
@@ -35,7 +36,12 @@ _TABLE_OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "rowwise_adagrad": (RowWiseAdagrad, {"eps": 1e-8}),
     "adagrad": (torch.optim.Adagrad, {"eps": 1e-8}),
     "sgd": (torch.optim.SGD, {}),
+    "adam": (torch.optim.Adam, {"eps": 1e-8}),  # fbgemm runs fused Adam on CUDA only
 }
+
+# Table rows are initialised in blocks of this many rows, each from its own seeded generator,
+# so a row's initial value does not depend on which rank holds it.
+_INIT_BLOCK_ROWS = 1 << 16
 
 
 class ConfiguredSharder(EmbeddingBagCollectionSharder):
@@ -59,6 +65,9 @@ def _embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection
 
 def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig) -> DistributedModelParallel:
     """Fused table optimizer + planned sharding + DMP; rank 0 logs the plan."""
+    if train.sparse_optimizer == "adam" and env.device.type != "cuda":
+        raise ValueError("train.sparse_optimizer=adam: fbgemm runs fused Adam for tables on CUDA only; "
+                         "on CPU use rowwise_adagrad (the default), adagrad or sgd")
     optimizer_cls, defaults = _TABLE_OPTIMIZERS[train.sparse_optimizer]
     collections = _embedding_collections(model)
     for collection in collections.values():
@@ -74,8 +83,49 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
     sharder = ConfiguredSharder(sharding.sharding_types)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    # TorchRec divides table gradients by the world size on their way back to the shards
+    # (comm_ops.GRADIENT_DIVISION, on by default) as DDP averages dense ones: with the global
+    # negatives of the loss, N processes take the step one process takes on the global batch.
     wrapped = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=[sharder])
+    init_tables(wrapped, train.seed)
     return wrapped
+
+
+def _table_key(state_key: str) -> str:
+    """A table's state-dict key without DMP's wrapper prefixes (the same at any world size)."""
+    parts = [p for p in state_key.split(".") if p not in ("module", "_dmp_wrapped_module")]
+    return ".".join(parts)
+
+
+@torch.no_grad()
+def init_tables(model: nn.Module, seed: int) -> None:
+    """Initialise every embedding table U(-1/sqrt(rows), 1/sqrt(rows)) (TorchRec's default range),
+    row block by row block from generators seeded by (seed, table, block).
+
+    Each rank fills only the rows and columns of its own shards, and every placement (one
+    process, table-, row- or column-wise over N) starts from the same tables, which is what
+    lets N-process training reproduce one-process training.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in model.state_dict().items():
+        if "embedding_bags." not in key or not key.endswith(".weight"):
+            continue
+        rows, cols = value.size(0), value.size(1)
+        bound = rows ** -0.5
+        table_seed = zlib.crc32(_table_key(key).encode())
+        if isinstance(value, ShardedTensor):
+            pieces = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in value.local_shards()]
+        else:
+            pieces = [(value, [0, 0], [rows, cols])]
+        for tensor, (row0, col0), (n_rows, n_cols) in pieces:
+            for block in range(row0 // _INIT_BLOCK_ROWS, (row0 + n_rows - 1) // _INIT_BLOCK_ROWS + 1):
+                start = block * _INIT_BLOCK_ROWS
+                stop = min(start + _INIT_BLOCK_ROWS, rows)
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + table_seed) * 65_537 + block)
+                values = torch.rand(stop - start, cols, generator=gen).mul_(2 * bound).sub_(bound)
+                lo, hi = max(start, row0), min(stop, row0 + n_rows)
+                tensor[lo - row0:hi - row0].copy_(values[lo - start:hi - start, col0:col0 + n_cols])
 
 
 def describe_plan(model: DistributedModelParallel) -> str:
@@ -114,3 +164,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[key] = value.detach().cpu()
     return out
+
+
+def init_optimizer_state(optimizer: CombinedOptimizer, model: DistributedModelParallel) -> None:
+    """Create the dense optimizer's lazy state (a step with zero gradients) so a checkpoint's
+    state can be loaded into it in place; the fused table optimizer's state always exists."""
+    for _, part in optimizer.optimizers:
+        if part is not model.fused_optimizer:
+            part.init_state()

@@ -1,8 +1,14 @@
-"""Checkpoints: ``torch.distributed.checkpoint`` of the (sharded) model plus ``meta.json``.
+"""Checkpoints: ``torch.distributed.checkpoint`` of the (sharded) model and optimizers, plus ``meta.json``.
 
-A checkpoint directory holds DCP shards and ``meta.json`` (config, feature-spec fingerprint,
-step, package and library versions). It is written to ``<dir>.tmp-<pid>`` and renamed into
-place, so a crash during a save leaves the previous checkpoint intact.
+A checkpoint directory holds DCP shards, ``meta.json`` (config, feature-spec fingerprint,
+step, trainer state, package and library versions) and, for a resumable checkpoint, one RNG
+file per rank. DCP stores every table by its global offsets, so a checkpoint written by N
+processes loads into M (any sharding).
+
+Crash safety: everything is written to ``<dir>.tmp``; ``meta.json`` is written last; then the
+old directory is renamed to ``<dir>.old``, the new one into place, and ``<dir>.old`` removed.
+Killed at any moment (even SIGKILL), either ``<dir>`` or ``<dir>.old`` is complete, and
+:func:`resolve` finds it.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -36,35 +44,89 @@ def versions() -> dict[str, str]:
             "torchrec": getattr(torchrec, "__version__", "unknown")}
 
 
+def _fault(phase: str) -> None:
+    """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>`` SIGKILLs this process there."""
+    if os.environ.get("TWOTOWER_KILL_DURING_SAVE") == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    import random
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpec, step: int,
-         metrics: dict | None = None) -> Path:
-    """Collective: every rank calls it. Rank 0 writes meta.json and renames into place."""
+         metrics: dict | None = None, optimizer=None, trainer_state: dict | None = None) -> Path:
+    """Collective: every rank calls it. With ``optimizer`` the checkpoint can be resumed from:
+    it also holds the optimizer state, every rank's RNG state and ``trainer_state``."""
     path = Path(path)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     tmp = path.with_name(f"{path.name}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if dist.is_initialized():
-        dist.barrier()
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    _barrier()
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    dcp.save(state, checkpoint_id=str(tmp))
+    if optimizer is not None:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+    _barrier()
     if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "step": step, "config": to_dict(cfg),
-                "feature_spec_fingerprint": spec.fingerprint(), "versions": versions(), "metrics": metrics or {}}
+        _fault("shards_written")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "config": to_dict(cfg),
+                "feature_spec_fingerprint": spec.fingerprint(), "versions": versions(), "metrics": metrics or {},
+                "resumable": optimizer is not None, "trainer": trainer_state or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         old = path.with_name(f"{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+        _fault("between_renames")
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """The complete checkpoint at ``path``, or at ``path.old`` when a save was killed between
+    its two renames."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    old = path.with_name(f"{path.name}.old")
+    if (old / META).is_file():
+        return old
     return path
 
 
 def read_meta(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve(path)
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (missing {META}): run `twotower-rec train` first")
@@ -83,14 +145,39 @@ def config_of(path: str | Path) -> Config:
                               f"({err}); re-train") from None
 
 
-def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:
-    """Load model weights into the (sharded) ``model`` in place; returns meta.json."""
-    meta = read_meta(path)
+def _check_spec(path: Path, meta: dict, spec: FeatureSpec) -> None:
     if meta["feature_spec_fingerprint"] != spec.fingerprint():
         raise CheckpointError(
             f"{path} was trained on different prepared data (feature spec {meta['feature_spec_fingerprint']}, "
             f"data has {spec.fingerprint()}): re-run train, or point data.cache_dir at the data it was trained on")
+
+
+def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:
+    """Load model weights into the (sharded) ``model`` in place; returns meta.json."""
+    path = resolve(path)
+    meta = read_meta(path)
+    _check_spec(path, meta, spec)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
+    return meta
+
+
+def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: FeatureSpec) -> dict:
+    """Model, optimizer state and this rank's RNG state from a resumable checkpoint, written at
+    any world size. Returns meta.json (its ``trainer`` entry holds the step and data position)."""
+    path = resolve(path)
+    meta = read_meta(path)
+    _check_spec(path, meta, spec)
+    if not meta.get("resumable"):
+        raise CheckpointError(f"{path} holds weights only (no optimizer state): resume from <out_dir>/last")
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    # The same world size continues each rank's random stream; another gets rank 0's.
+    rng = path / "rng" / f"rank{_rank()}.pt"
+    if meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1) or not rng.is_file():
+        rng = path / "rng" / "rank0.pt"
+    set_rng_state(torch.load(rng, weights_only=False))
     return meta

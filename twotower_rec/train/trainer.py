@@ -1,8 +1,14 @@
 """The training loop: batches -> sharded TwoTower -> in-batch softmax -> fused + dense step.
 
 Each global batch of ``train.batch_size`` rows is cut into ``world_size`` contiguous slices,
-one per rank, so the examples and their order do not depend on the number of processes.
-Writes ``<out_dir>/checkpoint`` (DCP + meta.json) and ``<out_dir>/train_metrics.json``.
+one per rank, so the examples and their order do not depend on the number of processes; with
+``loss.global_negatives`` every rank scores its queries against the whole global batch's items,
+so N processes compute what one process computes.
+
+Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and export),
+``<out_dir>/last`` (weights, optimizer state, RNG, step and data position, every
+``train.checkpoint_every_steps`` and at the end, for ``train --resume``) and
+``<out_dir>/train_metrics.json``.
 """
 
 from __future__ import annotations
@@ -10,16 +16,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 from tqdm import tqdm
 
 from twotower_rec import losses
-from twotower_rec.config import Config, EvalConfig
+from twotower_rec.config import Config, EvalConfig, to_dict
 from twotower_rec.data.batches import Batch, Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN, VALIDATION
@@ -65,13 +73,59 @@ def local_slice(rows: np.ndarray, env: DistEnv) -> np.ndarray:
     return rows[env.rank * per_rank:(env.rank + 1) * per_rank]
 
 
+def _autocast(cfg: Config, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
+
+
 def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config) -> float:
-    query, item = model(batch)
-    loss = losses.in_batch_softmax(query, item, cfg.loss.temperature, batch.item_ids)
+    """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
+    with _autocast(cfg, batch.item_ids.device):
+        query, item = model(batch)
+        item_ids, offset = batch.item_ids, 0
+        if cfg.loss.global_negatives:
+            item, item_ids, offset = losses.gather_candidates(item, item_ids)
+        loss = losses.in_batch_softmax(query.float(), item.float(), cfg.loss.temperature, item_ids, offset)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    return float(loss.detach())
+    value = loss.detach().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:  # the mean over ranks = the global batch's loss
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+@dataclass
+class TrainerState:
+    """What, beside weights and optimizer state, ``--resume`` needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0  # the position of the next global batch: (epoch, batch)
+    batch: int = 0
+    examples: int = 0
+    losses: list[float] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    best: float = float("-inf")
+    best_step: int = 0
+    stale: int = 0
+    stopped_early: bool = False
+
+
+# Config sections that must not change between a run and its resumption.
+_RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
+                 "train.dense_lr", "train.sparse_lr", "data.cache_dir")
+
+
+def _check_resumable(saved: dict, cfg: Config) -> None:
+    current = to_dict(cfg)
+    for key in _RESUME_FIXED:
+        a, b = saved, current
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise checkpoint.CheckpointError(
+                f"--resume: {key} was {a} in the checkpoint and is {b} now; resume with the same value "
+                f"(epochs, max_steps, validation and checkpoint settings may change)")
 
 
 def validate(model: DistributedModelParallel, data: PreparedData, batcher: Batcher, cfg: Config) -> dict:
@@ -85,7 +139,9 @@ def validate(model: DistributedModelParallel, data: PreparedData, batcher: Batch
     return result
 
 
-def train(cfg: Config, env: DistEnv) -> TrainResult:
+def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainResult:
+    """Train; with ``resume`` (a checkpoint written with optimizer state, e.g. ``<out_dir>/last``)
+    continue from its step and data position, at this or any other world size."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = PreparedData(cfg.data.cache_dir)
@@ -100,66 +156,86 @@ def train(cfg: Config, env: DistEnv) -> TrainResult:
     if env.is_main:
         print(sharding.describe_plan(model), file=sys.stderr, flush=True)
 
-    steps_per_epoch = len(global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, 0))
-    total_steps = steps_per_epoch * cfg.train.epochs
+    out_dir = Path(cfg.train.out_dir)
+    path, last_path = out_dir / "checkpoint", out_dir / "last"
+    state = TrainerState()
+    if resume is not None:
+        meta = checkpoint.read_meta(resume)
+        _check_resumable(meta["config"], cfg)
+        sharding.init_optimizer_state(optimizer, model)
+        meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec)
+        state = TrainerState(**meta["trainer"])
+        if env.is_main:
+            print(f"resumed from {checkpoint.resolve(resume)} at step {state.step} (written by "
+                  f"{meta['world_size']} process(es), now {env.world_size})", file=sys.stderr, flush=True)
+
+    batches_per_epoch = len(global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, 0))
+    total_steps = batches_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not (env.is_main and cfg.train.progress),
-                    file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    step, losses_seen, validation = 0, [], []
-    best, best_step, stale = float("-inf"), 0, 0
-    out_dir = Path(cfg.train.out_dir)
-    path = out_dir / "checkpoint"
+    progress = tqdm(total=total_steps, initial=min(state.step, total_steps), desc="train", unit="step",
+                    disable=not (env.is_main and cfg.train.progress), file=sys.stderr, mininterval=1.0,
+                    dynamic_ncols=True)
     metric = cfg.train.select_metric
-    examples, started = 0, time.perf_counter()
+    started, examples_here = time.perf_counter(), 0
 
-    def validate_and_keep_best() -> bool:
-        """Validate; save the checkpoint if it improved. True when early stopping says stop."""
-        nonlocal best, best_step, stale
-        validation.append({"step": step, **validate(model, data, batcher, cfg)})
-        value = validation[-1][metric]
-        improved = value > best
+    def validate_and_keep_best() -> None:
+        """Validate; save the weights if they improved; set ``stopped_early`` when patience runs out."""
+        state.validation.append({"step": state.step, **validate(model, data, batcher, cfg)})
+        value = state.validation[-1][metric]
+        improved = value > state.best
         if improved:
-            best, best_step, stale = value, step, 0
-            checkpoint.save(path, model, cfg, data.spec, step, {"validation": validation[-1]})
+            state.best, state.best_step, state.stale = value, state.step, 0
+            checkpoint.save(path, model, cfg, data.spec, state.step, {"validation": state.validation[-1]})
         else:
-            stale += 1
+            state.stale += 1
         if env.is_main:
-            progress.write(f"step {step}: validation recall@10 {validation[-1]['recall@10']:.4f} "
-                           f"ndcg@10 {validation[-1]['ndcg@10']:.4f}" + ("  (best: checkpoint saved)" if improved else ""))
-        return bool(cfg.train.early_stopping_patience) and stale >= cfg.train.early_stopping_patience
+            progress.write(f"step {state.step}: validation recall@10 {state.validation[-1]['recall@10']:.4f} "
+                           f"ndcg@10 {state.validation[-1]['ndcg@10']:.4f}" + ("  (best: checkpoint saved)" if improved else ""))
+        patience = cfg.train.early_stopping_patience
+        state.stopped_early = bool(patience) and state.stale >= patience
+
+    def save_last() -> None:
+        checkpoint.save(last_path, model, cfg, data.spec, state.step, optimizer=optimizer,
+                        trainer_state=asdict(state))
 
     model.train()
-    stopped_early = False
-    for epoch in range(cfg.train.epochs):
-        for rows in global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, epoch):
-            if step >= total_steps or stopped_early:
-                break
-            batch = batcher.batch(train_rows[local_slice(rows, env)]).to(env.device)
-            loss = train_step(model, optimizer, batch, cfg)
-            step += 1
-            examples += rows.size
-            losses_seen.append(loss)
-            if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                rate = examples / max(time.perf_counter() - started, 1e-9)
-                progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-            progress.update(1)
-            if cfg.train.val_every_steps and step % cfg.train.val_every_steps == 0 and step < total_steps:
-                stopped_early = validate_and_keep_best()
-        if not cfg.train.val_every_steps and step < total_steps and not stopped_early:
-            stopped_early = validate_and_keep_best()  # once per epoch
-        if step >= total_steps or stopped_early:
-            break
+    while state.step < total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
+        batches = global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, state.epoch)
+        rows = batches[state.batch]
+        batch = batcher.batch(train_rows[local_slice(rows, env)]).to(env.device)
+        loss = train_step(model, optimizer, batch, cfg)
+        state.step += 1
+        state.examples += rows.size
+        examples_here += rows.size
+        state.losses.append(loss)
+        state.batch += 1
+        end_of_epoch = state.batch == len(batches)
+        if end_of_epoch:
+            state.epoch, state.batch = state.epoch + 1, 0
+        if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
+            rate = examples_here / max(time.perf_counter() - started, 1e-9)
+            progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+        progress.update(1)
+        if state.step < total_steps:
+            every = cfg.train.val_every_steps
+            if (every and state.step % every == 0) or (not every and end_of_epoch):
+                validate_and_keep_best()
+            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+                save_last()
     progress.close()
-    rate = examples / max(time.perf_counter() - started, 1e-9)
-    if not validation or validation[-1]["step"] != step:
+    rate = examples_here / max(time.perf_counter() - started, 1e-9)
+    if not state.validation or state.validation[-1]["step"] != state.step:
         validate_and_keep_best()
-    metrics = {"steps": step, "final_loss": losses_seen[-1] if losses_seen else None,
-               "examples_per_second": rate, "best_step": best_step, f"best_validation_{metric}": best,
-               "stopped_early": stopped_early, "validation": validation}
+    save_last()
+    metrics = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
+               "examples_per_second": rate, "world_size": env.world_size, "best_step": state.best_step,
+               f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
+               "validation": state.validation}
     if env.is_main:
-        (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": losses_seen}, indent=2))
-        print(f"train: {step} steps, {rate:,.0f} examples/s, final loss {metrics['final_loss']:.4f}, "
-              f"best validation {metric} {best:.4f} at step {best_step}"
-              f"{' (stopped early)' if stopped_early else ''}; checkpoint {path}", file=sys.stderr)
-    return TrainResult(step, losses_seen, validation, path, rate)
+        (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=2))
+        final = f"{metrics['final_loss']:.4f}" if state.losses else "n/a"
+        print(f"train: {state.step} steps, {rate:,.0f} examples/s, final loss {final}, "
+              f"best validation {metric} {state.best:.4f} at step {state.best_step}"
+              f"{' (stopped early)' if state.stopped_early else ''}; checkpoint {path}", file=sys.stderr)
+    return TrainResult(state.step, state.losses, state.validation, path, rate)

@@ -1,0 +1,43 @@
+"""Split work over ranks and gather the results back (a no-op in a world of one).
+
+Sharded TorchRec modules run collectives in every forward, so every rank must make the same
+number of calls: :func:`local_part` pads each rank's share to the same length, and
+:func:`gather_parts` drops the padding again after gathering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_part(array: np.ndarray) -> np.ndarray:
+    """This rank's contiguous share of ``array``, padded with its first element to ceil(n / world)."""
+    rank, size = world()
+    if size == 1 or array.size == 0:
+        return array
+    per = math.ceil(array.shape[0] / size)
+    part = array[rank * per:(rank + 1) * per]
+    if part.shape[0] < per:
+        part = np.concatenate([part, np.repeat(array[:1], per - part.shape[0], axis=0)])
+    return part
+
+
+def gather_parts(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's ``local`` (equal shapes), concatenated in rank order, cut to ``total`` rows."""
+    _, size = world()
+    if size == 1:
+        return local[:total]
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)[:total]
