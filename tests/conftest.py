@@ -43,12 +43,22 @@ class CliResult:
                 f"--- stdout ---\n{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}")
 
 
-def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 240) -> CliResult:
-    """Run ``python -m twotower_rec ARGS`` and capture stdout, stderr and the exit status."""
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.setdefault("OMP_NUM_THREADS", "2")
+def run_cli(*args: str, cwd: str | Path | None = None, timeout: float = 240, nproc: int = 1,
+            env: dict | None = None) -> CliResult:
+    """Run ``python -m twotower_rec ARGS`` and capture stdout, stderr and the exit status.
+
+    With ``nproc`` > 1 it runs under ``torchrun --standalone --nproc_per_node=NPROC`` (gloo on
+    CPU), exactly as a user launches a multi-process job.
+    """
+    run_env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    run_env.setdefault("OMP_NUM_THREADS", "2" if nproc == 1 else "1")
+    run_env.update(env or {})
     argv = [str(a) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "twotower_rec", *argv], cwd=str(cwd or REPO), env=env,
+    launcher = [sys.executable, "-m", "twotower_rec"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "twotower_rec"]
+    proc = subprocess.run([*launcher, *argv], cwd=str(cwd or REPO), env=run_env,
                           capture_output=True, text=True, timeout=timeout)
     return CliResult(argv, proc.returncode, proc.stdout, proc.stderr)
 

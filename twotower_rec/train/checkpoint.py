@@ -44,9 +44,18 @@ def versions() -> dict[str, str]:
             "torchrec": getattr(torchrec, "__version__", "unknown")}
 
 
+_FAULT_COUNTS: dict[str, int] = {}
+
+
 def _fault(phase: str) -> None:
-    """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>`` SIGKILLs this process there."""
-    if os.environ.get("TWOTOWER_KILL_DURING_SAVE") == phase:
+    """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>[:<n>]`` SIGKILLs this process the
+    n-th time (default: first) a save reaches ``phase`` (shards_written, between_renames)."""
+    wanted = os.environ.get("TWOTOWER_KILL_DURING_SAVE", "")
+    name, _, nth = wanted.partition(":")
+    if name != phase:
+        return
+    _FAULT_COUNTS[phase] = _FAULT_COUNTS.get(phase, 0) + 1
+    if _FAULT_COUNTS[phase] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
