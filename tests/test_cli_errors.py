@@ -160,3 +160,21 @@ def test_no_verb_is_a_usage_error(cli, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "usage" in result.stderr.lower()
+
+
+def test_resume_refuses_a_changed_model_and_a_missing_checkpoint(pipeline, cli, tmp_path):
+    changed = cli("train", "--config", pipeline.config_path, "--resume", "--set", "model.embedding_dim=8",
+                  cwd=pipeline.root)
+    assert changed.returncode == 2, changed.describe()
+    assert "model was" in changed.stderr and "resume with the same value" in changed.stderr
+    missing = cli("train", "--config", pipeline.config_path, "--resume", "--set", f"train.out_dir={tmp_path}",
+                  cwd=pipeline.root)
+    assert missing.returncode == 2, missing.describe()
+    assert f"no checkpoint at {tmp_path / 'last'}" in missing.stderr
+
+
+def test_fused_adam_for_tables_is_refused_on_cpu(pipeline, cli, tmp_path):
+    result = cli("train", "--config", pipeline.config_path, "--set", "train.sparse_optimizer=adam",
+                 "--set", f"train.out_dir={tmp_path}", cwd=pipeline.root)
+    assert result.returncode == 2, result.describe()
+    assert "CUDA only" in result.stderr and "Traceback" not in result.stderr

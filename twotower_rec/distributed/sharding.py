@@ -25,7 +25,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from twotower_rec.config import ShardingConfig, TrainConfig
+from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig
 from twotower_rec.distributed.env import DistEnv
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
@@ -66,7 +66,7 @@ def _embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection
 def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig) -> DistributedModelParallel:
     """Fused table optimizer + planned sharding + DMP; rank 0 logs the plan."""
     if train.sparse_optimizer == "adam" and env.device.type != "cuda":
-        raise ValueError("train.sparse_optimizer=adam: fbgemm runs fused Adam for tables on CUDA only; "
+        raise ConfigError("train.sparse_optimizer=adam: fbgemm runs fused Adam for tables on CUDA only; "
                          "on CPU use rowwise_adagrad (the default), adagrad or sgd")
     optimizer_cls, defaults = _TABLE_OPTIMIZERS[train.sparse_optimizer]
     collections = _embedding_collections(model)

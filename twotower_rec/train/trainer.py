@@ -27,7 +27,7 @@ from torchrec.distributed import DistributedModelParallel
 from tqdm import tqdm
 
 from twotower_rec import losses
-from twotower_rec.config import Config, EvalConfig, to_dict
+from twotower_rec.config import Config, ConfigError, EvalConfig, to_dict
 from twotower_rec.data.batches import Batch, Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN, VALIDATION
@@ -81,10 +81,11 @@ def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Co
     """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
     with _autocast(cfg, batch.item_ids.device):
         query, item = model(batch)
-        item_ids, offset = batch.item_ids, 0
-        if cfg.loss.global_negatives:
-            item, item_ids, offset = losses.gather_candidates(item, item_ids)
-        loss = losses.in_batch_softmax(query.float(), item.float(), cfg.loss.temperature, item_ids, offset)
+    query, item = query.float(), item.float()  # the loss in float32 either way
+    item_ids, offset = batch.item_ids, 0
+    if cfg.loss.global_negatives:
+        item, item_ids, offset = losses.gather_candidates(item, item_ids)
+    loss = losses.in_batch_softmax(query, item, cfg.loss.temperature, item_ids, offset)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -148,9 +149,10 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     batcher = Batcher(data)
     train_rows = data.rows(TRAIN)
     if cfg.train.batch_size % env.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size {env.world_size}")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
+                          f"{env.world_size}: the global batch is cut into one equal slice per process")
     if train_rows.size < env.world_size:
-        raise ValueError(f"only {train_rows.size} training rows for {env.world_size} processes")
+        raise ConfigError(f"only {train_rows.size} training rows for {env.world_size} processes")
     model = build_model(cfg, data, env)
     optimizer = sharding.build_optimizer(model, cfg.train)
     if env.is_main:
