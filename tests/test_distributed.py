@@ -79,10 +79,13 @@ def assert_close_relative(a: list[float] | torch.Tensor, b, what: str) -> None:
     assert float((a - b).abs().max() / scale) <= REL, f"{what}: max relative difference {(a - b).abs().max() / scale:.3g}"
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "table_wise"])
-def test_two_processes_train_exactly_like_one(setup, sharding, tmp_path):
+@pytest.mark.parametrize("sharding, pipeline", [("row_wise", "never"), ("table_wise", "never"),
+                                                ("row_wise", "always")])
+def test_two_processes_train_exactly_like_one(setup, sharding, pipeline, tmp_path):
+    """``pipeline=always`` runs TorchRec's TrainPipelineSparseDist (the CUDA default) on CPU."""
     root, config, reference = setup
-    out = train(root, config, f"ws2-{sharding}", 2, "--set", f"sharding.sharding_types=[{sharding}]")
+    out = train(root, config, f"ws2-{sharding}-{pipeline}", 2, "--set", f"sharding.sharding_types=[{sharding}]",
+                "--set", f"train.pipeline={pipeline}")
     assert len(losses(out)) == STEPS
     assert_close_relative(losses(reference), losses(out), f"{sharding} per-step losses")
     ref_w, got_w = weights(reference / "last", tmp_path), weights(out / "last", tmp_path)

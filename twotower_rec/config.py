@@ -118,7 +118,8 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/demo"
     checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
-    bf16: bool = False  # autocast the MLPs and the loss to bfloat16 (tables stay float32)
+    bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
+    pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
 
@@ -143,6 +144,14 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     dir: str = "runs/demo/export"
+    dtype: str = "float32"  # item_embeddings.npy: float32 | float16 (half the size; scored in float32)
+    ann: str = "hnsw"  # items.faiss: flat (exact) | hnsw | ivf | none
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0: about 4 * sqrt(items)
+    ivf_nprobe: int = 16
+    recall_queries: int = 2000  # users whose query embeddings measure the index's recall against exact search
 
 
 @dataclass
@@ -164,6 +173,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.split": ("leave_last_out", "temporal", "random"),
     "loss.name": ("in_batch_softmax",),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
+    "train.pipeline": ("auto", "always", "never"),
+    "export.dtype": ("float32", "float16"),
+    "export.ann": ("flat", "hnsw", "ivf", "none"),
     "sharding.compute_kernel": ("fused", "dense"),
     "eval.split": ("test", "validation"),
     "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr"),

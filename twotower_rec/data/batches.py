@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from twotower_rec.data.features import HISTORY
 from twotower_rec.data.prepared import CSR, PreparedData
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One training or scoring batch.
 
     query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows.
@@ -47,6 +48,13 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             item_ids=self.item_ids.to(device, non_blocking=non_blocking),
         )
+
+    def record_stream(self, stream) -> None:
+        """Keep the tensors alive for ``stream`` (TorchRec's train pipeline copies on a side stream)."""
+        self.query_features.record_stream(stream)
+        self.item_features.record_stream(stream)
+        for tensor in (self.item_dense, self.labels, self.item_ids):
+            tensor.record_stream(stream)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -77,8 +77,9 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
 
 
-def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config) -> float:
-    """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
+def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to back-propagate, its detached value) for this rank's slice of a global batch;
+    the ``(losses, output)`` pair TorchRec's train pipelines expect from a forward."""
     with _autocast(cfg, batch.item_ids.device):
         query, item = model(batch)
     query, item = query.float(), item.float()  # the loss in float32 either way
@@ -86,14 +87,53 @@ def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Co
     if cfg.loss.global_negatives:
         item, item_ids, offset = losses.gather_candidates(item, item_ids)
     loss = losses.in_batch_softmax(query, item, cfg.loss.temperature, item_ids, offset)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    value = loss.detach().float()
-    if dist.is_initialized() and dist.get_world_size() > 1:  # the mean over ranks = the global batch's loss
+    return loss, loss.detach()
+
+
+def global_loss(local: torch.Tensor) -> float:
+    """The mean over ranks of each rank's loss: the global batch's loss."""
+    value = local.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config) -> float:
+    """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
+    loss, value = forward_loss(model, batch, cfg)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return global_loss(value)
+
+
+class _Stepper:
+    """Runs training steps either one by one or through TorchRec's ``TrainPipelineSparseDist``,
+    which overlaps the copy of batch i+2 to the device and the id all-to-all of batch i+1 with
+    the forward and backward of batch i. The pipeline reads batches ahead of the step count,
+    which stays the data position: a resumed run restarts from the first batch not trained."""
+
+    def __init__(self, model, optimizer, cfg: Config, env: DistEnv, batches) -> None:
+        self.model, self.optimizer, self.cfg, self.batches, self.device = model, optimizer, cfg, batches, env.device
+        use = cfg.train.pipeline == "always" or (cfg.train.pipeline == "auto" and env.device.type == "cuda")
+        self.pipeline = None
+        if use:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True,
+                                                    custom_model_fwd=lambda b: forward_loss(model, b, cfg))
+
+    def step(self) -> float:
+        if self.pipeline is None:
+            return train_step(self.model, self.optimizer, next(self.batches).to(self.device), self.cfg)
+        value = self.pipeline.progress(self.batches)
+        return global_loss(value)
+
+    def pause(self) -> None:
+        """Before the model is used outside the pipeline (validation, checkpoints, the end)."""
+        if self.pipeline is not None:
+            self.pipeline.detach()
 
 
 @dataclass
@@ -201,18 +241,23 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
         checkpoint.save(last_path, model, cfg, data.spec, state.step, optimizer=optimizer,
                         trainer_state=asdict(state))
 
+    def local_batches(epoch: int, index: int):
+        """This rank's slices of the global batches from (epoch, index) on."""
+        for e in range(epoch, cfg.train.epochs):
+            for rows in global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, e)[index:]:
+                yield batcher.batch(train_rows[local_slice(rows, env)])  # on the CPU
+            index = 0
+
+    stepper = _Stepper(model, optimizer, cfg, env, local_batches(state.epoch, state.batch))
     model.train()
     while state.step < total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
-        batches = global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, state.epoch)
-        rows = batches[state.batch]
-        batch = batcher.batch(train_rows[local_slice(rows, env)]).to(env.device)
-        loss = train_step(model, optimizer, batch, cfg)
+        loss = stepper.step()
         state.step += 1
-        state.examples += rows.size
-        examples_here += rows.size
+        state.examples += cfg.train.batch_size
+        examples_here += cfg.train.batch_size
         state.losses.append(loss)
         state.batch += 1
-        end_of_epoch = state.batch == len(batches)
+        end_of_epoch = state.batch == batches_per_epoch
         if end_of_epoch:
             state.epoch, state.batch = state.epoch + 1, 0
         if state.step % cfg.train.log_every_steps == 0 or state.step == total_steps:
@@ -221,10 +266,15 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
         progress.update(1)
         if state.step < total_steps:
             every = cfg.train.val_every_steps
-            if (every and state.step % every == 0) or (not every and end_of_epoch):
+            validating = (every and state.step % every == 0) or (not every and end_of_epoch)
+            saving = cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
+            if validating or saving:
+                stepper.pause()
+            if validating:
                 validate_and_keep_best()
-            if cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0:
+            if saving:
                 save_last()
+    stepper.pause()
     progress.close()
     rate = examples_here / max(time.perf_counter() - started, 1e-9)
     if not state.validation or state.validation[-1]["step"] != state.step:
