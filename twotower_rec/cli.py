@@ -160,22 +160,51 @@ def cmd_export(args) -> int:
         plain.load_state_dict(state)
         from twotower_rec.config import to_dict
 
-        export(plain, data, to_dict(trained_cfg), args.out or cfg.export.dir, metrics=meta.get("metrics"))
+        metrics = dict(meta.get("metrics") or {})
+        evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
+        if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
+            metrics[cfg.eval.split] = json.loads(evaluated.read_text())
+        export(plain, data, to_dict(trained_cfg), args.out or cfg.export.dir, metrics=metrics, export_cfg=cfg.export)
     return 0
 
 
 def cmd_recommend(args) -> int:
     from twotower_rec.serving import ExportedModel
 
+    if (args.user is None) == (args.liked is None and not args.feature):
+        raise TwoTowerError("give --user ID (a known user), or --liked ID,ID,... and/or --feature NAME=VALUE "
+                            "(a new user), not both")
     model = ExportedModel.load(args.export)
-    recs = model.recommend_user(args.user, k=args.k, exclude_seen=not args.include_seen)
+    if args.user is not None:
+        who = args.user
+        recs = model.recommend_user(args.user, k=args.k, exclude_seen=not args.include_seen, ann=args.ann)
+    else:
+        features = {}
+        for item in args.feature:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise TwoTowerError(f"--feature {item}: expected NAME=VALUE")
+            features[name] = value
+        liked = [x for x in (args.liked or "").split(",") if x]
+        who = "new user"
+        recs = model.recommend_new_user(liked=liked, features=features, k=args.k,
+                                        exclude_liked=not args.include_seen, ann=args.ann)
     if args.json:
-        print(json.dumps({"user": args.user, "items": [r.to_dict() for r in recs]}))
+        print(json.dumps({"user": who, "items": [r.to_dict() for r in recs]}))
         return 0
-    print(f"top {len(recs)} items for user {args.user}:")
+    print(f"top {len(recs)} items for user {who}:" if args.user is not None else f"top {len(recs)} items for a new user:")
     for rank, rec in enumerate(recs, 1):
         title = f"  {rec.title}" if rec.title else ""
         print(f"{rank:>3}. {rec.item:<12} {rec.score:+.4f}{title}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from twotower_rec.server import serve
+    from twotower_rec.serving import ExportedModel
+
+    serve(ExportedModel.load(args.export), args.host, args.port, ann=args.ann, max_k=args.max_k,
+          threads=args.threads)
     return 0
 
 
@@ -236,15 +265,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export directory (default: export.dir)")
     p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("recommend", help="top-K items for a user, from an export alone",
+    p = verbs.add_parser("recommend", help="top-K items for a known or a new user, from an export alone",
                          description="Load an export directory (no training code, no TorchRec) and print "
-                                     "the top items for a known user, with titles where known.")
+                                     "the top items for a known user (--user), or for a new user from the "
+                                     "items they liked and their side features (--liked, --feature), with "
+                                     "titles where known.",
+                         epilog="examples:\n  twotower-rec recommend --export runs/demo/export --user 42\n"
+                                "  twotower-rec recommend --export runs/demo/export --liked 1,50,260 "
+                                "--feature gender=F --json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
-    p.add_argument("--user", required=True, help="raw user id as in the source data")
+    p.add_argument("--user", help="raw user id of a known user, as in the source data")
+    p.add_argument("--liked", metavar="ID,ID,...", help="new user: raw ids of items they liked, oldest first")
+    p.add_argument("--feature", action="append", default=[], metavar="NAME=VALUE",
+                   help="new user: a side feature, valued as in the export's vocabularies.json (repeatable)")
     p.add_argument("-k", type=int, default=10, help="number of items (default 10)")
-    p.add_argument("--include-seen", action="store_true", help="do not filter items the user already saw")
+    p.add_argument("--include-seen", action="store_true", help="do not filter items the user already saw or liked")
+    p.add_argument("--ann", action="store_true", help="search the export's ANN index instead of the exact scan")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=cmd_recommend)
+
+    p = verbs.add_parser("serve", help="HTTP JSON endpoint over an export: /health, /recommend",
+                         description="Serve an export directory over HTTP (standard library server, one "
+                                     "thread per connection). GET /health; POST /recommend with a JSON body: "
+                                     '{"user": "42", "k": 10} (known user), {"users": ["42", "7"], "k": 10} '
+                                     '(batch), or {"liked": ["1", "50"], "features": {"gender": "F"}} (new '
+                                     'user); optional "include_seen": true. Bad requests get a 4xx status '
+                                     'and {"error": message}.')
+    p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--ann", action="store_true", help="answer from the ANN index instead of the exact scan")
+    p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
