@@ -115,12 +115,23 @@ def cmd_evaluate(args) -> int:
     cfg = _config(args)
     env = init_distributed()
     try:
-        model, data, _, _ = _load_trained(cfg, _checkpoint_path(args, cfg), env)
+        model, data, _, trained_cfg = _load_trained(cfg, _checkpoint_path(args, cfg), env)
         encode_query, encode_items = towers(model)
         ranking = rank_split(encode_query, encode_items, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
                              seed=cfg.train.seed, device=env.device)
+        pointwise_results = None
+        if trained_cfg.loss.name != "in_batch_softmax":  # every rank scores every pair
+            from twotower_rec import pointwise
+
+            pointwise_results = pointwise.evaluate(model, data, Batcher(data), ranking.rows, trained_cfg,
+                                                   device=env.device)
     finally:
         shutdown()
+    if args.baselines and env.is_main:
+        from twotower_rec.baselines import NAMES, rank_baseline
+
+        for name in NAMES[1:]:  # popularity is always there
+            ranking.top[name] = rank_baseline(name, data, ranking.rows, cfg.eval, max(cfg.eval.ks))
     results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
                for name, top in ranking.top.items()}
     if env.is_main:
@@ -128,6 +139,10 @@ def cmd_evaluate(args) -> int:
         seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
         print(f"{cfg.eval.split} split, {users} users, full catalog of {data.spec.num_items} items, {seen}")
         print(format_table(results, cfg.eval.ks))
+        if pointwise_results is not None:
+            results["pointwise"] = pointwise_results
+            print(f"pointwise ({trained_cfg.loss.name}): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in pointwise_results.items() if not k.startswith("neg_") and k != "pairs"))
         if 50 in cfg.eval.ks:
             model_r, pop_r = results["model"]["recall@50"], results["popularity"]["recall@50"]
             ratio = model_r / pop_r if pop_r > 0 else float("inf")
@@ -156,7 +171,8 @@ def cmd_export(args) -> int:
     finally:
         shutdown()
     if env.is_main:
-        plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+        plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"),
+                         pointwise_head=trained_cfg.loss.name != "in_batch_softmax")
         plain.load_state_dict(state)
         from twotower_rec.config import to_dict
 
@@ -254,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
     p.add_argument("--output", help="metrics JSON path (default: train.out_dir/eval_<split>.json)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also rank with item-kNN, EASE and a last-items transition model (most-popular is always "
+                        "shown); eval.ease_lambda, eval.transition_last, eval.transition_decay tune them")
     p.add_argument("--save-topk", metavar="PATH",
                    help="also write each user's top max(eval.ks) raw item ids and held-out item (.npz or .parquet)")
     p.set_defaults(func=cmd_evaluate)

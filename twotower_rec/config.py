@@ -77,6 +77,9 @@ class FeaturesConfig:
     user_features: list[str] = field(default_factory=lambda: ["user_id", "gender", "age", "occupation"])
     item_features: list[str] = field(default_factory=lambda: ["item_id", "genres", "year"])
     history_length: int = 50  # the last N items strictly before the interaction; 0 turns it off
+    # The k most recent items before the interaction as k features of their own (recent_1 is
+    # the last one), looked up in the history's table: the pooled bag forgets order.
+    recent_items: int = 0
     share_item_table: bool = False  # history looks up the item tower's item-id table instead of its own
     item_dense: list[str] = field(default_factory=lambda: ["year_norm"])
 
@@ -95,11 +98,23 @@ class ModelConfig:
 class LossConfig:
     """Retrieval loss: in-batch-negatives sampled softmax."""
 
+    # in_batch_softmax (retrieval) | bce (label = rating >= rating_threshold) | mse (rating regression)
     name: str = "in_batch_softmax"
+    rating_threshold: float = 4.0
+    negative_ratio: int = 0  # bce: sampled (uniform) negatives with label 0 per positive
     temperature: float = 0.2
     # Score each rank's queries against the items of the whole global batch (all-gathered),
     # so the loss, and training, do not depend on the number of processes.
     global_negatives: bool = True
+    # logQ correction (Yi et al. 2019): subtract log(expected count in the batch) from every
+    # candidate's logit. counts: from training frequencies; streaming: the paper's per-step
+    # frequency estimator (no global pass); none.
+    logq: str = "counts"
+    streaming_hash_size: int = 1 << 20
+    streaming_alpha: float = 0.01
+    # Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the
+    # catalog per global batch join the in-batch candidates (0: in-batch only).
+    uniform_negatives: int = 0
 
 
 @dataclass
@@ -108,6 +123,9 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int = 0  # 0: run all epochs
     dense_lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense layers
+    warmup_steps: int = 0  # dense learning rate ramps linearly from 0 over these steps
+    lr_schedule: str = "constant"  # constant | cosine (dense learning rate decays to 0 at the last step)
     sparse_lr: float = 0.05
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only); fused into backward
     val_every_steps: int = 200  # 0: validate only at the end of each epoch
@@ -139,6 +157,10 @@ class EvalConfig:
     split: str = "test"  # test | validation
     user_chunk: int = 1024  # queries scored against the whole catalog at once
     max_users: int = 0  # 0: every user; otherwise a seeded sample (for validation during training)
+    # evaluate --baselines (see twotower_rec/baselines.py)
+    ease_lambda: float = 500.0
+    transition_last: int = 3  # last items a transition-model query looks at
+    transition_decay: float = 0.5  # weight of the m-th last item: decay^(m-1)
 
 
 @dataclass
@@ -171,14 +193,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
                     "movielens-20m", "movielens-25m", "movielens-32m"),
     "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out", "temporal", "random"),
-    "loss.name": ("in_batch_softmax",),
+    "loss.name": ("in_batch_softmax", "bce", "mse"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "loss.logq": ("counts", "streaming", "none"),
     "export.dtype": ("float32", "float16"),
     "export.ann": ("flat", "hnsw", "ivf", "none"),
     "sharding.compute_kernel": ("fused", "dense"),
     "eval.split": ("test", "validation"),
-    "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr"),
+    "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr", "auroc", "accuracy",
+                            "neg_bce", "neg_rmse"),
 }
 # data_parallel is left out: it replicates whole tables on every rank and cannot use the fused
 # kernel, which is what this package is for.
@@ -275,6 +300,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.max_steps: must be >= 0 (0 = all epochs), got {cfg.train.max_steps}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be positive, got {cfg.loss.temperature}")
+    if cfg.features.recent_items < 0 or cfg.features.recent_items > cfg.features.history_length:
+        raise ConfigError(f"features.recent_items: must lie in [0, features.history_length="
+                          f"{cfg.features.history_length}], got {cfg.features.recent_items}")
+    if cfg.loss.uniform_negatives < 0:
+        raise ConfigError(f"loss.uniform_negatives: must be >= 0, got {cfg.loss.uniform_negatives}")
     if cfg.features.history_length < 0:
         raise ConfigError(f"features.history_length: must be >= 0, got {cfg.features.history_length}")
     if not 0.0 <= cfg.data.synthetic.stay_probability <= 1.0:

@@ -21,7 +21,8 @@ Calling ``query_tower.pt`` (``torch.jit.load``; only torch is needed):
   ``{"user_id": [["42"]], "gender": [["M"]], "history": [["1", "50", "260"]]}``. Single-valued
   features take one value per row (side features take the values listed in
   vocabularies.json); ``history`` takes the raw ids of the items the user interacted with,
-  oldest first (the last ``history_length`` are used). Unknown values, and features left
+  oldest first (the last ``history_length`` are used), and so does each ``recent_m`` (its
+  m-th last item is used). Unknown values, and features left
   out, are the out-of-vocabulary bucket: a new user is ``user_id`` left out.
 - ``forward(values: List[Tensor], lengths: List[Tensor]) -> Tensor[B, D]``: the same on
   encoded ids, one (values, lengths) pair per name in ``manifest["query_features"]``, in that
@@ -48,7 +49,7 @@ from torch import nn
 from twotower_rec import ann
 from twotower_rec.config import ExportConfig
 from twotower_rec.data.batches import Batcher
-from twotower_rec.data.features import HISTORY, Feature
+from twotower_rec.data.features import HISTORY, Feature, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.evaluation import catalog_embeddings, query_embeddings
 from twotower_rec.model.two_tower import TwoTower
@@ -72,9 +73,12 @@ class QueryEncoder(nn.Module):
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
         self.mlp = mlp
-        self.feature_names: List[str] = list(feature_names or [])
-        self.vocabularies: Dict[str, Dict[str, int]] = dict(vocabularies or {})
+        # torch.jit.Attribute: the types TorchScript cannot infer from (possibly empty) containers
+        self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
+        self.vocabularies = torch.jit.Attribute(dict(vocabularies or {}), Dict[str, Dict[str, int]])
         self.history_length = history_length
+        self.recent = torch.jit.Attribute({n: recent_position(n) for n in feature_names or [] if recent_position(n)},
+                                          Dict[str, int])
 
     @torch.jit.export
     def encode_raw(self, features: Dict[str, List[List[str]]]) -> torch.Tensor:
@@ -108,6 +112,10 @@ class QueryEncoder(nn.Module):
                     for value in kept:
                         codes.append(vocab.get(value, 0))
                     counts.append(len(kept))
+                elif name in self.recent:  # recent_m takes the whole history; its m-th last item is used
+                    m = self.recent[name]
+                    codes.append(vocab.get(row[len(row) - m], 0) if len(row) >= m else 0)
+                    counts.append(1)
                 else:
                     if len(row) > 1:
                         raise ValueError("feature '" + name + "' takes one value per row, got " + str(len(row)))
@@ -132,7 +140,7 @@ def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str
     for name in names:
         if name == "user_id":
             raw = data.raw_user_ids
-        elif name == HISTORY:
+        elif name == HISTORY or recent_position(name):
             raw = data.raw_item_ids
         else:
             raw = data.spec.vocabularies.get(name, [])
@@ -230,6 +238,9 @@ def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | P
         "config": cfg_dict,
         "metrics": metrics or {},
         "ann": ann_info,
+        # pointwise models: the pair score is scale * (query . item) + bias (a logit for bce)
+        "pointwise": ({"objective": cfg_dict.get("loss", {}).get("name"), "scale": float(model.score_scale),
+                       "bias": float(model.score_bias)} if model.score_scale is not None else None),
         "files": {p.name: {"bytes": p.stat().st_size} for p in sorted(tmp.iterdir())},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -16,6 +16,7 @@ def in_batch_softmax(
     temperature: float,
     item_ids: torch.Tensor | None = None,
     positive_offset: int = 0,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax with in-batch negatives: mean over rows of ``-log softmax(q·I / t)[b, b + offset]``.
 
@@ -25,10 +26,15 @@ def in_batch_softmax(
     rows start there). With ``item_ids`` ``[N]``, a candidate whose id equals the row's
     positive id (an "accidental hit": the same item appears twice in the batch) is removed
     from that row's negatives, so the model is not pushed away from its own positive.
+    With ``log_q`` ``[N]`` (logQ correction), ``log_q[j]`` is subtracted from candidate j's
+    logit in every row: the log of how often j is expected among the candidates, so frequent
+    items are not over-penalised for being frequent negatives.
     """
     rows = torch.arange(query.shape[0], device=query.device)
     targets = rows + positive_offset
     logits = query @ item.t() / temperature  # [B, N]
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
     if item_ids is not None:
         same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
         same[rows, targets] = False
@@ -71,3 +77,40 @@ def gather_candidates(item: torch.Tensor, item_ids: torch.Tensor) -> tuple[torch
     ids = [torch.empty_like(item_ids) for _ in range(dist.get_world_size())]
     dist.all_gather(ids, item_ids.contiguous())
     return _GatherRows.apply(item), torch.cat(ids), dist.get_rank() * item.shape[0]
+
+
+class StreamingFrequency:
+    """Yi et al. 2019's streaming frequency estimator: for each (hashed) item, an exponential
+    moving average ``B`` of the number of steps between its occurrences; its probability of
+    appearing in a step's batch is estimated as ``1 / B``. Needs no pass over the data; it
+    sees every rank's ids (the gathered global batch), so all ranks hold the same estimate.
+    """
+
+    def __init__(self, hash_size: int, alpha: float) -> None:
+        self.hash_size, self.alpha = hash_size, alpha
+        self.last_step = torch.zeros(hash_size, dtype=torch.float64)
+        self.gap = torch.full((hash_size,), float("nan"), dtype=torch.float64)
+
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids.long() * 2654435761) % self.hash_size  # Knuth's multiplicative hash
+
+    def update(self, ids: torch.Tensor, step: int) -> None:
+        """Record the ids of global step ``step`` (>= 1)."""
+        slots = torch.unique(self._slots(ids.cpu()))
+        seen = self.last_step[slots] > 0
+        gap = step - self.last_step[slots]
+        old = self.gap[slots]
+        new = torch.where(torch.isnan(old), gap, (1 - self.alpha) * old + self.alpha * gap)
+        self.gap[slots] = torch.where(seen, new, old)
+        self.last_step[slots] = float(step)
+
+    def probability(self, ids: torch.Tensor) -> torch.Tensor:
+        """Estimated probability that each id appears in a step's batch (1 until a gap is known)."""
+        gap = self.gap[self._slots(ids.cpu())]
+        return torch.where(torch.isnan(gap), torch.ones_like(gap), 1.0 / gap.clamp_min(1.0)).to(ids.device)
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "gap": self.gap}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self.gap = state["last_step"].clone(), state["gap"].clone()

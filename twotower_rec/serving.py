@@ -160,6 +160,11 @@ class ExportedModel:
                 count = np.minimum(end - start, n)
                 values.append(torch.from_numpy(np.concatenate([history[e - c:e] for e, c in zip(end, count)]).astype(np.int64)))
                 lengths.append(torch.from_numpy(count.astype(np.int64)))
+            elif name.startswith("recent_"):  # the m-th last item, 0 when there are fewer
+                m = int(name[len("recent_"):])
+                values.append(torch.from_numpy(np.where(end - m >= start, history[np.maximum(end - m, 0)], 0)
+                                               .astype(np.int64)))
+                lengths.append(torch.ones(code.size, dtype=torch.long))
             else:
                 values.append(torch.from_numpy(self.users[f"feature_{name}"][code].astype(np.int64)))
                 lengths.append(torch.ones(code.size, dtype=torch.long))
@@ -225,7 +230,7 @@ class ExportedModel:
         names = self.manifest["query_features"]
         features: dict[str, list[list[str]]] = {}
         for name in names:
-            if name == "history":
+            if name == "history" or name.startswith("recent_"):  # recent_m: derived from the history
                 features[name] = [[_raw_key(i) for i in row.get("liked", [])] for row in rows]
             elif name == "user_id":
                 features[name] = [[_raw_key(row["user"])] if row.get("user") is not None else [] for row in rows]

@@ -19,7 +19,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from twotower_rec.data.features import HISTORY
+from twotower_rec.data.features import HISTORY, recent_position
 from twotower_rec.data.prepared import CSR, PreparedData
 
 
@@ -135,6 +135,12 @@ class Batcher:
                 length = np.minimum(position - start, self.spec.history_length)
                 values.append(gather_ranges(self.item, position - length, length))
                 lengths.append(length)
+            elif recent_position(name):
+                m = recent_position(name)
+                start = self.user_offsets[user - 1]
+                # the m-th item before the event; code 0 (unknown) when the user has fewer
+                values.append(np.where(position - m >= start, self.item[np.maximum(position - m, 0)], 0))
+                lengths.append(ones)
             else:
                 values.append(self.data.user_features[name][user])
                 lengths.append(ones)
@@ -158,10 +164,17 @@ class Batcher:
         dense = torch.from_numpy(self.data.item_dense[item])
         return _kjt(self.spec.item_keys, values, lengths), dense
 
-    def batch(self, rows: np.ndarray) -> Batch:
-        """The batch of interaction rows ``rows`` ``[B]``: query as of each row, its item as positive."""
+    def batch(self, rows: np.ndarray, extra_items: np.ndarray | None = None) -> Batch:
+        """The batch of interaction rows ``rows`` ``[B]``: query as of each row, its item as positive.
+
+        ``extra_items`` (item codes ``[M]``, e.g. uniform negatives) are appended to the item
+        side: the item KJT, dense features and ``item_ids`` then hold ``B + M`` rows, the
+        first ``B`` being the positives.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         item = self.item[rows]
+        if extra_items is not None and len(extra_items):
+            item = np.concatenate([item, np.asarray(extra_items, dtype=item.dtype)])
         item_kjt, dense = self.item_features(item)
         return Batch(
             query_features=self.query_features(self.user[rows], rows),

@@ -21,6 +21,12 @@ import pandas as pd
 
 OOV = 0
 HISTORY = "history"
+RECENT = "recent_"  # recent_1 .. recent_k: the k most recent items before the event, one feature each
+
+
+def recent_position(name: str) -> int:
+    """``recent_m`` -> m (1 = the last item before the event); 0 for any other feature."""
+    return int(name[len(RECENT):]) if name.startswith(RECENT) and name[len(RECENT):].isdigit() else 0
 
 
 @dataclass

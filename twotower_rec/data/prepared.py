@@ -27,7 +27,7 @@ import pandas as pd
 
 from twotower_rec.config import DataConfig, FeaturesConfig
 from twotower_rec.data import splits
-from twotower_rec.data.features import HISTORY, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
+from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
 from twotower_rec.data.sources import DataError, RawData
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
@@ -134,6 +134,9 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
             raise DataError("features.share_item_table needs item_id in features.item_features")
         table = "t_item_id" if features_cfg.share_item_table else ""
         query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean", table=table))
+        for m in range(1, features_cfg.recent_items + 1):  # same table as the history bag
+            query_features.append(Feature(f"{RECENT}{m}", "query", num_items + 1, pooling="mean",
+                                          table=table or f"t_{HISTORY}"))
 
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
@@ -235,7 +238,7 @@ class PreparedData:
         self.raw_item_ids = np.load(self.dir / "raw_item_ids.npy", allow_pickle=True)
         self.user_features = {
             f.name: np.asarray(load("users", f"{f.name}.npy"))
-            for f in self.spec.query_features if f.name not in ("user_id", HISTORY)
+            for f in self.spec.query_features if f.name not in ("user_id", HISTORY) and not f.name.startswith(RECENT)
         }
         self.item_single: dict[str, np.ndarray] = {}
         self.item_multi: dict[str, CSR] = {}

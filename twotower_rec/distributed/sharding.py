@@ -139,10 +139,20 @@ def describe_plan(model: DistributedModelParallel) -> str:
 
 
 def build_optimizer(model: DistributedModelParallel, train: TrainConfig) -> CombinedOptimizer:
-    """The fused table optimizer and Adam over dense parameters, stepped together."""
+    """The fused table optimizer and AdamW (``train.weight_decay``; 0 = Adam) over dense
+    parameters, stepped together."""
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adam(params, lr=train.dense_lr))
+    dense_optimizer = KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.AdamW(params, lr=train.dense_lr, weight_decay=train.weight_decay))
     return CombinedOptimizer([model.fused_optimizer, dense_optimizer])
+
+
+def set_dense_lr(optimizer: CombinedOptimizer, model: DistributedModelParallel, lr: float) -> None:
+    """Set the dense layers' learning rate (the schedule; table learning rates stay fixed)."""
+    for _, part in optimizer.optimizers:
+        if part is not model.fused_optimizer:
+            for group in part.param_groups:
+                group["lr"] = lr
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,8 +23,12 @@ from twotower_rec.model.towers import Tower
 
 
 class TwoTower(nn.Module):
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None,
+                 pointwise_head: bool = False) -> None:
         super().__init__()
+        # Pointwise objectives (BCE, MSE) score a pair as scale * cos(query, item) + bias.
+        self.score_scale = nn.Parameter(torch.tensor(5.0)) if pointwise_head else None
+        self.score_bias = nn.Parameter(torch.tensor(0.0)) if pointwise_head else None
         item_tables = {f.table for f in spec.item_features}
         own = [f for f in spec.query_features if f.table not in item_tables]
         self.borrowed = [f.name for f in spec.query_features if f.table in item_tables]
@@ -50,6 +54,10 @@ class TwoTower(nn.Module):
         if self.borrowed:
             features = with_keys(features, self.item_tower.collection_feature_names)
         return self.item_tower(features, dense)
+
+    def score(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """Pointwise logit (BCE) or predicted rating (MSE) of each (query row, item row) pair."""
+        return self.score_scale * (query * item).sum(dim=-1) + self.score_bias
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

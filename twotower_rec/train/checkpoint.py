@@ -86,7 +86,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpec, step: int,
-         metrics: dict | None = None, optimizer=None, trainer_state: dict | None = None) -> Path:
+         metrics: dict | None = None, optimizer=None, trainer_state: dict | None = None,
+         extra: dict | None = None) -> Path:
     """Collective: every rank calls it. With ``optimizer`` the checkpoint can be resumed from:
     it also holds the optimizer state, every rank's RNG state and ``trainer_state``."""
     path = Path(path)
@@ -102,7 +103,7 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
     dcp.save(state, checkpoint_id=str(tmp))
     if optimizer is not None:
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+        torch.save({"rng": rng_state(), "extra": extra or {}}, tmp / "rng" / f"rank{rank}.pt")
     _barrier()
     if rank == 0:
         _fault("shards_written")
@@ -188,5 +189,7 @@ def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: F
     rng = path / "rng" / f"rank{_rank()}.pt"
     if meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1) or not rng.is_file():
         rng = path / "rng" / "rank0.pt"
-    set_rng_state(torch.load(rng, weights_only=False))
+    saved = torch.load(rng, weights_only=False)
+    set_rng_state(saved["rng"])
+    meta["extra"] = saved.get("extra", {})
     return meta

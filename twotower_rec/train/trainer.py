@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torchrec.distributed import DistributedModelParallel
 from tqdm import tqdm
 
-from twotower_rec import losses
+from twotower_rec import losses, pointwise
 from twotower_rec.config import Config, ConfigError, EvalConfig, to_dict
 from twotower_rec.data.batches import Batch, Batcher
 from twotower_rec.data.prepared import PreparedData
@@ -50,7 +50,11 @@ class TrainResult:
 def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedModelParallel:
     """TwoTower with tables on meta, sharded and materialised; same seed on every rank."""
     seed_everything(cfg.train.seed, env.rank)
-    model = TwoTower(data.spec, cfg.model)
+    model = TwoTower(data.spec, cfg.model, pointwise_head=cfg.loss.name != "in_batch_softmax")
+    if cfg.loss.name == "mse":  # start from the mean training rating, not from 0
+        with torch.no_grad():
+            model.score_bias.fill_(float(np.asarray(data.rating)[data.rows(TRAIN)].mean()))
+            model.score_scale.fill_(1.0)
     return sharding.shard_model(model, env, cfg.sharding, cfg.train)
 
 
@@ -77,17 +81,76 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.bf16 else nullcontext()
 
 
-def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+class LossContext:
+    """What the loss needs beyond one batch: logQ frequencies and the catalog size.
+
+    logQ subtracts log(expected number of times a candidate is among the candidates): for an
+    in-batch candidate j that is ``global_batch * q(j)``, q from training counts or from the
+    streaming estimator; for a uniform negative ``uniform_negatives / num_items``.
+    """
+
+    def __init__(self, cfg: Config, data: PreparedData, device: torch.device) -> None:
+        self.cfg, self.num_items, self.step = cfg, data.spec.num_items, 0
+        counts = data.item_counts().astype(np.float64)
+        q = counts / max(counts.sum(), 1.0)
+        q[q == 0] = 1.0 / max(counts.sum(), 1.0)  # never a positive; keep the log finite
+        self.log_q = torch.from_numpy(np.log(q * cfg.train.batch_size)).float().to(device)
+        self.streaming = (losses.StreamingFrequency(cfg.loss.streaming_hash_size, cfg.loss.streaming_alpha)
+                          if cfg.loss.logq == "streaming" else None)
+
+    def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
+        logq = self.cfg.loss.logq
+        if logq == "none":
+            return None
+        if logq == "counts":
+            in_batch = self.log_q[positive_ids]
+        else:
+            self.streaming.update(positive_ids, self.step)
+            in_batch = torch.log(self.streaming.probability(positive_ids).float() * positive_ids.numel())
+        uniform = torch.full((num_uniform,), float(np.log(max(num_uniform, 1) / self.num_items)),
+                             device=in_batch.device)
+        return torch.cat([in_batch, uniform])
+
+
+def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config,
+                 ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to back-propagate, its detached value) for this rank's slice of a global batch;
-    the ``(losses, output)`` pair TorchRec's train pipelines expect from a forward."""
+    the ``(losses, output)`` pair TorchRec's train pipelines expect from a forward.
+
+    The item side holds this rank's positives, then its share of the uniform negatives.
+    """
+    ctx.step += 1
     with _autocast(cfg, batch.item_ids.device):
         query, item = model(batch)
     query, item = query.float(), item.float()  # the loss in float32 either way
-    item_ids, offset = batch.item_ids, 0
+    if cfg.loss.name != "in_batch_softmax":
+        loss = pointwise.forward_loss(model, query, item, batch.labels, cfg)
+        return loss, loss.detach()
+    rows = query.shape[0]
+    positives, positive_ids = item[:rows], batch.item_ids[:rows]
+    negatives, negative_ids = item[rows:], batch.item_ids[rows:]
+    offset = 0
     if cfg.loss.global_negatives:
-        item, item_ids, offset = losses.gather_candidates(item, item_ids)
-    loss = losses.in_batch_softmax(query, item, cfg.loss.temperature, item_ids, offset)
+        positives, positive_ids, offset = losses.gather_candidates(positives, positive_ids)
+        if negatives.shape[0]:
+            negatives, negative_ids, _ = losses.gather_candidates(negatives, negative_ids)
+    candidates = torch.cat([positives, negatives])
+    candidate_ids = torch.cat([positive_ids, negative_ids])
+    log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
+    loss = losses.in_batch_softmax(query, candidates, cfg.loss.temperature, candidate_ids, offset, log_q)
     return loss, loss.detach()
+
+
+def lr_factor(step: int, total: int, cfg: Config) -> float:
+    """Dense learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or
+    cosine decay to 0 at the last step."""
+    warmup = cfg.train.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.train.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + float(np.cos(np.pi * min(progress, 1.0))))
+    return 1.0
 
 
 def global_loss(local: torch.Tensor) -> float:
@@ -99,9 +162,9 @@ def global_loss(local: torch.Tensor) -> float:
     return float(value)
 
 
-def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config) -> float:
+def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config, ctx: LossContext) -> float:
     """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
-    loss, value = forward_loss(model, batch, cfg)
+    loss, value = forward_loss(model, batch, cfg, ctx)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -114,19 +177,20 @@ class _Stepper:
     the forward and backward of batch i. The pipeline reads batches ahead of the step count,
     which stays the data position: a resumed run restarts from the first batch not trained."""
 
-    def __init__(self, model, optimizer, cfg: Config, env: DistEnv, batches) -> None:
+    def __init__(self, model, optimizer, cfg: Config, env: DistEnv, batches, ctx: LossContext) -> None:
         self.model, self.optimizer, self.cfg, self.batches, self.device = model, optimizer, cfg, batches, env.device
+        self.ctx = ctx
         use = cfg.train.pipeline == "always" or (cfg.train.pipeline == "auto" and env.device.type == "cuda")
         self.pipeline = None
         if use:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(model, optimizer, env.device, execute_all_batches=True,
-                                                    custom_model_fwd=lambda b: forward_loss(model, b, cfg))
+                                                    custom_model_fwd=lambda b: forward_loss(model, b, cfg, ctx))
 
     def step(self) -> float:
         if self.pipeline is None:
-            return train_step(self.model, self.optimizer, next(self.batches).to(self.device), self.cfg)
+            return train_step(self.model, self.optimizer, next(self.batches).to(self.device), self.cfg, self.ctx)
         value = self.pipeline.progress(self.batches)
         return global_loss(value)
 
@@ -154,7 +218,8 @@ class TrainerState:
 
 # Config sections that must not change between a run and its resumption.
 _RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
-                 "train.dense_lr", "train.sparse_lr", "data.cache_dir")
+                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.warmup_steps", "train.lr_schedule",
+                 "data.cache_dir")
 
 
 def _check_resumable(saved: dict, cfg: Config) -> None:
@@ -174,8 +239,11 @@ def validate(model: DistributedModelParallel, data: PreparedData, batcher: Batch
     eval_cfg = EvalConfig(ks=[10, 50], filter_seen=cfg.eval.filter_seen, user_chunk=cfg.eval.user_chunk,
                           max_users=cfg.train.val_max_users)
     encode_query, encode_items = towers(model)
+    device = next(model.module.query_tower.mlp.parameters()).device
     result = evaluate(encode_query, encode_items, data, batcher, eval_cfg, VALIDATION, seed=cfg.train.seed,
-                      with_popularity=False)["model"]
+                      with_popularity=False, device=device)["model"]
+    if cfg.loss.name != "in_batch_softmax":
+        result.update(pointwise.evaluate(model, data, batcher, data.rows(VALIDATION), cfg, device=device))
     model.train()
     return result
 
@@ -201,12 +269,14 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     out_dir = Path(cfg.train.out_dir)
     path, last_path = out_dir / "checkpoint", out_dir / "last"
     state = TrainerState()
+    streaming_state = None
     if resume is not None:
         meta = checkpoint.read_meta(resume)
         _check_resumable(meta["config"], cfg)
         sharding.init_optimizer_state(optimizer, model)
         meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec)
         state = TrainerState(**meta["trainer"])
+        streaming_state = meta["extra"].get("streaming")
         if env.is_main:
             print(f"resumed from {checkpoint.resolve(resume)} at step {state.step} (written by "
                   f"{meta['world_size']} process(es), now {env.world_size})", file=sys.stderr, flush=True)
@@ -233,24 +303,41 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
             state.stale += 1
         if env.is_main:
             progress.write(f"step {state.step}: validation recall@10 {state.validation[-1]['recall@10']:.4f} "
-                           f"ndcg@10 {state.validation[-1]['ndcg@10']:.4f}" + ("  (best: checkpoint saved)" if improved else ""))
+                           f"ndcg@10 {state.validation[-1]['ndcg@10']:.4f}"
+                           + (f" {metric} {value:.4f}" if metric not in ("recall@10", "ndcg@10") else "")
+                           + ("  (best: checkpoint saved)" if improved else ""))
         patience = cfg.train.early_stopping_patience
         state.stopped_early = bool(patience) and state.stale >= patience
 
     def save_last() -> None:
+        extra = {"streaming": ctx.streaming.state_dict()} if ctx.streaming is not None else {}
         checkpoint.save(last_path, model, cfg, data.spec, state.step, optimizer=optimizer,
-                        trainer_state=asdict(state))
+                        trainer_state=asdict(state), extra=extra)
+
+    num_negatives = (cfg.loss.uniform_negatives if cfg.loss.name == "in_batch_softmax"
+                     else cfg.loss.negative_ratio * cfg.train.batch_size if cfg.loss.name == "bce" else 0)
 
     def local_batches(epoch: int, index: int):
-        """This rank's slices of the global batches from (epoch, index) on."""
+        """This rank's slices of the global batches (and of their uniform negatives) from
+        (epoch, index) on; the negatives of a global batch do not depend on the world size."""
         for e in range(epoch, cfg.train.epochs):
-            for rows in global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, e)[index:]:
-                yield batcher.batch(train_rows[local_slice(rows, env)])  # on the CPU
+            batches = global_batches(train_rows.size, cfg.train.batch_size, cfg.train.seed, e)
+            for i in range(index, len(batches)):
+                negatives = None
+                if num_negatives:
+                    draw = np.random.default_rng([cfg.train.seed, e, i, 7])
+                    negatives = local_slice(draw.integers(1, data.spec.num_items + 1, num_negatives), env)
+                yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives)  # on the CPU
             index = 0
 
-    stepper = _Stepper(model, optimizer, cfg, env, local_batches(state.epoch, state.batch))
+    ctx = LossContext(cfg, data, env.device)
+    ctx.step = state.step
+    if streaming_state is not None and ctx.streaming is not None:
+        ctx.streaming.load_state_dict(streaming_state)
+    stepper = _Stepper(model, optimizer, cfg, env, local_batches(state.epoch, state.batch), ctx)
     model.train()
     while state.step < total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
+        sharding.set_dense_lr(optimizer, model, cfg.train.dense_lr * lr_factor(state.step, total_steps, cfg))
         loss = stepper.step()
         state.step += 1
         state.examples += cfg.train.batch_size
