@@ -172,7 +172,8 @@ def cmd_export(args) -> int:
         shutdown()
     if env.is_main:
         plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"),
-                         pointwise_head=trained_cfg.loss.name != "in_batch_softmax")
+                         pointwise_head=trained_cfg.loss.name != "in_batch_softmax",
+                         learned_temperature=trained_cfg.loss.temperature if trained_cfg.loss.learn_temperature else None)
         plain.load_state_dict(state)
         from twotower_rec.config import to_dict
 

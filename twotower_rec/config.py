@@ -115,6 +115,8 @@ class LossConfig:
     # Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the
     # catalog per global batch join the in-batch candidates (0: in-batch only).
     uniform_negatives: int = 0
+    mask_accidental_hits: bool = True  # drop in-batch candidates equal to the row's positive
+    learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
 
 
 @dataclass

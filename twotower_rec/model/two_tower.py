@@ -12,6 +12,7 @@ tower's MLP input after the query tower's own features.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -24,8 +25,11 @@ from twotower_rec.model.towers import Tower
 
 class TwoTower(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None,
-                 pointwise_head: bool = False) -> None:
+                 pointwise_head: bool = False, learned_temperature: float | None = None) -> None:
         super().__init__()
+        # loss.learn_temperature: log of the softmax temperature, trained with the towers.
+        self.log_temperature = (nn.Parameter(torch.tensor(float(np.log(learned_temperature))))
+                                if learned_temperature is not None else None)
         # Pointwise objectives (BCE, MSE) score a pair as scale * cos(query, item) + bias.
         self.score_scale = nn.Parameter(torch.tensor(5.0)) if pointwise_head else None
         self.score_bias = nn.Parameter(torch.tensor(0.0)) if pointwise_head else None
@@ -54,6 +58,9 @@ class TwoTower(nn.Module):
         if self.borrowed:
             features = with_keys(features, self.item_tower.collection_feature_names)
         return self.item_tower(features, dense)
+
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.clamp(float(np.log(0.01)), 0.0).exp()
 
     def score(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """Pointwise logit (BCE) or predicted rating (MSE) of each (query row, item row) pair."""

@@ -50,7 +50,8 @@ class TrainResult:
 def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedModelParallel:
     """TwoTower with tables on meta, sharded and materialised; same seed on every rank."""
     seed_everything(cfg.train.seed, env.rank)
-    model = TwoTower(data.spec, cfg.model, pointwise_head=cfg.loss.name != "in_batch_softmax")
+    model = TwoTower(data.spec, cfg.model, pointwise_head=cfg.loss.name != "in_batch_softmax",
+                     learned_temperature=cfg.loss.temperature if cfg.loss.learn_temperature else None)
     if cfg.loss.name == "mse":  # start from the mean training rating, not from 0
         with torch.no_grad():
             model.score_bias.fill_(float(np.asarray(data.rating)[data.rows(TRAIN)].mean()))
@@ -137,7 +138,9 @@ def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config,
     candidates = torch.cat([positives, negatives])
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
-    loss = losses.in_batch_softmax(query, candidates, cfg.loss.temperature, candidate_ids, offset, log_q)
+    temperature = model.module.temperature() if cfg.loss.learn_temperature else cfg.loss.temperature
+    loss = losses.in_batch_softmax(query, candidates, temperature,
+                                   candidate_ids if cfg.loss.mask_accidental_hits else None, offset, log_q)
     return loss, loss.detach()
 
 
@@ -371,6 +374,8 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
                "examples_per_second": rate, "world_size": env.world_size, "best_step": state.best_step,
                f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
                "validation": state.validation}
+    if cfg.loss.learn_temperature:
+        metrics["learned_temperature"] = float(model.module.temperature())
     if env.is_main:
         (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=2))
         final = f"{metrics['final_loss']:.4f}" if state.losses else "n/a"
