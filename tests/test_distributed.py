@@ -175,3 +175,15 @@ def test_export_and_evaluation_from_two_ranks_equal_one(setup, tmp_path):
     for name in ("model", "popularity"):
         for key, value in metrics[1][name].items():
             assert metrics[2][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_sequence_encoder_two_processes_equal_one(setup):
+    """The EmbeddingCollection of the sequence encoder shards row-wise too (dropout off: its
+    random masks would differ between one and two processes)."""
+    root, config, _ = setup
+    extra = ["--set", "model.user_encoder=sequence", "--set", "model.sequence_dropout=0.0",
+             "--set", "sharding.sharding_types=[row_wise]", "--set", "train.max_steps=4"]
+    one = train(root, config, "seq-ws1", 1, *extra)
+    two = train(root, config, "seq-ws2", 2, *extra)
+    assert len(losses(one)) == 4
+    assert_close_relative(losses(one), losses(two), "sequence encoder per-step losses")

@@ -92,6 +92,12 @@ class ModelConfig:
     mlp_dims: list[int] = field(default_factory=lambda: [128])
     output_dim: int = 64
     dropout: float = 0.0
+    # How the query side reads the history: bag (pooled mean) | sequence (transformer over the
+    # unpooled items, see twotower_rec/model/sequence.py)
+    user_encoder: str = "bag"
+    sequence_layers: int = 1
+    sequence_heads: int = 2
+    sequence_dropout: float = 0.1
 
 
 @dataclass
@@ -199,6 +205,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
     "train.lr_schedule": ("constant", "cosine"),
+    "model.user_encoder": ("bag", "sequence"),
     "loss.logq": ("counts", "streaming", "none"),
     "export.dtype": ("float32", "float16"),
     "export.ann": ("flat", "hnsw", "ivf", "none"),

@@ -34,6 +34,7 @@ The query embedding's dot product with ``item_embeddings`` rows is the model's s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -52,6 +53,7 @@ from twotower_rec.data.batches import Batcher
 from twotower_rec.data.features import HISTORY, Feature, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.evaluation import catalog_embeddings, query_embeddings
+from twotower_rec.model.sequence import SEQUENCE_TABLE
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train.checkpoint import versions
 
@@ -67,11 +69,17 @@ class QueryEncoder(nn.Module):
 
     def __init__(self, weights: list[torch.Tensor], poolings: list[str], mlp: nn.Sequential,
                  feature_names: list[str] | None = None, vocabularies: dict[str, dict[str, int]] | None = None,
-                 history_length: int = 0) -> None:
+                 history_length: int = 0, sequence_table: torch.Tensor | None = None,
+                 sequence_pooling: nn.Module | None = None) -> None:
         super().__init__()
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
+        # model.user_encoder=sequence: the last input is the history, read by the sequence encoder
+        # (a list of zero or one, which TorchScript can loop over).
+        self.sequence_tables = nn.ModuleList(
+            [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
+        self.sequence_pooling = nn.ModuleList([sequence_pooling] if sequence_pooling is not None else [])
         self.mlp = mlp
         # torch.jit.Attribute: the types TorchScript cannot infer from (possibly empty) containers
         self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
@@ -127,10 +135,15 @@ class QueryEncoder(nn.Module):
 
     def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
         pooled: List[torch.Tensor] = []
+        last = 0
         for index, bag in enumerate(self.bags):
             counts = lengths[index].long()
             offsets = torch.cumsum(counts, 0) - counts
             pooled.append(bag(values[index].long(), offsets))
+            last = index + 1
+        for table in self.sequence_tables:
+            for pooling in self.sequence_pooling:
+                pooled.append(pooling(table(values[last].long()), lengths[last]))
         return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
 
 
@@ -159,12 +172,17 @@ def build_query_encoder(model: TwoTower, features: list[Feature], data: Prepared
     by_name = {f.name: f for f in features}
     tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
     names = list(model.query_feature_order)
-    ordered = [by_name[name] for name in names]
+    bag_names = names[:-1] if model.sequence is not None else names
+    ordered = [by_name[name] for name in bag_names]
     weights = [tables[f.table].weight.detach() for f in ordered]
     vocabularies = raw_vocabularies(data, names) if data is not None else {}
     history_length = data.spec.history_length if data is not None else 0
+    sequence_table = sequence_pooling = None
+    if model.sequence is not None:
+        sequence_table = model.sequence.embeddings.embeddings[SEQUENCE_TABLE].weight.detach()
+        sequence_pooling = copy.deepcopy(model.sequence.pooling).eval()
     return QueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, names, vocabularies,
-                        history_length).eval()
+                        history_length, sequence_table, sequence_pooling).eval()
 
 
 def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower, data: PreparedData, batcher: Batcher,

@@ -16,10 +16,11 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -59,8 +60,26 @@ class ConfiguredSharder(EmbeddingBagCollectionSharder):
         return list(self._types)
 
 
-def _embedding_collections(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+class ConfiguredCollectionSharder(EmbeddingCollectionSharder):
+    """The same for unpooled EmbeddingCollections (the sequence encoder's history table)."""
+
+    def __init__(self, sharding_types: list[str]) -> None:
+        super().__init__()
+        self._types = list(sharding_types)
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return list(self._types)
+
+
+def _embedding_collections(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))}
+
+
+def _table_configs(collection: nn.Module) -> list:
+    if isinstance(collection, EmbeddingBagCollection):
+        return collection.embedding_bag_configs()
+    return collection.embedding_configs()
 
 
 def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig) -> DistributedModelParallel:
@@ -77,16 +96,16 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
     constraints = {
         config.name: ParameterConstraints(sharding_types=list(sharding.sharding_types), compute_kernels=[kernel.value])
         for collection in collections.values()
-        for config in collection.embedding_bag_configs()
+        for config in _table_configs(collection)
     }
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    sharder = ConfiguredSharder(sharding.sharding_types)
+    sharders = [ConfiguredSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     # TorchRec divides table gradients by the world size on their way back to the shards
     # (comm_ops.GRADIENT_DIVISION, on by default) as DDP averages dense ones: with the global
     # negatives of the loss, N processes take the step one process takes on the global batch.
-    wrapped = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=[sharder])
+    wrapped = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
     init_tables(wrapped, train.seed)
     return wrapped
 
@@ -109,7 +128,8 @@ def init_tables(model: nn.Module, seed: int) -> None:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     for key, value in model.state_dict().items():
-        if "embedding_bags." not in key or not key.endswith(".weight"):
+        is_table = "embedding_bags." in key or ".embeddings.embeddings." in key
+        if not is_table or not key.endswith(".weight"):
             continue
         rows, cols = value.size(0), value.size(1)
         bound = rows ** -0.5

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_rec.config import ModelConfig
+from twotower_rec.config import ConfigError, ModelConfig
 from twotower_rec.data.batches import Batch, with_keys
-from twotower_rec.data.features import FeatureSpec
+from twotower_rec.data.features import HISTORY, FeatureSpec
+from twotower_rec.model.sequence import SequenceEncoder
 from twotower_rec.model.towers import Tower
 
 
@@ -34,24 +35,37 @@ class TwoTower(nn.Module):
         self.score_scale = nn.Parameter(torch.tensor(5.0)) if pointwise_head else None
         self.score_bias = nn.Parameter(torch.tensor(0.0)) if pointwise_head else None
         item_tables = {f.table for f in spec.item_features}
-        own = [f for f in spec.query_features if f.table not in item_tables]
-        self.borrowed = [f.name for f in spec.query_features if f.table in item_tables]
-        # The order the query MLP sees its inputs: its own features, then borrowed ones.
-        self.query_feature_order = [f.name for f in own] + self.borrowed
-        self.query_tower = Tower(own, cfg.embedding_dim, cfg.embedding_dim * len(self.borrowed), cfg.mlp_dims,
-                                 cfg.output_dim, cfg.dropout, device)
+        sequence = cfg.user_encoder == "sequence" and HISTORY in spec.query_keys
+        query = [f for f in spec.query_features if not (sequence and f.name == HISTORY)]
+        own = [f for f in query if f.table not in item_tables]
+        self.borrowed = [f.name for f in query if f.table in item_tables]
+        self.sequence = None
+        if sequence:
+            if HISTORY in self.borrowed or any(f.name == HISTORY and f.table in item_tables for f in spec.query_features):
+                raise ConfigError("model.user_encoder=sequence reads the history through its own table: "
+                                  "it cannot be combined with features.share_item_table")
+            self.sequence = SequenceEncoder(spec.num_items + 1, cfg.embedding_dim, spec.history_length,
+                                            cfg.sequence_layers, cfg.sequence_heads, cfg.sequence_dropout, device)
+        # The order the query MLP sees its inputs: its own features, borrowed ones, the sequence.
+        self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if sequence else [])
+        extra = cfg.embedding_dim * (len(self.borrowed) + (1 if sequence else 0))
+        self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device)
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
                                 cfg.output_dim, cfg.dropout, device,
                                 lent_features=[f for f in spec.query_features if f.table in item_tables])
 
     def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Query KJT (B rows) -> ``[B, D]``."""
-        if not self.borrowed:
+        if not self.borrowed and self.sequence is None:
             return self.query_tower(features, features.values().new_zeros(features.stride(), 0).float())
-        lent = with_keys(features, self.item_tower.collection_feature_names)
-        borrowed = torch.cat(self.item_tower.pool(lent, self.borrowed), dim=1)
+        extra = []
+        if self.borrowed:
+            lent = with_keys(features, self.item_tower.collection_feature_names)
+            extra += self.item_tower.pool(lent, self.borrowed)
+        if self.sequence is not None:
+            extra.append(self.sequence(with_keys(features, [HISTORY])))
         own = with_keys(features, self.query_tower.collection_feature_names)
-        return self.query_tower(own, borrowed)
+        return self.query_tower(own, torch.cat(extra, dim=1))
 
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""

@@ -1,4 +1,10 @@
-"""features.share_item_table: the history bag and the item tower look items up in ONE table."""
+"""Model variants end to end: a shared item-id table, and the sequence encoder with recent items.
+
+``shared``: features.share_item_table, the history bag and the item tower look items up in
+ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + transformer over
+the history) with features.recent_items=3. For each, the exported TorchScript query tower and
+`recommend` must reproduce the training model.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +18,19 @@ import yaml
 from conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("shared")
+VARIANTS = {
+    "shared": {"features": {"share_item_table": True}},
+    "sequence": {"features": {"recent_items": 3}, "model": {"user_encoder": "sequence"}},
+}
+
+
+def _variant(tmp_path_factory, cli, name: str):
+    root = tmp_path_factory.mktemp(name)
     cfg = tiny_config(root)
-    cfg["features"]["share_item_table"] = True
+    for section, values in VARIANTS[name].items():
+        cfg[section].update(values)
     cfg["train"]["epochs"] = 1
-    path = root / "shared.yaml"
+    path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     for verb in ("prepare", "train", "export"):
         result = cli(verb, "--config", path, cwd=root)
@@ -38,6 +50,16 @@ def shared(tmp_path_factory, cli):
         shutdown()
         os.environ.clear()
         os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, "shared")
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, request.param)
 
 
 def test_history_uses_the_item_towers_item_id_table(shared):
@@ -75,12 +97,12 @@ def test_shared_table_gets_gradients_from_both_towers(shared):
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_scripted_query_tower_and_recommend_equal_the_training_model(shared):
+def test_scripted_query_tower_and_recommend_equal_the_training_model(variant):
     from twotower_rec.data.batches import Batcher
     from twotower_rec.evaluation import catalog_embeddings, query_embeddings, rank_catalog, seen_items
     from twotower_rec.train.trainer import towers
 
-    model, data, exported, _ = shared
+    model, data, exported, _ = variant
     encode_query, encode_items = towers(model)
     batcher = Batcher(data)
     codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
@@ -97,3 +119,20 @@ def test_scripted_query_tower_and_recommend_equal_the_training_model(shared):
     served = exported.recommend_users([data.raw_user_ids[c - 1] for c in codes.tolist()], k=5)
     for row, recs in zip(top.tolist(), served):
         assert [r.item for r in recs] == [str(data.raw_item_ids[c - 1]) for c in row]
+
+
+def test_sequence_encoder_reads_the_history_through_an_embedding_collection(variant):
+    from twotower_rec.model.two_tower import TwoTower
+
+    model, data, exported, trained_cfg = variant
+    if trained_cfg.model.user_encoder != "sequence":
+        pytest.skip("the sequence variant only")
+    plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+    assert plain.query_feature_order[-1] == "history" and "recent_3" in plain.query_feature_order
+    assert "history" not in plain.query_tower.feature_names
+    assert exported.manifest["query_features"] == plain.query_feature_order
+    # the raw-value path: a new user's liked items, oldest first, move the recommendation
+    items = [str(x) for x in exported.item_ids.tolist()]
+    a = exported.recommend_new_user(liked=items[:4], k=5)
+    b = exported.recommend_new_user(liked=items[:4][::-1], k=5)  # same items, other order
+    assert len(a) == 5 and [r.score for r in a] != [r.score for r in b]
