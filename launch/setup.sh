@@ -26,8 +26,9 @@ else
 fi
 RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2"
 TEST_DEPS="pytest hypothesis"
+BENCH_DEPS="matplotlib"  # benchmarks/ plots
 
-stamp_text="torch==${TORCH_VERSION} ${FBGEMM_PACKAGE} torchrec==${TORCHREC_VERSION} ${RUNTIME_DEPS} ${TEST_DEPS} $(sha256sum pyproject.toml | cut -c1-16)"
+stamp_text="torch==${TORCH_VERSION} ${FBGEMM_PACKAGE} torchrec==${TORCHREC_VERSION} ${RUNTIME_DEPS} ${TEST_DEPS} ${BENCH_DEPS} $(sha256sum pyproject.toml | cut -c1-16)"
 stamp_file="${VENV}/.twotower-setup-stamp"
 
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp_text" ] \
@@ -52,7 +53,7 @@ $PIP "torch==${TORCH_VERSION}" "${FBGEMM_PACKAGE}"
 $PIP --no-deps "torchrec==${TORCHREC_VERSION}"
 echo "setup: installing runtime and test dependencies"
 # shellcheck disable=SC2086
-$PIP "torch==${TORCH_VERSION}" ${RUNTIME_DEPS} ${TEST_DEPS}
+$PIP "torch==${TORCH_VERSION}" ${RUNTIME_DEPS} ${TEST_DEPS} ${BENCH_DEPS}
 echo "setup: installing twotower_rec (editable)"
 $PIP --no-deps -e .
 

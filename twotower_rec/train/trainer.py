@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from torchrec.distributed import DistributedModelParallel
 from tqdm import tqdm
 
@@ -167,10 +168,13 @@ def global_loss(local: torch.Tensor) -> float:
 
 def train_step(model: DistributedModelParallel, optimizer, batch: Batch, cfg: Config, ctx: LossContext) -> float:
     """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
-    loss, value = forward_loss(model, batch, cfg, ctx)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
+    with record_function("## forward + loss ##"):
+        loss, value = forward_loss(model, batch, cfg, ctx)
+    with record_function("## backward (fused table update) ##"):
+        loss.backward()
+    with record_function("## dense optimizer ##"):
+        optimizer.step()
+        optimizer.zero_grad()
     return global_loss(value)
 
 
