@@ -19,8 +19,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-bench: setup
+bench: setup  # the quick ones; see BENCHMARKS.md for the long runs and their commands
 	$(PY) benchmarks/bench_batches.py
+	$(PY) benchmarks/profile_step.py
 
 clean:
 	rm -rf runs
