@@ -278,8 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each user's top max(eval.ks) raw item ids and held-out item (.npz or .parquet)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = verbs.add_parser("export", help="write item embeddings, scripted query tower, users and manifest",
-                         description="Export what serving needs from a checkpoint: see twotower_rec/export.py.")
+    p = verbs.add_parser("export", help="write item embeddings, ANN index, scripted query tower, users and manifest",
+                         description="Export what serving needs from a checkpoint, atomically: item embeddings "
+                                     "(export.dtype) with raw ids and metadata, a faiss index (export.ann) whose "
+                                     "recall against exact search is measured and written to manifest.json, the "
+                                     "TorchScript query tower, users and vocabularies. Under torchrun the sharded "
+                                     "tables are gathered and rank 0 writes. See twotower_rec/export.py for every "
+                                     "file and the query tower's signature.")
     _add_config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
     p.add_argument("--out", help="export directory (default: export.dir)")
@@ -317,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--ann", action="store_true", help="answer from the ANN index instead of the exact scan")
     p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per request (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server process (default 1)")
     p.set_defaults(func=cmd_serve)
     return parser
 
