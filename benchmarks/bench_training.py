@@ -32,6 +32,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -138,8 +139,8 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     env = init_distributed()
     model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
     optimizer = sharding.build_optimizer(model, cfg.train)
-    ctx = LossContext.__new__(LossContext)  # logQ off: only the step counter is used
-    ctx.cfg, ctx.num_items, ctx.step, ctx.streaming = cfg, rows, 0, None
+    counts = SimpleNamespace(item_counts=lambda: np.ones(rows + 1), spec=SimpleNamespace(num_items=rows))
+    ctx = LossContext(cfg, counts, env.device)  # logQ is off: the counts are never used
     converted = []
     for b in batches:
         n = len(b["user"])

@@ -144,8 +144,14 @@ def test_baselines_against_hand_computations():
         assert t[code[2], code[3]] == pytest.approx(1.0)  # b is always followed by c
         assert t[code[1], code[2]] == pytest.approx(0.5) and t[code[1], code[3]] == pytest.approx(0.5)
         assert t[code[3], code[2]] == pytest.approx(0.5) and t[code[3], code[1]] == pytest.approx(0.5)
-        # ranking: user 1's test event (e) after history a b c d: transition scores from d (1.0) and c (0.5)
+        # ranking: user 1's test event (e) after history a b c d. d is unknown to training
+        # (code 0, never scored), so with the last 2 items the transition query is c at 0.5.
         rows = data.rows(splits.TEST)
+        first = rows[:1]
+        h = baselines._history_weights("transition", data, user[first], first, cfg)
+        assert h[0, code[3]].item() == pytest.approx(0.5) and h.sum().item() == pytest.approx(0.5)
+        binary = baselines._history_weights("itemknn", data, user[first], first, cfg)
+        assert sorted(torch.nonzero(binary[0]).flatten().tolist()) == sorted(code[i] for i in (1, 2, 3))
         top = baselines.rank_baseline("transition", data, rows, cfg, k=5)
         assert top.shape[0] == 3
         for r, ranked in zip(rows.tolist(), top.tolist()):

@@ -1,11 +1,11 @@
 """Classic baselines ranked under the same protocol as the model.
 
-Every baseline learns its item statistics from TRAINING rows only, and scores each evaluated
+Most-popular is ranked beside the model by :func:`twotower_rec.evaluation.rank_split`. Every
+baseline here learns its item statistics from TRAINING rows only, and scores each evaluated
 event from the same input the model's query sees: the user's events strictly before it (for
 a leave-last-out test event, the validation item included). Seen items are filtered and the
 out-of-vocabulary code never ranks, exactly as in :func:`twotower_rec.evaluation.rank_catalog`.
 
-- ``popularity``: training interaction counts.
 - ``itemknn``: cosine similarity between item columns of the binary user x item training
   matrix; a query scores item j by the sum of j's similarities to its history items.
 - ``ease``: Steck 2019, "Embarrassingly Shallow Autoencoders": B = I - P / diag(P) with
@@ -27,10 +27,11 @@ from twotower_rec.config import EvalConfig
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.sources import DataError
 from twotower_rec.data.splits import TRAIN
+from twotower_rec.data.batches import gather_ranges
 from twotower_rec.evaluation import seen_items
 from twotower_rec.retrieval import chunked_topk
 
-NAMES = ("popularity", "itemknn", "ease", "transition")
+NAMES = ("itemknn", "ease", "transition")
 MAX_ITEMS = 40_000
 
 
@@ -86,16 +87,19 @@ def _history_weights(name: str, data: PreparedData, user: np.ndarray, position: 
                      cfg: EvalConfig) -> torch.Tensor:
     """``[Q, V + 1]`` weight of each item in each query's history (binary, or decayed recency)."""
     start = data.user_offsets[user - 1]
+    lengths = position - start
+    if name == "transition":
+        lengths = np.minimum(lengths, cfg.transition_last)
+    items = gather_ranges(np.asarray(data.item), position - lengths, lengths).astype(np.int64)
+    query = np.repeat(np.arange(user.size), lengths)
+    if name == "transition":  # m-th last item (m = 0 for the last) weighs decay^m
+        within = np.arange(items.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # 0 = oldest kept
+        recency = np.repeat(lengths, lengths) - 1 - within
+        weights = torch.from_numpy(cfg.transition_decay ** recency.astype(np.float64)).float()
+    else:
+        weights = torch.ones(items.size)
     h = torch.zeros(user.size, data.spec.num_items + 1)
-    item = np.asarray(data.item)
-    for q, (lo, hi) in enumerate(zip(start.tolist(), position.tolist())):
-        events = item[lo:hi]
-        if name == "transition":
-            last = events[::-1][:cfg.transition_last]
-            for m, code in enumerate(last.tolist()):
-                h[q, code] += cfg.transition_decay ** m
-        else:
-            h[q, torch.from_numpy(events.astype(np.int64))] = 1.0
+    h.index_put_((torch.from_numpy(query), torch.from_numpy(items)), weights, accumulate=name == "transition")
     h[:, 0] = 0.0
     return h
 
@@ -107,11 +111,6 @@ def rank_baseline(name: str, data: PreparedData, rows: np.ndarray, cfg: EvalConf
     invalid = torch.zeros(data.spec.num_items + 1, dtype=torch.bool)
     invalid[0] = True
     k = max(1, min(k, data.spec.num_items))
-    if name == "popularity":
-        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)
-        scores, top = chunked_topk(torch.ones(rows.size, 1), counts, k, *seen, chunk=cfg.user_chunk,
-                                   invalid_columns=invalid)
-        return top.masked_fill(torch.isneginf(scores), -1)
     matrix = item_item(name, data, cfg)
     parts = []
     for begin in range(0, rows.size, cfg.user_chunk):

@@ -130,7 +130,7 @@ def cmd_evaluate(args) -> int:
     if args.baselines and env.is_main:
         from twotower_rec.baselines import NAMES, rank_baseline
 
-        for name in NAMES[1:]:  # popularity is always there
+        for name in NAMES:  # most-popular is always there
             ranking.top[name] = rank_baseline(name, data, ranking.rows, cfg.eval, max(cfg.eval.ks))
     results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
                for name, top in ranking.top.items()}

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from twotower_rec.data.features import HISTORY, recent_position
 from twotower_rec.errors import TwoTowerError
 from twotower_rec.retrieval import chunked_topk
 
@@ -156,12 +157,12 @@ class ExportedModel:
             if name == "user_id":
                 values.append(torch.from_numpy(code))
                 lengths.append(torch.ones(code.size, dtype=torch.long))
-            elif name == "history":
+            elif name == HISTORY:
                 count = np.minimum(end - start, n)
                 values.append(torch.from_numpy(np.concatenate([history[e - c:e] for e, c in zip(end, count)]).astype(np.int64)))
                 lengths.append(torch.from_numpy(count.astype(np.int64)))
-            elif name.startswith("recent_"):  # the m-th last item, 0 when there are fewer
-                m = int(name[len("recent_"):])
+            elif recent_position(name):  # the m-th last item, 0 when there are fewer
+                m = recent_position(name)
                 values.append(torch.from_numpy(np.where(end - m >= start, history[np.maximum(end - m, 0)], 0)
                                                .astype(np.int64)))
                 lengths.append(torch.ones(code.size, dtype=torch.long))
@@ -230,7 +231,7 @@ class ExportedModel:
         names = self.manifest["query_features"]
         features: dict[str, list[list[str]]] = {}
         for name in names:
-            if name == "history" or name.startswith("recent_"):  # recent_m: derived from the history
+            if name == HISTORY or recent_position(name):  # recent_m: derived from the history
                 features[name] = [[_raw_key(i) for i in row.get("liked", [])] for row in rows]
             elif name == "user_id":
                 features[name] = [[_raw_key(row["user"])] if row.get("user") is not None else [] for row in rows]
