@@ -197,3 +197,71 @@ def test_learned_temperature_moves_and_masking_can_be_turned_off(pipeline, cli, 
     assert 0.01 <= learned <= 1.0 and learned != pytest.approx(0.05, rel=1e-4)  # tiny config starts at 0.05
     # same seed, same batches: only the masking differs, so the losses differ (the tiny catalog repeats items)
     assert runs["unmasked"]["losses"] != pipeline.train_metrics["losses"][:6]
+
+
+def test_logq_weight_scales_the_correction():
+    counts = [0, 6, 3, 1]
+    ids = torch.tensor([1, 2, 1, 3])
+    full = _context(counts).candidate_log_q(ids, num_uniform=2)
+    ctx = _context(counts)
+    ctx.cfg.loss.logq_weight = 0.5
+    np.testing.assert_allclose(ctx.candidate_log_q(ids, num_uniform=2).numpy(), 0.5 * full.numpy(), rtol=1e-6)
+
+
+def _shard_one_table(features: list[str], decay: float, table: str = "t_h"):
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from twotower_rec.config import ShardingConfig, TrainConfig
+    from twotower_rec.distributed.env import init_distributed
+    from twotower_rec.distributed.sharding import shard_model
+
+    env = init_distributed()
+    ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t_h", embedding_dim=8, num_embeddings=6,
+                                                            feature_names=features)], device=torch.device("meta"))
+    return shard_model(ebc, env, ShardingConfig(), TrainConfig(sparse_lr=0.1, table_weight_decay={table: decay}))
+
+
+@pytest.fixture
+def process_group():
+    import os
+
+    from twotower_rec.distributed.env import shutdown
+
+    saved_env = dict(os.environ)
+    yield
+    shutdown()
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_table_weight_decay_is_applied_by_the_fused_row_update(process_group, decay):
+    """With a zero loss gradient the L2 term is the whole gradient, g = decay * w, and the
+    row-wise Adagrad step is lr * g / sqrt(mean(g^2)) = lr * w / rms(w) for each touched row;
+    rows the batch does not touch, and every row without decay, keep their values."""
+    from torchrec import KeyedJaggedTensor
+
+    from twotower_rec.distributed.sharding import full_state_dict
+
+    model = _shard_one_table(["history", "recent_1"], decay)
+    key = next(k for k in full_state_dict(model) if k.endswith("t_h.weight"))
+    before = full_state_dict(model)[key].clone()
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["history", "recent_1"], values=torch.tensor([1, 3, 3, 4]),
+                                              lengths=torch.tensor([2, 0, 1, 1]))
+    (model(kjt).values() * 0.0).sum().backward()
+    after = full_state_dict(model)[key]
+    expected = before.clone()
+    if decay > 0:
+        for row in (1, 3, 4):
+            w = before[row]
+            expected[row] = w - 0.1 * w / w.pow(2).mean().sqrt()
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_table_weight_decay_names_what_fbgemm_on_cpu_would_ignore(process_group):
+    from twotower_rec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="read by one feature"):
+        _shard_one_table(["history"], 0.01)
+    with pytest.raises(ConfigError, match="no table 't_x'; the tables are \\['t_h'\\]"):
+        _shard_one_table(["history", "recent_1"], 0.01, table="t_x")

@@ -116,6 +116,7 @@ class LossConfig:
     # candidate's logit. counts: from training frequencies; streaming: the paper's per-step
     # frequency estimator (no global pass); none.
     logq: str = "counts"
+    logq_weight: float = 1.0  # scale of the correction: 1 = the paper's; 0 = none
     streaming_hash_size: int = 1 << 20
     streaming_alpha: float = 0.01
     # Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the
@@ -135,6 +136,11 @@ class TrainConfig:
     warmup_steps: int = 0  # dense learning rate ramps linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (dense learning rate decays to 0 at the last step)
     sparse_lr: float = 0.05
+    # L2 weight decay per table, by table name (as the sharding plan prints it), applied by
+    # fbgemm inside the fused row-wise Adagrad update to the rows a batch touches, e.g.
+    # {t_history: 0.01}. On CPU fbgemm applies it only to a pooled table read by two or more
+    # features (its fast path for a single feature passes no decay), so that is checked.
+    table_weight_decay: dict[str, float] = field(default_factory=dict)
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only); fused into backward
     val_every_steps: int = 200  # 0: validate only at the end of each epoch
     val_max_users: int = 2000  # validation during training scores a seeded sample of events (0: all)
@@ -238,6 +244,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, e.g. {{t_history: 0.01}}, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -312,6 +322,14 @@ def validate(cfg: Config) -> Config:
     if cfg.features.recent_items < 0 or cfg.features.recent_items > cfg.features.history_length:
         raise ConfigError(f"features.recent_items: must lie in [0, features.history_length="
                           f"{cfg.features.history_length}], got {cfg.features.recent_items}")
+    for table, decay in cfg.train.table_weight_decay.items():
+        if decay < 0:
+            raise ConfigError(f"train.table_weight_decay.{table}: must be >= 0, got {decay}")
+        if decay > 0 and cfg.train.sparse_optimizer != "rowwise_adagrad":
+            raise ConfigError("train.table_weight_decay: fbgemm applies it with train.sparse_optimizer="
+                              f"rowwise_adagrad only, not {cfg.train.sparse_optimizer}")
+    if cfg.loss.logq_weight < 0:
+        raise ConfigError(f"loss.logq_weight: must be >= 0, got {cfg.loss.logq_weight}")
     if cfg.loss.uniform_negatives < 0:
         raise ConfigError(f"loss.uniform_negatives: must be >= 0, got {cfg.loss.uniform_negatives}")
     if cfg.features.history_length < 0:

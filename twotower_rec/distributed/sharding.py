@@ -21,12 +21,13 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig
+from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig, _closest
 from twotower_rec.distributed.env import DistEnv
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
@@ -82,6 +83,25 @@ def _table_configs(collection: nn.Module) -> list:
     return collection.embedding_configs()
 
 
+def _table_weight(collection: nn.Module, name: str) -> nn.Parameter:
+    tables = collection.embedding_bags if isinstance(collection, EmbeddingBagCollection) else collection.embeddings
+    return tables[name].weight
+
+
+def _check_table_weight_decay(collections: dict[str, nn.Module], train: TrainConfig, env: DistEnv) -> None:
+    configs = {c.name: (c, isinstance(m, EmbeddingBagCollection)) for m in collections.values() for c in _table_configs(m)}
+    for table, decay in train.table_weight_decay.items():
+        if table not in configs:
+            raise ConfigError(f"train.table_weight_decay: no table '{table}'; the tables are {sorted(configs)}"
+                              f"{_closest(table, sorted(configs))}")
+        config, pooled = configs[table]
+        if decay > 0 and pooled and env.device.type == "cpu" and len(config.feature_names) < 2:
+            raise ConfigError(
+                f"train.table_weight_decay.{table}: on CPU fbgemm's row-wise Adagrad ignores weight decay for "
+                f"a pooled table read by one feature ({config.feature_names[0]}); it applies it to tables read "
+                "by two or more (e.g. t_history with features.recent_items > 0) and to every table on CUDA")
+
+
 def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig) -> DistributedModelParallel:
     """Fused table optimizer + planned sharding + DMP; rank 0 logs the plan."""
     if train.sparse_optimizer == "adam" and env.device.type != "cuda":
@@ -89,8 +109,16 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
                          "on CPU use rowwise_adagrad (the default), adagrad or sgd")
     optimizer_cls, defaults = _TABLE_OPTIMIZERS[train.sparse_optimizer]
     collections = _embedding_collections(model)
+    _check_table_weight_decay(collections, train, env)
     for collection in collections.values():
-        apply_optimizer_in_backward(optimizer_cls, collection.parameters(), {"lr": train.sparse_lr, **defaults})
+        for config in _table_configs(collection):
+            kwargs = {"lr": train.sparse_lr, **defaults}
+            decay = train.table_weight_decay.get(config.name, 0.0)
+            if decay > 0:
+                # fbgemm's fused parameters: L2 adds decay * row to the row's gradient, and to
+                # the squared gradient Adagrad accumulates, for each row the batch touches.
+                kwargs.update(weight_decay=decay, weight_decay_mode=WeightDecayMode.L2)
+            apply_optimizer_in_backward(optimizer_cls, [_table_weight(collection, config.name)], kwargs)
 
     kernel = (EmbeddingComputeKernel.FUSED if sharding.compute_kernel == "fused" else EmbeddingComputeKernel.DENSE)
     constraints = {

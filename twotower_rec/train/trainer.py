@@ -111,7 +111,9 @@ class LossContext:
             in_batch = torch.log(self.streaming.probability(positive_ids).float() * positive_ids.numel())
         uniform = torch.full((num_uniform,), float(np.log(max(num_uniform, 1) / self.num_items)),
                              device=in_batch.device)
-        return torch.cat([in_batch, uniform])
+        log_q = torch.cat([in_batch, uniform])
+        weight = self.cfg.loss.logq_weight
+        return log_q if weight == 1.0 else log_q * weight
 
 
 def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config,
@@ -225,8 +227,8 @@ class TrainerState:
 
 # Config sections that must not change between a run and its resumption.
 _RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
-                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.warmup_steps", "train.lr_schedule",
-                 "data.cache_dir")
+                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.table_weight_decay",
+                 "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
 
 
 def _check_resumable(saved: dict, cfg: Config) -> None:
