@@ -20,7 +20,7 @@ from twotower_rec.config import DataConfig, FeaturesConfig, SyntheticConfig, loa
 from twotower_rec.data import splits
 from twotower_rec.data.batches import Batcher, gather_ranges
 from twotower_rec.data.prepared import PreparedData, prepare
-from twotower_rec.data.sources import RawData, load_raw
+from twotower_rec.data.sources import DataError, RawData, load_raw
 
 # file line 2 is the first data row. Not in time order; ties on purpose:
 #   user 10: ts 5 twice (item 100 on line 2 before item 300 on line 5)
@@ -410,3 +410,29 @@ def test_training_history_is_earlier_interactions_of_the_same_user(seed, num_use
             got = [data.raw_item_ids[c - 1].item() for c in codes]
             earlier = [i for t, i in events[raw_user] if t < timestamp[row]]
             assert got == earlier[-history_length:]
+
+
+def _raw(num_users: int, per_user: int = 5) -> RawData:
+    rows = [(u, i, t) for u in range(1, num_users + 1) for t, i in enumerate(range(1, per_user + 1))]
+    inter = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    inter["rating"] = np.float32(4.0)
+    return RawData(inter, pd.DataFrame({"user": range(1, num_users + 1)}), pd.DataFrame({"item": range(1, 6)}),
+                   name="small")
+
+
+def test_prepare_swaps_the_cache_in_and_readers_of_the_old_one_keep_it(tmp_path):
+    features = FeaturesConfig(user_features=["user_id"], item_features=["item_id"], item_dense=[], history_length=3)
+    cache = tmp_path / "cache"
+    old = prepare(_raw(3), DataConfig(cache_dir=str(cache), min_interactions=3), features)
+    old_users = old.user  # memory-mapped from the first cache's files
+    new = prepare(_raw(4, per_user=4), DataConfig(cache_dir=str(cache), min_interactions=3), features)
+    # np.save into the same files would truncate what `old` maps (SIGBUS on the next read)
+    assert np.asarray(old_users).tolist() == [1] * 5 + [2] * 5 + [3] * 5
+    assert new.spec.num_users == 4 and PreparedData(cache).spec.num_users == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # no temporary or old folder left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="is not a prepared cache"):
+        prepare(_raw(3), DataConfig(cache_dir=str(other), min_interactions=3), features)
+    assert (other / "keep.txt").read_text() == "mine"

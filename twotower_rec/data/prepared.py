@@ -1,4 +1,4 @@
-"""The prepared columnar cache: ``prepare`` writes it once, training memory-maps it.
+"""The prepared columnar cache: ``prepare`` writes it once (beside it, then swapped in), training memory-maps it.
 
 Layout of ``cache_dir``::
 
@@ -17,6 +17,8 @@ Layout of ``cache_dir``::
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -97,7 +99,14 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     item = encode(item_raw, item_vocab)
     num_items = len(item_vocab)
 
-    out = Path(data_cfg.cache_dir)
+    final = Path(data_cfg.cache_dir)
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "feature_spec.json").is_file())):
+        raise DataError(f"data.cache_dir {final} exists and is not a prepared cache: point it at a new or empty "
+                        "folder (prepare replaces the whole folder)")
+    # Written beside the cache, then swapped in: a crash leaves the old cache whole, and a
+    # process still reading the old one (memory-mapped) keeps its files.
+    out = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
     for sub in ("interactions", "users", "items"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -199,9 +208,19 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         vocabularies=vocabularies, source=raw.name,
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    _log(f"{len(user)} interactions, {num_users} users, {num_items} items -> {out} "
+    _swap_in(out, final)
+    _log(f"{len(user)} interactions, {num_users} users, {num_items} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
-    return PreparedData(out)
+    return PreparedData(final)
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``new`` (two renames; the old one is then deleted)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
