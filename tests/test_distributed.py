@@ -187,3 +187,19 @@ def test_sequence_encoder_two_processes_equal_one(setup):
     two = train(root, config, "seq-ws2", 2, *extra)
     assert len(losses(one)) == 4
     assert_close_relative(losses(one), losses(two), "sequence encoder per-step losses")
+
+
+def test_table_weight_decay_two_processes_equal_one(setup):
+    """fbgemm's L2 decay inside the fused update, on a row-wise sharded table read by three
+    features (history + 2 recent items), is the same at one and two processes."""
+    root, config, _ = setup
+    data = ["--set", f"data.cache_dir={root / 'data-recent'}", "--set", "features.recent_items=2"]
+    result = run_cli("prepare", "--config", config, *data, cwd=root)
+    assert result.returncode == 0, result.describe()
+    extra = [*data, "--set", "sharding.sharding_types=[row_wise]", "--set", "train.max_steps=4"]
+    plain = train(root, config, "twd-none", 1, *extra)
+    decay = ["--set", "train.table_weight_decay={t_history: 0.5}"]
+    one = train(root, config, "twd-ws1", 1, *extra, *decay)
+    two = train(root, config, "twd-ws2", 2, *extra, *decay)
+    assert losses(one)[1:] != pytest.approx(losses(plain)[1:], rel=1e-4)  # the decay does act
+    assert_close_relative(losses(one), losses(two), "per-step losses with table weight decay")
