@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,12 @@ def test_there_are_config_files():
     assert {"demo.yaml", "tiny.yaml"} <= names
 
 
-def _leaves(data: dict, prefix: str = ""):
+def _leaves(data: dict, section, prefix: str = ""):
+    """(dotted key, value) of each config value in ``data``; a mapping is a value when its
+    field is one (``train.table_weight_decay``), else a section to walk into."""
     for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}.")
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(section, key)):
+            yield from _leaves(value, getattr(section, key), f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 
@@ -38,7 +41,7 @@ def test_config_file_loads_validates_and_holds_its_values(path):
     assert isinstance(cfg, Config)
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict) and raw
-    for dotted, value in _leaves(raw):
+    for dotted, value in _leaves(raw, cfg):
         assert _get(cfg, dotted) == value, dotted
     # What a checkpoint stores rebuilds the same config.
     assert from_dict(to_dict(cfg)) == cfg
@@ -181,3 +184,14 @@ def test_config_error_is_a_user_error():
     from twotower_rec.errors import TwoTowerError
 
     assert issubclass(ConfigError, TwoTowerError)
+
+
+def test_mapping_values_are_checked_key_by_key():
+    cfg = load_config(None, ["train.table_weight_decay={t_history: 0.5, t_item_id: 1}"])
+    assert cfg.train.table_weight_decay == {"t_history": 0.5, "t_item_id": 1.0}
+    with pytest.raises(ConfigError, match=r"train.table_weight_decay.t_history: expected a number"):
+        load_config(None, ["train.table_weight_decay={t_history: lots}"])
+    with pytest.raises(ConfigError, match="train.table_weight_decay: expected a mapping"):
+        load_config(None, ["train.table_weight_decay=[0.1]"])
+    with pytest.raises(ConfigError, match=r"train.table_weight_decay.t_history: must be >= 0"):
+        load_config(None, ["train.table_weight_decay={t_history: -1}"])
