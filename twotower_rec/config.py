@@ -230,7 +230,8 @@ _POSITIVE = (
 )
 
 
-def _closest(name: str, options: list[str], prefix: str = "") -> str:
+def closest(name: str, options: list[str], prefix: str = "") -> str:
+    """``"; did you mean '...'?"`` naming the option nearest to ``name`` (or "")."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
@@ -280,7 +281,7 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(str(key), names, prefix)}")
+            raise ConfigError(f"unknown config key '{dotted}'{closest(str(key), names, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, dotted + ".")
@@ -300,7 +301,7 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
-            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{_closest(value, list(choices))}")
+            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{closest(value, list(choices))}")
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
@@ -308,7 +309,7 @@ def validate(cfg: Config) -> Config:
         if value not in _SHARDING_TYPES:
             raise ConfigError(
                 f"sharding.sharding_types: '{value}' is not one of {list(_SHARDING_TYPES)}"
-                f"{_closest(value, list(_SHARDING_TYPES))}"
+                f"{closest(value, list(_SHARDING_TYPES))}"
             )
     if not cfg.sharding.sharding_types:
         raise ConfigError("sharding.sharding_types: give at least one sharding type")

@@ -1,4 +1,5 @@
-"""The prepared columnar cache: ``prepare`` writes it once (beside it, then swapped in), training memory-maps it.
+"""The prepared columnar cache: ``prepare`` writes it once (beside it, then swaps it in);
+training memory-maps it.
 
 Layout of ``cache_dir``::
 

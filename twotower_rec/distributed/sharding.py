@@ -27,7 +27,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig, _closest
+from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig, closest
 from twotower_rec.distributed.env import DistEnv
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
@@ -93,7 +93,7 @@ def _check_table_weight_decay(collections: dict[str, nn.Module], train: TrainCon
     for table, decay in train.table_weight_decay.items():
         if table not in configs:
             raise ConfigError(f"train.table_weight_decay: no table '{table}'; the tables are {sorted(configs)}"
-                              f"{_closest(table, sorted(configs))}")
+                              f"{closest(table, sorted(configs))}")
         config, pooled = configs[table]
         if decay > 0 and pooled and env.device.type == "cpu" and len(config.feature_names) < 2:
             raise ConfigError(
