@@ -195,3 +195,12 @@ def test_mapping_values_are_checked_key_by_key():
         load_config(None, ["train.table_weight_decay=[0.1]"])
     with pytest.raises(ConfigError, match=r"train.table_weight_decay.t_history: must be >= 0"):
         load_config(None, ["train.table_weight_decay={t_history: -1}"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.members=0"], r"model\.members: must be at least 1"),
+    (["model.members=3", "loss.name=bce"], r"model\.members=3: ensembles train with loss\.name=in_batch_softmax"),
+])
+def test_ensemble_sizes_and_objectives_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

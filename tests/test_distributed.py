@@ -203,3 +203,18 @@ def test_table_weight_decay_two_processes_equal_one(setup):
     two = train(root, config, "twd-ws2", 2, *extra, *decay)
     assert losses(one)[1:] != pytest.approx(losses(plain)[1:], rel=1e-4)  # the decay does act
     assert_close_relative(losses(one), losses(two), "per-step losses with table weight decay")
+
+
+def test_ensemble_two_processes_equal_one(setup):
+    """model.members=2: both members' tables shard row-wise, each member's loss sees the
+    global batch's items, and two processes take the step one process takes."""
+    root, config, _ = setup
+    extra = ["--set", "model.members=2", "--set", "sharding.sharding_types=[row_wise]", "--set", "train.max_steps=4"]
+    one = train(root, config, "ens-ws1", 1, *extra)
+    two = train(root, config, "ens-ws2", 2, *extra)
+    assert len(losses(one)) == 4
+    assert_close_relative(losses(one), losses(two), "ensemble per-step losses")
+    a, b = weights(one / "checkpoint", root), weights(two / "checkpoint", root)
+    assert any("members.1." in key for key in a), sorted(a)
+    for key in a:
+        assert_close_relative(a[key], b[key], key)

@@ -1,14 +1,16 @@
-"""Model variants end to end: a shared item-id table, and the sequence encoder with recent items.
+"""Model variants end to end: a shared item-id table, the sequence encoder, an ensemble.
 
 ``shared``: features.share_item_table, the history bag and the item tower look items up in
 ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + transformer over
-the history) with features.recent_items=3. For each, the exported TorchScript query tower and
-`recommend` must reproduce the training model.
+the history) with features.recent_items=3. ``ensemble``: model.members=3 with
+features.recent_items=2. For each, the exported TorchScript query tower and `recommend` must
+reproduce the training model.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +23,16 @@ from conftest import tiny_config
 VARIANTS = {
     "shared": {"features": {"share_item_table": True}},
     "sequence": {"features": {"recent_items": 3}, "model": {"user_encoder": "sequence"}},
+    "ensemble": {"features": {"recent_items": 2}, "model": {"members": 3}},
 }
 
 
-def _variant(tmp_path_factory, cli, name: str):
+_BUILT: dict[str, Path] = {}  # variant -> its config; each variant is trained once per session
+
+
+def _build(tmp_path_factory, cli, name: str) -> Path:
+    if name in _BUILT:
+        return _BUILT[name]
     root = tmp_path_factory.mktemp(name)
     cfg = tiny_config(root)
     for section, values in VARIANTS[name].items():
@@ -35,6 +43,13 @@ def _variant(tmp_path_factory, cli, name: str):
     for verb in ("prepare", "train", "export"):
         result = cli(verb, "--config", path, cwd=root)
         assert result.returncode == 0, result.describe()
+    _BUILT[name] = path
+    return path
+
+
+def _variant(tmp_path_factory, cli, name: str):
+    path = _build(tmp_path_factory, cli, name)
+    root = path.parent
 
     from twotower_rec.cli import _load_trained
     from twotower_rec.config import load_config
@@ -55,6 +70,16 @@ def _variant(tmp_path_factory, cli, name: str):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, cli):
     yield from _variant(tmp_path_factory, cli, "shared")
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, "sequence")
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, "ensemble")
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -121,12 +146,10 @@ def test_scripted_query_tower_and_recommend_equal_the_training_model(variant):
         assert [r.item for r in recs] == [str(data.raw_item_ids[c - 1]) for c in row]
 
 
-def test_sequence_encoder_reads_the_history_through_an_embedding_collection(variant):
+def test_sequence_encoder_reads_the_history_through_an_embedding_collection(sequence):
     from twotower_rec.model.two_tower import TwoTower
 
-    model, data, exported, trained_cfg = variant
-    if trained_cfg.model.user_encoder != "sequence":
-        pytest.skip("the sequence variant only")
+    model, data, exported, trained_cfg = sequence
     plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
     assert plain.query_feature_order[-1] == "history" and "recent_3" in plain.query_feature_order
     assert "history" not in plain.query_tower.feature_names
@@ -136,3 +159,50 @@ def test_sequence_encoder_reads_the_history_through_an_embedding_collection(vari
     a = exported.recommend_new_user(liked=items[:4], k=5)
     b = exported.recommend_new_user(liked=items[:4][::-1], k=5)  # same items, other order
     assert len(a) == 5 and [r.score for r in a] != [r.score for r in b]
+
+
+def test_ensemble_serves_its_members_side_by_side(ensemble):
+    """[B, K * D] embeddings: each member's unit vector / sqrt(K), so a score is the mean of the
+    members' cosines; the export says how many members its vectors hold."""
+    from twotower_rec.data.batches import Batcher
+    from twotower_rec.evaluation import catalog_embeddings, query_embeddings
+
+    model, data, exported, trained_cfg = ensemble
+    inner = model.module
+    members, dim = trained_cfg.model.members, trained_cfg.model.output_dim
+    batcher = Batcher(data)
+    codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
+    with torch.no_grad():
+        query = query_embeddings(inner.encode_query, batcher, codes, data.user_offsets[codes])
+        items = catalog_embeddings(inner.encode_items, batcher)[1:]
+        own_query = [query_embeddings(m.encode_query, batcher, codes, data.user_offsets[codes]) for m in inner.members]
+        own_items = [catalog_embeddings(m.encode_items, batcher)[1:] for m in inner.members]
+    assert query.shape == (codes.size, members * dim) and items.shape[1] == members * dim
+    torch.testing.assert_close(query.norm(dim=1), torch.ones(codes.size))
+    mean_cosine = sum(q @ i.t() for q, i in zip(own_query, own_items)) / members
+    torch.testing.assert_close(query @ items.t(), mean_cosine, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(own_query[0], own_query[1], atol=1e-3)  # members differ
+    assert exported.manifest["members"] == members and exported.manifest["embedding_dim"] == members * dim
+
+
+def test_ensemble_loss_is_the_mean_of_the_members_own_losses(ensemble):
+    """Not the softmax of the mean score: each member is trained on its own scores."""
+    from twotower_rec import losses
+    from twotower_rec.data.batches import Batcher
+    from twotower_rec.data.splits import TRAIN
+    from twotower_rec.train.trainer import LossContext, forward_loss
+
+    model, data, _, trained_cfg = ensemble
+    inner = model.module
+    batch = Batcher(data).batch(data.rows(TRAIN)[:32])
+    ctx = LossContext(trained_cfg, data, torch.device("cpu"))
+    with torch.no_grad():
+        loss, _ = forward_loss(model, batch, trained_cfg, ctx)
+        log_q = ctx.candidate_log_q(batch.item_ids, 0)
+        own = [losses.in_batch_softmax(m.encode_query(batch.query_features),
+                                       m.encode_items(batch.item_features, batch.item_dense),
+                                       trained_cfg.loss.temperature, batch.item_ids, 0, log_q)
+               for m in inner.members]
+        joint = losses.in_batch_softmax(*inner(batch), trained_cfg.loss.temperature, batch.item_ids, 0, log_q)
+    assert float(loss) == pytest.approx(float(sum(own) / len(own)), rel=1e-5)
+    assert float(loss) != pytest.approx(float(joint), rel=1e-3)

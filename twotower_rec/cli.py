@@ -160,7 +160,7 @@ def cmd_export(args) -> int:
     from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.distributed.sharding import full_state_dict
     from twotower_rec.export import export
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.train.trainer import new_model
     import torch
 
     cfg = _config(args)
@@ -171,9 +171,7 @@ def cmd_export(args) -> int:
     finally:
         shutdown()
     if env.is_main:
-        plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"),
-                         pointwise_head=trained_cfg.loss.name != "in_batch_softmax",
-                         learned_temperature=trained_cfg.loss.temperature if trained_cfg.loss.learn_temperature else None)
+        plain = new_model(trained_cfg, data.spec, torch.device("cpu"))
         plain.load_state_dict(state)
         from twotower_rec.config import to_dict
 

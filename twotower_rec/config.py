@@ -98,6 +98,10 @@ class ModelConfig:
     sequence_layers: int = 1
     sequence_heads: int = 2
     sequence_dropout: float = 0.1
+    # Train this many two-tower members side by side, each on its own loss, and serve them as
+    # one model: embeddings concatenated / sqrt(members), so a score is the mean of the
+    # members' cosines (twotower_rec/model/ensemble.py). Costs members x the training time.
+    members: int = 1
 
 
 @dataclass
@@ -311,6 +315,11 @@ def validate(cfg: Config) -> Config:
                 f"sharding.sharding_types: '{value}' is not one of {list(_SHARDING_TYPES)}"
                 f"{closest(value, list(_SHARDING_TYPES))}"
             )
+    if cfg.model.members < 1:
+        raise ConfigError(f"model.members: must be at least 1, got {cfg.model.members}")
+    if cfg.model.members > 1 and cfg.loss.name != "in_batch_softmax":
+        raise ConfigError(f"model.members={cfg.model.members}: ensembles train with loss.name=in_batch_softmax "
+                          f"only, not {cfg.loss.name}")
     if not cfg.sharding.sharding_types:
         raise ConfigError("sharding.sharding_types: give at least one sharding type")
     if cfg.train.checkpoint_every_steps < 0:

@@ -29,7 +29,9 @@ Calling ``query_tower.pt`` (``torch.jit.load``; only torch is needed):
   order; values are int64 codes (0 = unknown), lengths per-row counts. Item codes are
   ``row + 1`` of ``item_ids.npy``.
 
-The query embedding's dot product with ``item_embeddings`` rows is the model's score.
+The query embedding's dot product with ``item_embeddings`` rows is the model's score. For an
+ensemble (``model.members`` = K > 1) both are the K members' embeddings side by side, divided
+by ``sqrt(K)``, so the score is the mean of the members' cosines.
 """
 
 from __future__ import annotations
@@ -54,23 +56,22 @@ from twotower_rec.data.features import HISTORY, Feature, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.evaluation import catalog_embeddings, query_embeddings
 from twotower_rec.model.sequence import SEQUENCE_TABLE
+from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train.checkpoint import versions
 
 EXPORT_FORMAT_VERSION = 2
 
 
-class QueryEncoder(nn.Module):
-    """A query tower with plain ``nn.EmbeddingBag`` tables: scriptable, TorchRec-free.
+class MemberQueryEncoder(nn.Module):
+    """One TwoTower's query tower with plain ``nn.EmbeddingBag`` tables: scriptable, TorchRec-free.
 
     ``forward(values, lengths)``: per feature, ``values[f]`` ``[sum(lengths[f])]`` int64 and
     ``lengths[f]`` ``[B]`` -> ``[B, D]`` L2-normalised query embeddings.
     """
 
     def __init__(self, weights: list[torch.Tensor], poolings: list[str], mlp: nn.Sequential,
-                 feature_names: list[str] | None = None, vocabularies: dict[str, dict[str, int]] | None = None,
-                 history_length: int = 0, sequence_table: torch.Tensor | None = None,
-                 sequence_pooling: nn.Module | None = None) -> None:
+                 sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None) -> None:
         super().__init__()
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
@@ -81,6 +82,33 @@ class QueryEncoder(nn.Module):
             [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
         self.sequence_pooling = nn.ModuleList([sequence_pooling] if sequence_pooling is not None else [])
         self.mlp = mlp
+
+    def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
+        pooled: List[torch.Tensor] = []
+        last = 0
+        for index, bag in enumerate(self.bags):
+            counts = lengths[index].long()
+            offsets = torch.cumsum(counts, 0) - counts
+            pooled.append(bag(values[index].long(), offsets))
+            last = index + 1
+        for table in self.sequence_tables:
+            for pooling in self.sequence_pooling:
+                pooled.append(pooling(table(values[last].long()), lengths[last]))
+        return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+
+
+class QueryEncoder(nn.Module):
+    """The served query tower: raw values or codes -> ``[B, D_out]`` L2-normalised embeddings.
+
+    One :class:`MemberQueryEncoder` per model member; with K > 1 (``model.members``) their
+    outputs are concatenated and divided by ``sqrt(K)``, as ``model/ensemble.py`` does.
+    """
+
+    def __init__(self, members: list[MemberQueryEncoder], feature_names: list[str] | None = None,
+                 vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scale = 1.0 / float(np.sqrt(len(members)))
         # torch.jit.Attribute: the types TorchScript cannot infer from (possibly empty) containers
         self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
         self.vocabularies = torch.jit.Attribute(dict(vocabularies or {}), Dict[str, Dict[str, int]])
@@ -134,17 +162,13 @@ class QueryEncoder(nn.Module):
         return self.forward(values, lengths)
 
     def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
-        pooled: List[torch.Tensor] = []
-        last = 0
-        for index, bag in enumerate(self.bags):
-            counts = lengths[index].long()
-            offsets = torch.cumsum(counts, 0) - counts
-            pooled.append(bag(values[index].long(), offsets))
-            last = index + 1
-        for table in self.sequence_tables:
-            for pooling in self.sequence_pooling:
-                pooled.append(pooling(table(values[last].long()), lengths[last]))
-        return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+        """Codes per feature (see the module docstring) -> ``[B, D_out]``."""
+        parts: List[torch.Tensor] = []
+        for member in self.members:
+            parts.append(member(values, lengths))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=1) * self.scale
 
 
 def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
@@ -162,30 +186,35 @@ def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str
     return out
 
 
-def build_query_encoder(model: TwoTower, features: list[Feature], data: PreparedData | None = None) -> QueryEncoder:
-    """Copy an unsharded TwoTower's query-side tables and query MLP into a :class:`QueryEncoder`.
-
-    Inputs follow ``model.query_feature_order``; a history that shares the item tower's
-    item-id table takes its weights from there. With ``data`` the encoder also maps raw
-    values (``encode_raw``).
-    """
+def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEncoder:
+    """Copy one unsharded TwoTower's query-side tables and query MLP; inputs follow
+    ``model.query_feature_order``, and a history that shares the item tower's item-id table
+    takes its weights from there."""
     by_name = {f.name: f for f in features}
     tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
     names = list(model.query_feature_order)
-    bag_names = names[:-1] if model.sequence is not None else names
-    ordered = [by_name[name] for name in bag_names]
+    ordered = [by_name[name] for name in (names[:-1] if model.sequence is not None else names)]
     weights = [tables[f.table].weight.detach() for f in ordered]
-    vocabularies = raw_vocabularies(data, names) if data is not None else {}
-    history_length = data.spec.history_length if data is not None else 0
     sequence_table = sequence_pooling = None
     if model.sequence is not None:
         sequence_table = model.sequence.embeddings.embeddings[SEQUENCE_TABLE].weight.detach()
         sequence_pooling = copy.deepcopy(model.sequence.pooling).eval()
-    return QueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, names, vocabularies,
-                        history_length, sequence_table, sequence_pooling).eval()
+    return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
+                              sequence_pooling)
 
 
-def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower, data: PreparedData, batcher: Batcher,
+def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
+                        data: PreparedData | None = None) -> QueryEncoder:
+    """A :class:`QueryEncoder` from an unsharded TwoTower (or Ensemble: one member encoder each).
+    With ``data`` the encoder also maps raw values (``encode_raw``)."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    names = list(model.query_feature_order)
+    vocabularies = raw_vocabularies(data, names) if data is not None else {}
+    history_length = data.spec.history_length if data is not None else 0
+    return QueryEncoder([_member_encoder(m, features) for m in members], names, vocabularies, history_length).eval()
+
+
+def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower | Ensemble, data: PreparedData, batcher: Batcher,
                  out: Path) -> dict | None:
     """Build ``items.faiss`` and measure its recall against exact search on real user queries."""
     if cfg.ann == "none":
@@ -206,7 +235,7 @@ def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower, data:
             "build_seconds": round(build_s, 3), "recall_queries": int(users.size), **recall}
 
 
-def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | Path, metrics: dict | None = None,
+def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path, metrics: dict | None = None,
            export_cfg: ExportConfig | None = None) -> Path:
     """Write the export directory atomically from an *unsharded* CPU ``model``."""
     cfg = export_cfg or ExportConfig()
@@ -244,6 +273,8 @@ def export(model: TwoTower, data: PreparedData, cfg_dict: dict, out_dir: str | P
         "normalized": True,
         "similarity": "dot product of L2-normalised embeddings (cosine)",
         "embedding_dim": int(item_emb.shape[1]),
+        # model.members > 1: embedding_dim = members x output_dim, the members side by side
+        "members": len(model.members) if isinstance(model, Ensemble) else 1,
         "embedding_dtype": cfg.dtype,
         "num_items": int(item_emb.shape[0]),
         "num_users": int(spec.num_users),

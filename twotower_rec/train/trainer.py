@@ -35,6 +35,8 @@ from twotower_rec.data.splits import TRAIN, VALIDATION
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv, seed_everything
 from twotower_rec.evaluation import evaluate
+from twotower_rec.data.features import FeatureSpec
+from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train import checkpoint
 
@@ -48,11 +50,22 @@ class TrainResult:
     examples_per_second: float
 
 
+def new_model(cfg: Config, spec: FeatureSpec, device: torch.device | None = None) -> TwoTower | Ensemble:
+    """The unsharded model of ``cfg``: a TwoTower, or an Ensemble of ``model.members`` of them
+    (tables on ``meta`` unless ``device`` is given)."""
+    def member() -> TwoTower:
+        return TwoTower(spec, cfg.model, device, pointwise_head=cfg.loss.name != "in_batch_softmax",
+                        learned_temperature=cfg.loss.temperature if cfg.loss.learn_temperature else None)
+
+    if cfg.model.members > 1:
+        return Ensemble([member() for _ in range(cfg.model.members)])
+    return member()
+
+
 def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedModelParallel:
-    """TwoTower with tables on meta, sharded and materialised; same seed on every rank."""
+    """The model with tables on meta, sharded and materialised; same seed on every rank."""
     seed_everything(cfg.train.seed, env.rank)
-    model = TwoTower(data.spec, cfg.model, pointwise_head=cfg.loss.name != "in_batch_softmax",
-                     learned_temperature=cfg.loss.temperature if cfg.loss.learn_temperature else None)
+    model = new_model(cfg, data.spec)
     if cfg.loss.name == "mse":  # start from the mean training rating, not from 0
         with torch.no_grad():
             model.score_bias.fill_(float(np.asarray(data.rating)[data.rows(TRAIN)].mean()))
@@ -61,7 +74,7 @@ def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedMod
 
 
 def towers(model: DistributedModelParallel):
-    """(encode_query, encode_items) of a DMP-wrapped TwoTower."""
+    """(encode_query, encode_items) of a DMP-wrapped TwoTower or Ensemble."""
     inner = model.module
     return inner.encode_query, inner.encode_items
 
@@ -141,9 +154,14 @@ def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config,
     candidates = torch.cat([positives, negatives])
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
-    temperature = model.module.temperature() if cfg.loss.learn_temperature else cfg.loss.temperature
-    loss = losses.in_batch_softmax(query, candidates, temperature,
-                                   candidate_ids if cfg.loss.mask_accidental_hits else None, offset, log_q)
+    inner = model.module
+    if isinstance(inner, Ensemble):  # each member on its own loss; their mean is back-propagated
+        parts = zip(inner.split(query), inner.split(candidates),
+                    inner.temperatures() if cfg.loss.learn_temperature else [cfg.loss.temperature] * len(inner.members))
+    else:
+        parts = [(query, candidates, inner.temperature() if cfg.loss.learn_temperature else cfg.loss.temperature)]
+    mask_ids = candidate_ids if cfg.loss.mask_accidental_hits else None
+    loss = torch.stack([losses.in_batch_softmax(q, c, t, mask_ids, offset, log_q) for q, c, t in parts]).mean()
     return loss, loss.detach()
 
 
@@ -248,7 +266,7 @@ def validate(model: DistributedModelParallel, data: PreparedData, batcher: Batch
     eval_cfg = EvalConfig(ks=[10, 50], filter_seen=cfg.eval.filter_seen, user_chunk=cfg.eval.user_chunk,
                           max_users=cfg.train.val_max_users)
     encode_query, encode_items = towers(model)
-    device = next(model.module.query_tower.mlp.parameters()).device
+    device = next(m.weight.device for m in model.module.modules() if isinstance(m, torch.nn.Linear))
     result = evaluate(encode_query, encode_items, data, batcher, eval_cfg, VALIDATION, seed=cfg.train.seed,
                       with_popularity=False, device=device)["model"]
     if cfg.loss.name != "in_batch_softmax":
@@ -381,7 +399,9 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
                f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
                "validation": state.validation}
     if cfg.loss.learn_temperature:
-        metrics["learned_temperature"] = float(model.module.temperature())
+        inner = model.module
+        metrics["learned_temperature"] = ([float(t) for t in inner.temperatures()] if isinstance(inner, Ensemble)
+                                          else float(inner.temperature()))
     if env.is_main:
         (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=2))
         final = f"{metrics['final_loss']:.4f}" if state.losses else "n/a"
