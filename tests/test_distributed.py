@@ -206,15 +206,18 @@ def test_table_weight_decay_two_processes_equal_one(setup):
 
 
 def test_ensemble_two_processes_equal_one(setup):
-    """model.members=2: both members' tables shard row-wise, each member's loss sees the
-    global batch's items, and two processes take the step one process takes."""
+    """model.members=2: each member trains at two processes as at one (row-wise), and the
+    ensemble checkpoint they are loaded into holds the same weights."""
     root, config, _ = setup
     extra = ["--set", "model.members=2", "--set", "sharding.sharding_types=[row_wise]", "--set", "train.max_steps=4"]
     one = train(root, config, "ens-ws1", 1, *extra)
     two = train(root, config, "ens-ws2", 2, *extra)
-    assert len(losses(one)) == 4
-    assert_close_relative(losses(one), losses(two), "ensemble per-step losses")
+    for k in range(2):
+        assert len(losses(one / f"member{k}")) == 4
+        assert_close_relative(losses(one / f"member{k}"), losses(two / f"member{k}"), f"member {k} per-step losses")
+    assert losses(one / "member0") != losses(one / "member1")  # seeds 0 and 1
     a, b = weights(one / "checkpoint", root), weights(two / "checkpoint", root)
     assert any("members.1." in key for key in a), sorted(a)
+    assert sorted(a) == sorted(b)
     for key in a:
         assert_close_relative(a[key], b[key], key)

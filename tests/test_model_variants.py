@@ -3,12 +3,13 @@
 ``shared``: features.share_item_table, the history bag and the item tower look items up in
 ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + transformer over
 the history) with features.recent_items=3. ``ensemble``: model.members=3 with
-features.recent_items=2. For each, the exported TorchScript query tower and `recommend` must
+features.recent_items=2 (three runs, loaded side by side). For each, the exported TorchScript query tower and `recommend` must
 reproduce the training model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -185,24 +186,54 @@ def test_ensemble_serves_its_members_side_by_side(ensemble):
     assert exported.manifest["members"] == members and exported.manifest["embedding_dim"] == members * dim
 
 
-def test_ensemble_loss_is_the_mean_of_the_members_own_losses(ensemble):
-    """Not the softmax of the mean score: each member is trained on its own scores."""
-    from twotower_rec import losses
+def test_ensemble_members_are_ordinary_runs_loaded_side_by_side(ensemble):
+    """Member k is the run in <out_dir>/member<k> (seed train.seed + k, its own early stop);
+    its best checkpoint, loaded alone, gives the k-th slice of the ensemble's embeddings."""
+    from twotower_rec.cli import _load_trained
     from twotower_rec.data.batches import Batcher
-    from twotower_rec.data.splits import TRAIN
-    from twotower_rec.train.trainer import LossContext, forward_loss
+    from twotower_rec.distributed.env import DistEnv
+    from twotower_rec.evaluation import catalog_embeddings, query_embeddings
 
     model, data, _, trained_cfg = ensemble
-    inner = model.module
-    batch = Batcher(data).batch(data.rows(TRAIN)[:32])
-    ctx = LossContext(trained_cfg, data, torch.device("cpu"))
+    members, dim = trained_cfg.model.members, trained_cfg.model.output_dim
+    out = Path(trained_cfg.train.out_dir)
+    runs = [json.loads((out / "train_metrics.json").read_text())["member_runs"][k] for k in range(members)]
+    assert [r["seed"] for r in runs] == [trained_cfg.train.seed + k for k in range(members)]
+    batcher = Batcher(data)
+    codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     with torch.no_grad():
-        loss, _ = forward_loss(model, batch, trained_cfg, ctx)
-        log_q = ctx.candidate_log_q(batch.item_ids, 0)
-        own = [losses.in_batch_softmax(m.encode_query(batch.query_features),
-                                       m.encode_items(batch.item_features, batch.item_dense),
-                                       trained_cfg.loss.temperature, batch.item_ids, 0, log_q)
-               for m in inner.members]
-        joint = losses.in_batch_softmax(*inner(batch), trained_cfg.loss.temperature, batch.item_ids, 0, log_q)
-    assert float(loss) == pytest.approx(float(sum(own) / len(own)), rel=1e-5)
-    assert float(loss) != pytest.approx(float(joint), rel=1e-3)
+        query = query_embeddings(model.module.encode_query, batcher, codes, data.user_offsets[codes])
+        items = catalog_embeddings(model.module.encode_items, batcher)
+    for k in range(members):
+        member, _, meta, member_cfg = _load_trained(trained_cfg, out / f"member{k}" / "checkpoint", env)
+        assert member_cfg.model.members == 1 and member_cfg.train.seed == trained_cfg.train.seed + k
+        assert meta["step"] == runs[k]["best_step"]
+        with torch.no_grad():
+            own_query = query_embeddings(member.module.encode_query, batcher, codes, data.user_offsets[codes])
+            own_items = catalog_embeddings(member.module.encode_items, batcher)
+            scale = members ** -0.5
+            torch.testing.assert_close(query[:, k * dim:(k + 1) * dim], own_query * scale, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(items[:, k * dim:(k + 1) * dim], own_items * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_resume_keeps_finished_members_and_retrains_changed_ones(cli, tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg["model"]["members"] = 2
+    cfg["train"].update({"max_steps": 6, "val_every_steps": 3})
+    path = tmp_path / "ens.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for args in (("prepare",), ("train",)):
+        result = cli(*args, "--config", path, cwd=tmp_path)
+        assert result.returncode == 0, result.describe()
+    first = (tmp_path / "run" / "member1" / "checkpoint" / "meta.json").stat().st_mtime_ns
+    result = cli("train", "--config", path, "--resume", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert result.stderr.count("finished earlier") == 2, result.stderr
+    assert (tmp_path / "run" / "member1" / "checkpoint" / "meta.json").stat().st_mtime_ns == first
+    result = cli("train", "--config", path, "--resume", "--set", "train.dense_lr=0.002", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert "finished earlier" not in result.stderr
+    assert (tmp_path / "run" / "member1" / "checkpoint" / "meta.json").stat().st_mtime_ns != first
+    result = cli("train", "--config", path, "--resume", tmp_path / "run" / "last", cwd=tmp_path)
+    assert result.returncode == 2 and "give --resume without a path" in result.stderr, result.describe()

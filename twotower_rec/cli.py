@@ -72,15 +72,23 @@ def cmd_download(args) -> int:
 
 def cmd_train(args) -> int:
     from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.config import ConfigError
+    from twotower_rec.train.ensemble import train_ensemble
     from twotower_rec.train.trainer import train
 
     cfg = _config(args)
     resume = None
     if args.resume is not None:
+        if cfg.model.members > 1 and args.resume:
+            raise ConfigError(f"--resume {args.resume}: an ensemble (model.members={cfg.model.members}) resumes "
+                              f"from its members' folders under {cfg.train.out_dir}; give --resume without a path")
         resume = Path(args.resume) if args.resume else Path(cfg.train.out_dir) / "last"
     env = init_distributed()
     try:
-        train(cfg, env, resume=resume)
+        if cfg.model.members > 1:
+            train_ensemble(cfg, env, resume=resume is not None)
+        else:
+            train(cfg, env, resume=resume)
     finally:
         shutdown()
     return 0

@@ -98,9 +98,10 @@ class ModelConfig:
     sequence_layers: int = 1
     sequence_heads: int = 2
     sequence_dropout: float = 0.1
-    # Train this many two-tower members side by side, each on its own loss, and serve them as
-    # one model: embeddings concatenated / sqrt(members), so a score is the mean of the
-    # members' cosines (twotower_rec/model/ensemble.py). Costs members x the training time.
+    # An ensemble: train this many two-tower members one after another (seeds train.seed + k,
+    # each with its own early stop) and serve them as one model, embeddings side by side /
+    # sqrt(members), so a score is the mean of the members' cosines (model/ensemble.py,
+    # train/ensemble.py). Costs members x the training time and the embedding size.
     members: int = 1
 
 

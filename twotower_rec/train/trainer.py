@@ -154,14 +154,9 @@ def forward_loss(model: DistributedModelParallel, batch: Batch, cfg: Config,
     candidates = torch.cat([positives, negatives])
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
-    inner = model.module
-    if isinstance(inner, Ensemble):  # each member on its own loss; their mean is back-propagated
-        parts = zip(inner.split(query), inner.split(candidates),
-                    inner.temperatures() if cfg.loss.learn_temperature else [cfg.loss.temperature] * len(inner.members))
-    else:
-        parts = [(query, candidates, inner.temperature() if cfg.loss.learn_temperature else cfg.loss.temperature)]
-    mask_ids = candidate_ids if cfg.loss.mask_accidental_hits else None
-    loss = torch.stack([losses.in_batch_softmax(q, c, t, mask_ids, offset, log_q) for q, c, t in parts]).mean()
+    temperature = model.module.temperature() if cfg.loss.learn_temperature else cfg.loss.temperature
+    loss = losses.in_batch_softmax(query, candidates, temperature,
+                                   candidate_ids if cfg.loss.mask_accidental_hits else None, offset, log_q)
     return loss, loss.detach()
 
 
@@ -249,7 +244,7 @@ _RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", 
                  "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
 
 
-def _check_resumable(saved: dict, cfg: Config) -> None:
+def check_resumable(saved: dict, cfg: Config) -> None:
     current = to_dict(cfg)
     for key in _RESUME_FIXED:
         a, b = saved, current
@@ -299,7 +294,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     streaming_state = None
     if resume is not None:
         meta = checkpoint.read_meta(resume)
-        _check_resumable(meta["config"], cfg)
+        check_resumable(meta["config"], cfg)
         sharding.init_optimizer_state(optimizer, model)
         meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec)
         state = TrainerState(**meta["trainer"])
@@ -399,9 +394,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
                f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
                "validation": state.validation}
     if cfg.loss.learn_temperature:
-        inner = model.module
-        metrics["learned_temperature"] = ([float(t) for t in inner.temperatures()] if isinstance(inner, Ensemble)
-                                          else float(inner.temperature()))
+        metrics["learned_temperature"] = float(model.module.temperature())
     if env.is_main:
         (out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=2))
         final = f"{metrics['final_loss']:.4f}" if state.losses else "n/a"

@@ -1,0 +1,109 @@
+"""Train an ensemble (``model.members`` = K > 1): K ordinary runs, then one model.
+
+Member k is an ordinary training run (``model.members=1``) with seed ``train.seed + k``, in
+``<out_dir>/member<k>``: its own initial weights, its own batch order, and its own early
+stop on its own validation NDCG@10. Their best checkpoints are then loaded side by side into
+one :class:`twotower_rec.model.ensemble.Ensemble`, validated, and saved as
+``<out_dir>/checkpoint``, which evaluate, export and recommend read like any other.
+
+``train --resume`` keeps the members that finished with the same config and continues an
+unfinished one from its ``last`` checkpoint where that config allows it (as a single run's
+``--resume`` would); other members are trained afresh. Without ``--resume`` every member is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from twotower_rec.config import Config, to_dict
+from twotower_rec.data.batches import Batcher
+from twotower_rec.data.prepared import PreparedData
+from twotower_rec.distributed.env import DistEnv
+from twotower_rec.train import checkpoint
+from twotower_rec.train.trainer import TrainResult, check_resumable, build_model, train, validate
+
+
+def member_config(cfg: Config, k: int) -> Config:
+    """The config of member ``k``: one TwoTower, seed ``train.seed + k``, its own folder."""
+    member = copy.deepcopy(cfg)
+    member.model.members = 1
+    member.train.seed = cfg.train.seed + k
+    member.train.out_dir = str(Path(cfg.train.out_dir) / f"member{k}")
+    return member
+
+
+def _finished(member: Config) -> bool:
+    """Did this member's run finish with exactly this config?"""
+    out = Path(member.train.out_dir)
+    if not (out / "train_metrics.json").is_file():
+        return False
+    try:
+        return checkpoint.read_meta(out / "checkpoint")["config"] == to_dict(member)
+    except checkpoint.CheckpointError:
+        return False
+
+
+def _resumable(member: Config) -> Path | None:
+    """This member's ``last`` checkpoint if it can continue under this config, else None."""
+    last = Path(member.train.out_dir) / "last"
+    try:
+        check_resumable(checkpoint.read_meta(last)["config"], member)
+    except checkpoint.CheckpointError:
+        return None
+    return last
+
+
+def _load_member(model, k: int, path: Path) -> None:
+    """Member ``k``'s best weights into the ``members.k.`` part of the (sharded) ensemble, in place."""
+    prefix = f"members.{k}."
+    state = model.state_dict()
+    part = {key.replace(prefix, "", 1): value for key, value in state.items() if prefix in key}
+    dcp.load({"model": part}, checkpoint_id=str(checkpoint.resolve(path)))
+    model.load_state_dict(state)
+
+
+def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResult:
+    members, metric = cfg.model.members, cfg.train.select_metric
+    results = []
+    for k in range(members):
+        member = member_config(cfg, k)
+        out = Path(member.train.out_dir)
+        if resume and _finished(member):
+            if env.is_main:
+                print(f"member {k + 1}/{members}: finished earlier in {out}, kept", file=sys.stderr, flush=True)
+            results.append(json.loads((out / "train_metrics.json").read_text()))
+            continue
+        from_last = _resumable(member) if resume else None
+        if env.is_main:
+            how = f"resumed from {from_last}" if from_last else f"seed {member.train.seed}"
+            print(f"member {k + 1}/{members}: {how} -> {out}", file=sys.stderr, flush=True)
+        result = train(member, env, resume=from_last)  # rank 0 alone writes train_metrics.json: not read here
+        best = max(result.validation, key=lambda v: v[metric])  # the first of equals, as the trainer keeps
+        results.append({"steps": result.steps, "examples_per_second": result.examples_per_second,
+                        "best_step": best["step"], f"best_validation_{metric}": best[metric]})
+
+    data = PreparedData(cfg.data.cache_dir)
+    model = build_model(cfg, data, env)
+    for k in range(members):
+        _load_member(model, k, Path(member_config(cfg, k).train.out_dir) / "checkpoint")
+    validation = validate(model, data, Batcher(data), cfg)
+    out_dir = Path(cfg.train.out_dir)
+    path = checkpoint.save(out_dir / "checkpoint", model, cfg, data.spec, 0, {"validation": validation})
+    steps = sum(r["steps"] for r in results)
+    rate = sum(r["examples_per_second"] for r in results) / members
+    metrics = {"members": members, "steps": steps, "examples_per_second": rate, "world_size": env.world_size,
+               f"best_validation_{metric}": validation[metric], "validation": [validation],
+               "member_runs": [{"seed": cfg.train.seed + k, "steps": r["steps"], "best_step": r["best_step"],
+                                f"best_validation_{metric}": r[f"best_validation_{metric}"]}
+                               for k, r in enumerate(results)]}
+    if env.is_main:
+        (out_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+        each = " / ".join(f"{r[f'best_validation_{metric}']:.4f}" for r in results)
+        print(f"train: ensemble of {members} members (validation {metric} {each}): validation {metric} "
+              f"{validation[metric]:.4f}; checkpoint {path}", file=sys.stderr)
+    return TrainResult(steps, [], [validation], path, rate)
