@@ -264,11 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(resumable: every train.checkpoint_every_steps and at the end) and "
                                      "train_metrics.json. Runs as one process, or as N under "
                                      "`torchrun --nproc_per_node=N -m twotower_rec train ...` (gloo on CPU, "
-                                     "nccl on CUDA); the result does not depend on N.")
+                                     "nccl on CUDA); the result does not depend on N. With model.members=K > 1, "
+                                     "K such runs go to train.out_dir/member0..K-1 (seeds train.seed + k) and "
+                                     "train.out_dir/checkpoint holds their best weights side by side.")
     _add_config_args(p)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from train.out_dir/last (or the CHECKPOINT given): weights, optimizer state, "
-                        "step, data position and RNG; the world size may differ from the run that wrote it")
+                        "step, data position and RNG; the world size may differ from the run that wrote it. "
+                        "An ensemble (model.members > 1) keeps its finished members and continues the others")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("evaluate", help="full-catalog top-K metrics of a checkpoint beside most-popular",
