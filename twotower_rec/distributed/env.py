@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,15 @@ def init_distributed() -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group. On a normal exit every rank first meets at a barrier, which
+    gloo completes only after all of this rank's earlier work: a rank that tears gloo down
+    while a send of its own is still in flight (e.g. its shards gathered to rank 0 for
+    export) can abort at exit with "terminate called without an active exception". While an
+    exception propagates (shutdown called from a ``finally``) there is no barrier: the other
+    ranks may never reach it."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
