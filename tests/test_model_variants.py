@@ -235,5 +235,11 @@ def test_ensemble_resume_keeps_finished_members_and_retrains_changed_ones(cli, t
     assert result.returncode == 0, result.describe()
     assert "finished earlier" not in result.stderr
     assert (tmp_path / "run" / "member1" / "checkpoint" / "meta.json").stat().st_mtime_ns != first
+    # the same config over re-prepared (different) data: the members are trained again
+    result = cli("prepare", "--config", path, "--set", "data.synthetic.num_items=160", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    result = cli("train", "--config", path, "--resume", "--set", "train.dense_lr=0.002", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert "finished earlier" not in result.stderr
     result = cli("train", "--config", path, "--resume", tmp_path / "run" / "last", cwd=tmp_path)
     assert result.returncode == 2 and "give --resume without a path" in result.stderr, result.describe()

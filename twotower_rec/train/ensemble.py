@@ -37,25 +37,27 @@ def member_config(cfg: Config, k: int) -> Config:
     return member
 
 
-def _finished(member: Config) -> bool:
-    """Did this member's run finish with exactly this config?"""
+def _finished(member: Config, data: PreparedData) -> bool:
+    """Did this member's run finish with exactly this config, on this prepared data?"""
     out = Path(member.train.out_dir)
     if not (out / "train_metrics.json").is_file():
         return False
     try:
-        return checkpoint.read_meta(out / "checkpoint")["config"] == to_dict(member)
+        meta = checkpoint.read_meta(out / "checkpoint")
     except checkpoint.CheckpointError:
         return False
+    return meta["config"] == to_dict(member) and meta["feature_spec_fingerprint"] == data.spec.fingerprint()
 
 
-def _resumable(member: Config) -> Path | None:
-    """This member's ``last`` checkpoint if it can continue under this config, else None."""
+def _resumable(member: Config, data: PreparedData) -> Path | None:
+    """This member's ``last`` checkpoint if it can continue under this config and data, else None."""
     last = Path(member.train.out_dir) / "last"
     try:
-        check_resumable(checkpoint.read_meta(last)["config"], member)
+        meta = checkpoint.read_meta(last)
+        check_resumable(meta["config"], member)
     except checkpoint.CheckpointError:
         return None
-    return last
+    return last if meta["feature_spec_fingerprint"] == data.spec.fingerprint() else None
 
 
 def _load_member(model, k: int, path: Path) -> None:
@@ -69,16 +71,17 @@ def _load_member(model, k: int, path: Path) -> None:
 
 def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResult:
     members, metric = cfg.model.members, cfg.train.select_metric
+    data = PreparedData(cfg.data.cache_dir)
     results = []
     for k in range(members):
         member = member_config(cfg, k)
         out = Path(member.train.out_dir)
-        if resume and _finished(member):
+        if resume and _finished(member, data):
             if env.is_main:
                 print(f"member {k + 1}/{members}: finished earlier in {out}, kept", file=sys.stderr, flush=True)
             results.append(json.loads((out / "train_metrics.json").read_text()))
             continue
-        from_last = _resumable(member) if resume else None
+        from_last = _resumable(member, data) if resume else None
         if env.is_main:
             how = f"resumed from {from_last}" if from_last else f"seed {member.train.seed}"
             print(f"member {k + 1}/{members}: {how} -> {out}", file=sys.stderr, flush=True)
@@ -87,7 +90,6 @@ def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResu
         results.append({"steps": result.steps, "examples_per_second": result.examples_per_second,
                         "best_step": best["step"], f"best_validation_{metric}": best[metric]})
 
-    data = PreparedData(cfg.data.cache_dir)
     model = build_model(cfg, data, env)
     for k in range(members):
         _load_member(model, k, Path(member_config(cfg, k).train.out_dir) / "checkpoint")
