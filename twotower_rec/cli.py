@@ -71,8 +71,8 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.config import ConfigError
+    from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.train.ensemble import train_ensemble
     from twotower_rec.train.trainer import train
 

@@ -30,12 +30,12 @@ from tqdm import tqdm
 from twotower_rec import losses, pointwise
 from twotower_rec.config import Config, ConfigError, EvalConfig, to_dict
 from twotower_rec.data.batches import Batch, Batcher
+from twotower_rec.data.features import FeatureSpec
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN, VALIDATION
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv, seed_everything
 from twotower_rec.evaluation import evaluate
-from twotower_rec.data.features import FeatureSpec
 from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train import checkpoint
