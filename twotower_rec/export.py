@@ -55,8 +55,8 @@ from twotower_rec.data.batches import Batcher
 from twotower_rec.data.features import HISTORY, Feature, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.evaluation import catalog_embeddings, query_embeddings
-from twotower_rec.model.sequence import SEQUENCE_TABLE
 from twotower_rec.model.ensemble import Ensemble
+from twotower_rec.model.sequence import SEQUENCE_TABLE
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train.checkpoint import versions
 
@@ -166,9 +166,7 @@ class QueryEncoder(nn.Module):
         parts: List[torch.Tensor] = []
         for member in self.members:
             parts.append(member(values, lengths))
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts, dim=1) * self.scale
+        return torch.cat(parts, dim=1) * self.scale  # one member: scale 1, the member's own vectors
 
 
 def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
@@ -211,11 +209,12 @@ def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
     names = list(model.query_feature_order)
     vocabularies = raw_vocabularies(data, names) if data is not None else {}
     history_length = data.spec.history_length if data is not None else 0
-    return QueryEncoder([_member_encoder(m, features) for m in members], names, vocabularies, history_length).eval()
+    encoders = [_member_encoder(m, features) for m in members]
+    return QueryEncoder(encoders, names, vocabularies, history_length).eval()
 
 
-def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower | Ensemble, data: PreparedData, batcher: Batcher,
-                 out: Path) -> dict | None:
+def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower | Ensemble, data: PreparedData,
+                 batcher: Batcher, out: Path) -> dict | None:
     """Build ``items.faiss`` and measure its recall against exact search on real user queries."""
     if cfg.ann == "none":
         return None
@@ -235,8 +234,8 @@ def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower | Ense
             "build_seconds": round(build_s, 3), "recall_queries": int(users.size), **recall}
 
 
-def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path, metrics: dict | None = None,
-           export_cfg: ExportConfig | None = None) -> Path:
+def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path,
+           metrics: dict | None = None, export_cfg: ExportConfig | None = None) -> Path:
     """Write the export directory atomically from an *unsharded* CPU ``model``."""
     cfg = export_cfg or ExportConfig()
     out_dir = Path(out_dir)
