@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower_rec import ann
+from twotower_rec.serving import ann
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,7 +64,7 @@ def main() -> None:
     if args.export:
         import torch
 
-        from twotower_rec.serving import ExportedModel
+        from twotower_rec.serving.exported import ExportedModel
 
         model = ExportedModel.load(args.export)
         users = [str(u) for u in model.users["raw_user_ids"][:1000].tolist()]

@@ -41,7 +41,9 @@ def worker(args) -> None:
     from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.model.two_tower import TwoTower
     from twotower_rec.cli import quiet_library_warnings
-    from twotower_rec.train.trainer import train_step
+    from twotower_rec.losses.softmax import LossContext
+    from twotower_rec.train.optim import build_optimizer
+    from twotower_rec.train.step import train_step
 
     quiet_library_warnings()
     env = init_distributed()
@@ -58,7 +60,8 @@ def worker(args) -> None:
     cfg.sharding = ShardingConfig(sharding_types=[args.sharding])
     started = time.perf_counter()
     model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
-    optimizer = sharding.build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = LossContext(cfg.loss, np.ones(rows + 1), args.batch_size, env.device)
     build_s = time.perf_counter() - started
     if env.is_main:
         print(sharding.describe_plan(model), file=sys.stderr, flush=True)
@@ -85,7 +88,7 @@ def worker(args) -> None:
     for step in range(args.warmup + args.steps):
         b = batch()
         started = time.perf_counter()
-        train_step(model, optimizer, b, cfg)
+        train_step(model, optimizer, b, cfg.loss, ctx)
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     # the slowest rank sets the pace

@@ -25,7 +25,8 @@ from twotower_rec.config import load_config
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import SPLIT_NAMES
-from twotower_rec.evaluation import rank_split, ranking_metrics
+from twotower_rec.evaluation.metrics import ranking_metrics
+from twotower_rec.evaluation.ranking import rank_split
 from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.train import checkpoint

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twotower_rec.retrieval import chunked_topk
+from twotower_rec.evaluation.topk import chunked_topk
 
 RESULTS = Path(__file__).parent / "results"
 

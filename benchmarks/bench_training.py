@@ -32,7 +32,6 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -122,7 +121,9 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     from twotower_rec.data.features import HISTORY, Feature, FeatureSpec
     from twotower_rec.distributed import sharding
     from twotower_rec.model.two_tower import TwoTower
-    from twotower_rec.train.trainer import LossContext, train_step
+    from twotower_rec.losses.softmax import LossContext
+    from twotower_rec.train.optim import build_optimizer
+    from twotower_rec.train.step import train_step
 
     spec = FeatureSpec(
         query_features=[Feature("user_id", "query", USERS + 1),
@@ -138,9 +139,8 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
 
     env = init_distributed()
     model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
-    optimizer = sharding.build_optimizer(model, cfg.train)
-    counts = SimpleNamespace(item_counts=lambda: np.ones(rows + 1), spec=SimpleNamespace(num_items=rows))
-    ctx = LossContext(cfg, counts, env.device)  # logQ is off: the counts are never used
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = LossContext(cfg.loss, np.ones(rows + 1), cfg.train.batch_size, env.device)  # logQ is off: counts unused
     converted = []
     for b in batches:
         n = len(b["user"])
@@ -153,7 +153,7 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     times, started = [], time.perf_counter()
     for step, b in enumerate(converted):
         t = time.perf_counter()
-        train_step(model, optimizer, b, cfg, ctx)
+        train_step(model, optimizer, b, cfg.loss, ctx)
         if step >= warmup:
             times.append(time.perf_counter() - t)
         if time.perf_counter() - started > max_seconds and len(times) >= 3:

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -53,9 +52,12 @@ def main() -> None:
     from twotower_rec.data.prepared import prepare
     from twotower_rec.data.sources import load_raw
     from twotower_rec.data.splits import TRAIN
-    from twotower_rec.distributed import sharding
     from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.train.trainer import LossContext, build_model, global_batches, train_step
+    from twotower_rec.losses.softmax import LossContext
+    from twotower_rec.model.factory import build_model
+    from twotower_rec.train.batch_order import global_batches
+    from twotower_rec.train.optim import build_optimizer
+    from twotower_rec.train.step import train_step
 
     quiet_library_warnings()
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,8 +65,8 @@ def main() -> None:
         data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
         env = init_distributed()
         model = build_model(cfg, data, env)
-        optimizer = sharding.build_optimizer(model, cfg.train)
-        ctx = LossContext(cfg, data, env.device)
+        optimizer = build_optimizer(model, cfg.train)
+        ctx = LossContext(cfg.loss, data.item_counts(), cfg.train.batch_size, env.device)
         batcher = Batcher(data)
         rows = data.rows(TRAIN)
         order = [b for e in range(100) for b in global_batches(rows.size, cfg.train.batch_size, cfg.train.seed, e)]
@@ -75,7 +77,7 @@ def main() -> None:
             batch = batcher.batch(rows[order[i % len(order)]])
             build_times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            train_step(model, optimizer, batch, cfg, ctx)
+            train_step(model, optimizer, batch, cfg.loss, ctx, cfg.train.bf16)
             step_times.append(time.perf_counter() - t)
 
         for i in range(args.warmup):
@@ -112,7 +114,7 @@ def main() -> None:
     print(f"\n{'operator family (self CPU time)':<42}{'ms / step':>10}{'share':>8}")
     for key, ms in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"{key:<42}{ms / args.steps:>10.2f}{100 * ms / total_ms:>7.1f}%")
-    print(f"\ntop operators by self CPU time:")
+    print("\ntop operators by self CPU time:")
     top = sorted((e for e in events if not e.key.startswith("## ")), key=lambda e: -e.self_cpu_time_total)[:12]
     for e in top:
         print(f"  {e.key[:60]:<60}{e.self_cpu_time_total / 1000 / args.steps:>9.2f} ms/step")

@@ -18,9 +18,12 @@ from hypothesis import strategies as st
 
 from twotower_rec.config import DataConfig, FeaturesConfig, SyntheticConfig, load_config
 from twotower_rec.data import splits
-from twotower_rec.data.batches import Batcher, gather_ranges
+from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData, prepare
-from twotower_rec.data.sources import DataError, RawData, load_raw
+from twotower_rec.data.raw import RawData
+from twotower_rec.data.sequences import gather_ranges
+from twotower_rec.data.sources import load_raw
+from twotower_rec.errors import DataError
 
 # file line 2 is the first data row. Not in time order; ties on purpose:
 #   user 10: ts 5 twice (item 100 on line 2 before item 300 on line 5)

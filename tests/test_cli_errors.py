@@ -91,7 +91,8 @@ def test_non_numeric_timestamp_names_the_line(cli, tmp_path):
 def test_line_numbers_are_file_lines_even_after_a_blank_line(tmp_path):
     """The message says "line N": N must be the line of the file that holds the bad value."""
     from twotower_rec.config import load_config
-    from twotower_rec.data.sources import DataError, load_raw
+    from twotower_rec.data.sources import load_raw
+    from twotower_rec.errors import DataError
 
     path = tmp_path / "events.csv"
     path.write_text("user,item,timestamp\n1,10,100\n\n1,11,101\n1,12,abc\n")  # 'abc' is on line 5

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twotower_rec.config import Config, ConfigError, TrainConfig, from_dict, load_config, to_dict
+from twotower_rec.config import Config, TrainConfig, from_dict, load_config, to_dict
+from twotower_rec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))

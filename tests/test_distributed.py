@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import run_cli, tiny_config
 
 STEPS = 8
@@ -149,7 +148,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(setup, phase):
 
 def test_export_and_evaluation_from_two_ranks_equal_one(setup, tmp_path):
     from twotower_rec.data.prepared import PreparedData
-    from twotower_rec.serving import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel
 
     root, config, reference = setup
     exports, metrics = {}, {}

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from twotower_rec.data.download import download
-from twotower_rec.data.sources import DataError
+from twotower_rec.errors import DataError
 
 
 @pytest.fixture()

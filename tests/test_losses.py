@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower_rec.losses import in_batch_softmax
+from twotower_rec.losses.softmax import in_batch_softmax
 
 
 def _embeddings(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from twotower_rec.evaluation import rank_catalog, ranking_metrics
-from twotower_rec.retrieval import chunked_topk
+from twotower_rec.evaluation.metrics import ranking_metrics
+from twotower_rec.evaluation.ranking import rank_catalog
+from twotower_rec.evaluation.topk import chunked_topk
 
 
 def test_ranking_metrics_hand_example():

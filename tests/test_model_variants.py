@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
-
 
 VARIANTS = {
     "shared": {"features": {"share_item_table": True}},
@@ -52,15 +50,15 @@ def _variant(tmp_path_factory, cli, name: str):
     path = _build(tmp_path_factory, cli, name)
     root = path.parent
 
-    from twotower_rec.cli import _load_trained
     from twotower_rec.config import load_config
     from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.serving import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel
+    from twotower_rec.train.checkpoint import load_trained
 
     saved_env = dict(os.environ)
     env = init_distributed()
     try:
-        model, data, _, trained_cfg = _load_trained(load_config(path), root / "run" / "checkpoint", env)
+        model, data, _, trained_cfg = load_trained(root / "run" / "checkpoint", load_config(path).data.cache_dir, env)
         yield model, data, ExportedModel.load(root / "export"), trained_cfg
     finally:
         shutdown()
@@ -106,8 +104,8 @@ def test_history_uses_the_item_towers_item_id_table(shared):
 
 def test_shared_table_gets_gradients_from_both_towers(shared):
     from twotower_rec.data.batches import Batcher
-    from twotower_rec.model.two_tower import TwoTower
     from twotower_rec.distributed.sharding import full_state_dict
+    from twotower_rec.model.two_tower import TwoTower
 
     model, data, _, trained_cfg = shared
     plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
@@ -125,8 +123,8 @@ def test_shared_table_gets_gradients_from_both_towers(shared):
 
 def test_scripted_query_tower_and_recommend_equal_the_training_model(variant):
     from twotower_rec.data.batches import Batcher
-    from twotower_rec.evaluation import catalog_embeddings, query_embeddings, rank_catalog, seen_items
-    from twotower_rec.train.trainer import towers
+    from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings, rank_catalog, seen_items
+    from twotower_rec.model.factory import towers
 
     model, data, exported, _ = variant
     encode_query, encode_items = towers(model)
@@ -166,7 +164,7 @@ def test_ensemble_serves_its_members_side_by_side(ensemble):
     """[B, K * D] embeddings: each member's unit vector / sqrt(K), so a score is the mean of the
     members' cosines; the export says how many members its vectors hold."""
     from twotower_rec.data.batches import Batcher
-    from twotower_rec.evaluation import catalog_embeddings, query_embeddings
+    from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
 
     model, data, exported, trained_cfg = ensemble
     inner = model.module
@@ -189,10 +187,10 @@ def test_ensemble_serves_its_members_side_by_side(ensemble):
 def test_ensemble_members_are_ordinary_runs_loaded_side_by_side(ensemble):
     """Member k is the run in <out_dir>/member<k> (seed train.seed + k, its own early stop);
     its best checkpoint, loaded alone, gives the k-th slice of the ensemble's embeddings."""
-    from twotower_rec.cli import _load_trained
     from twotower_rec.data.batches import Batcher
     from twotower_rec.distributed.env import DistEnv
-    from twotower_rec.evaluation import catalog_embeddings, query_embeddings
+    from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
+    from twotower_rec.train.checkpoint import load_trained
 
     model, data, _, trained_cfg = ensemble
     members, dim = trained_cfg.model.members, trained_cfg.model.output_dim
@@ -206,7 +204,7 @@ def test_ensemble_members_are_ordinary_runs_loaded_side_by_side(ensemble):
         query = query_embeddings(model.module.encode_query, batcher, codes, data.user_offsets[codes])
         items = catalog_embeddings(model.module.encode_items, batcher)
     for k in range(members):
-        member, _, meta, member_cfg = _load_trained(trained_cfg, out / f"member{k}" / "checkpoint", env)
+        member, _, meta, member_cfg = load_trained(out / f"member{k}" / "checkpoint", trained_cfg.data.cache_dir, env)
         assert member_cfg.model.members == 1 and member_cfg.train.seed == trained_cfg.train.seed + k
         assert meta["step"] == runs[k]["best_step"]
         with torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,14 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower_rec import baselines
-from twotower_rec.config import Config, DataConfig, EvalConfig, FeaturesConfig
+from twotower_rec.config import DataConfig, EvalConfig, FeaturesConfig, LossConfig
 from twotower_rec.data import splits
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import prepare
-from twotower_rec.data.sources import RawData
-from twotower_rec.losses import StreamingFrequency, in_batch_softmax
-from twotower_rec.train.trainer import LossContext
+from twotower_rec.data.raw import RawData
+from twotower_rec.evaluation import baselines
+from twotower_rec.losses.softmax import LossContext, StreamingFrequency, in_batch_softmax
 
 
 def test_logq_changes_the_loss_exactly_as_by_hand():
@@ -57,12 +55,8 @@ def test_logq_and_masking_together_with_extra_uniform_candidates():
 
 
 def _context(counts, logq="counts", batch_size=4, uniform=2):
-    cfg = Config()
-    cfg.loss.logq = logq
-    cfg.loss.uniform_negatives = uniform
-    cfg.train.batch_size = batch_size
-    data = SimpleNamespace(item_counts=lambda: np.asarray(counts), spec=SimpleNamespace(num_items=len(counts) - 1))
-    return LossContext(cfg, data, torch.device("cpu"))
+    cfg = LossConfig(logq=logq, uniform_negatives=uniform)
+    return LossContext(cfg, np.asarray(counts), batch_size, torch.device("cpu"))
 
 
 def test_mixed_negatives_carry_their_own_sampling_probabilities():
@@ -204,7 +198,7 @@ def test_logq_weight_scales_the_correction():
     ids = torch.tensor([1, 2, 1, 3])
     full = _context(counts).candidate_log_q(ids, num_uniform=2)
     ctx = _context(counts)
-    ctx.cfg.loss.logq_weight = 0.5
+    ctx.cfg.logq_weight = 0.5
     np.testing.assert_allclose(ctx.candidate_log_q(ids, num_uniform=2).numpy(), 0.5 * full.numpy(), rtol=1e-6)
 
 
@@ -259,7 +253,7 @@ def test_table_weight_decay_is_applied_by_the_fused_row_update(process_group, de
 
 
 def test_table_weight_decay_names_what_fbgemm_on_cpu_would_ignore(process_group):
-    from twotower_rec.config import ConfigError
+    from twotower_rec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="read by one feature"):
         _shard_one_table(["history"], 0.01)

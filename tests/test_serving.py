@@ -5,14 +5,16 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from twotower_rec import ann
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.serving import ExportedModel, ExportError
+from twotower_rec.errors import ExportError
+from twotower_rec.serving import ann
+from twotower_rec.serving.exported import ExportedModel
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +134,11 @@ def test_cold_start_cli(pipeline, cli):
 
 @pytest.fixture(scope="module")
 def server(exported):
-    from twotower_rec.server import start_in_thread
+    """The endpoint on a free port, serving from a daemon thread."""
+    from twotower_rec.serving.http_server import make_server
 
-    srv, _ = start_in_thread(exported, max_k=50)
+    srv = make_server(exported, max_k=50)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv.server_address
     srv.shutdown()
     srv.server_close()

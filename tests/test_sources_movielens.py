@@ -18,7 +18,8 @@ import pytest
 from twotower_rec.config import load_config
 from twotower_rec.data import splits
 from twotower_rec.data.prepared import PreparedData, prepare
-from twotower_rec.data.sources import MOVIELENS_GENRES_100K, DataError, load_raw
+from twotower_rec.data.sources import MOVIELENS_GENRES_100K, load_raw
+from twotower_rec.errors import DataError
 
 # ---------------------------------------------------------------------------------------------
 # Fixture files in the exact MovieLens layouts

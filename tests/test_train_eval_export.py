@@ -107,17 +107,17 @@ def test_training_is_deterministic_given_the_seed(pipeline, cli, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(pipeline):
-    from twotower_rec.cli import _load_trained
     from twotower_rec.data.batches import Batcher
     from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.evaluation import catalog_embeddings
-    from twotower_rec.train.trainer import towers
+    from twotower_rec.evaluation.ranking import catalog_embeddings
+    from twotower_rec.model.factory import towers
+    from twotower_rec.train.checkpoint import load_trained
 
     saved_env = dict(os.environ)
     cfg = pipeline.load_config()
     env = init_distributed()
     try:
-        model, data, meta, trained_cfg = _load_trained(cfg, pipeline.out_dir / "checkpoint", env)
+        model, data, meta, trained_cfg = load_trained(pipeline.out_dir / "checkpoint", cfg.data.cache_dir, env)
         query_tower, item_tower = towers(model)
         batcher = Batcher(data)
         with torch.no_grad():
@@ -132,7 +132,7 @@ def trained(pipeline):
 
 @pytest.fixture(scope="module")
 def exported(pipeline):
-    from twotower_rec.serving import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel
 
     return ExportedModel.load(pipeline.export_dir)
 
@@ -148,7 +148,7 @@ def test_checkpoint_config_is_the_training_config(trained, pipeline):
 
 
 def test_in_process_evaluation_matches_the_cli_json(trained, pipeline):
-    from twotower_rec.evaluation import evaluate
+    from twotower_rec.evaluation.ranking import evaluate
 
     results = evaluate(trained.query_tower, trained.item_tower, trained.data, trained.batcher, trained.cfg.eval,
                        TEST, seed=trained.cfg.train.seed)
@@ -159,7 +159,7 @@ def test_in_process_evaluation_matches_the_cli_json(trained, pipeline):
 
 
 def test_export_recommend_equals_evaluation_top_k(trained, exported):
-    from twotower_rec.evaluation import query_embeddings, rank_catalog, seen_items
+    from twotower_rec.evaluation.ranking import query_embeddings, rank_catalog, seen_items
 
     data, k = trained.data, 10
     codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
@@ -185,7 +185,7 @@ def test_export_recommend_equals_evaluation_top_k(trained, exported):
 
 
 def test_scripted_query_tower_equals_training_query_embedding(trained, exported):
-    from twotower_rec.evaluation import query_embeddings
+    from twotower_rec.evaluation.ranking import query_embeddings
 
     data = trained.data
     codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)

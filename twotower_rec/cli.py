@@ -36,6 +36,23 @@ config value, e.g. --set train.batch_size=2048 --set model.mlp_dims=[256,128].
 Run `twotower-rec VERB --help` for a verb's options.
 """
 
+TRAIN_DESCRIPTION = """\
+Train the two-tower model with in-batch negatives on data.cache_dir. Writes train.out_dir/checkpoint
+(best on validation), train.out_dir/last (resumable: every train.checkpoint_every_steps and at the
+end) and train_metrics.json. Runs as one process, or as N under `torchrun --nproc_per_node=N -m
+twotower_rec train ...` (gloo on CPU, nccl on CUDA); the result does not depend on N. With
+model.members=K > 1, K such runs go to train.out_dir/member0..K-1 (seeds train.seed + k) and
+train.out_dir/checkpoint holds their best weights side by side.
+"""
+
+EXPORT_DESCRIPTION = """\
+Export what serving needs from a checkpoint, atomically: item embeddings (export.dtype) with raw ids
+and metadata, a faiss index (export.ann) whose recall against exact search is measured and written
+to manifest.json, the TorchScript query tower, users and vocabularies. Under torchrun the sharded
+tables are gathered and rank 0 writes. twotower_rec/export/__init__.py describes every file and the
+query tower's signature.
+"""
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", metavar="YAML", help="config file (defaults are used without one)")
@@ -71,8 +88,8 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from twotower_rec.config import ConfigError
     from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.errors import ConfigError
     from twotower_rec.train.ensemble import train_ensemble
     from twotower_rec.train.trainer import train
 
@@ -94,21 +111,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_trained(cfg, checkpoint_path: Path, env):
-    """(model, data, checkpoint meta) with the checkpoint's own model config."""
-    from twotower_rec.data.prepared import PreparedData
-    from twotower_rec.train import checkpoint
-    from twotower_rec.train.trainer import build_model
-
-    trained_cfg = checkpoint.config_of(checkpoint_path)
-    trained_cfg.data.cache_dir = cfg.data.cache_dir
-    data = PreparedData(cfg.data.cache_dir)
-    model = build_model(trained_cfg, data, env)
-    meta = checkpoint.load(checkpoint_path, model, data.spec)
-    model.eval()
-    return model, data, meta, trained_cfg
-
-
 def _checkpoint_path(args, cfg) -> Path:
     return Path(args.checkpoint) if args.checkpoint else Path(cfg.train.out_dir) / "checkpoint"
 
@@ -117,82 +119,94 @@ def cmd_evaluate(args) -> int:
     from twotower_rec.data.batches import Batcher
     from twotower_rec.data.splits import SPLIT_NAMES
     from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.evaluation import format_table, rank_split, ranking_metrics, save_topk
-    from twotower_rec.train.trainer import towers
+    from twotower_rec.evaluation.pointwise import pointwise_metrics
+    from twotower_rec.evaluation.ranking import rank_split
+    from twotower_rec.model.factory import towers
+    from twotower_rec.train.checkpoint import load_trained
 
     cfg = _config(args)
     env = init_distributed()
     try:
-        model, data, _, trained_cfg = _load_trained(cfg, _checkpoint_path(args, cfg), env)
-        encode_query, encode_items = towers(model)
-        ranking = rank_split(encode_query, encode_items, data, Batcher(data), cfg.eval, SPLIT_NAMES[cfg.eval.split],
-                             seed=cfg.train.seed, device=env.device)
+        trained = load_trained(_checkpoint_path(args, cfg), cfg.data.cache_dir, env)
+        encode_query, encode_items = towers(trained.model)
+        batcher = Batcher(trained.data)
+        ranking = rank_split(encode_query, encode_items, trained.data, batcher, cfg.eval,
+                             SPLIT_NAMES[cfg.eval.split], seed=cfg.train.seed, device=env.device)
         pointwise_results = None
-        if trained_cfg.loss.name != "in_batch_softmax":  # every rank scores every pair
-            from twotower_rec import pointwise
-
-            pointwise_results = pointwise.evaluate(model, data, Batcher(data), ranking.rows, trained_cfg,
-                                                   device=env.device)
+        if trained.cfg.loss.name != "in_batch_softmax":  # every rank scores every pair
+            pointwise_results = pointwise_metrics(trained.model, trained.data, batcher, ranking.rows,
+                                                  trained.cfg.loss, device=env.device)
     finally:
         shutdown()
-    if args.baselines and env.is_main:
-        from twotower_rec.baselines import NAMES, rank_baseline
+    if env.is_main:
+        _report_evaluation(args, cfg, trained, ranking, pointwise_results)
+    return 0
+
+
+def _report_evaluation(args, cfg, trained, ranking, pointwise_results: dict | None) -> None:
+    """Baselines (``--baselines``), the metrics table, ``eval_<split>.json`` and ``--save-topk``."""
+    from twotower_rec.evaluation.metrics import format_table, ranking_metrics
+    from twotower_rec.evaluation.ranking import save_topk
+
+    data = trained.data
+    if args.baselines:
+        from twotower_rec.evaluation.baselines import NAMES, rank_baseline
 
         for name in NAMES:  # most-popular is always there
             ranking.top[name] = rank_baseline(name, data, ranking.rows, cfg.eval, max(cfg.eval.ks))
     results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
                for name, top in ranking.top.items()}
-    if env.is_main:
-        users = int(results["model"]["users"])
-        seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
-        print(f"{cfg.eval.split} split, {users} users, full catalog of {data.spec.num_items} items, {seen}")
-        print(format_table(results, cfg.eval.ks))
-        if pointwise_results is not None:
-            results["pointwise"] = pointwise_results
-            print(f"pointwise ({trained_cfg.loss.name}): " + ", ".join(
-                f"{k} {v:.4f}" for k, v in pointwise_results.items() if not k.startswith("neg_") and k != "pairs"))
-        if 50 in cfg.eval.ks:
-            model_r, pop_r = results["model"]["recall@50"], results["popularity"]["recall@50"]
-            ratio = model_r / pop_r if pop_r > 0 else float("inf")
-            print(f"Recall@50: model {model_r:.4f} vs most-popular {pop_r:.4f} ({ratio:.1f}x)")
-        out = Path(args.output) if args.output else Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
-        print(f"metrics written to {out}")
-        if args.save_topk:
-            print(f"ranked lists written to {save_topk(ranking, data, args.save_topk)}")
-    return 0
+    seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
+    print(f"{cfg.eval.split} split, {int(results['model']['users'])} users, full catalog of "
+          f"{data.spec.num_items} items, {seen}")
+    print(format_table(results, cfg.eval.ks))
+    if pointwise_results is not None:
+        results["pointwise"] = pointwise_results
+        print(f"pointwise ({trained.cfg.loss.name}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in pointwise_results.items() if not k.startswith("neg_") and k != "pairs"))
+    if 50 in cfg.eval.ks:
+        model_r, pop_r = results["model"]["recall@50"], results["popularity"]["recall@50"]
+        ratio = model_r / pop_r if pop_r > 0 else float("inf")
+        print(f"Recall@50: model {model_r:.4f} vs most-popular {pop_r:.4f} ({ratio:.1f}x)")
+    out = Path(args.output) if args.output else Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"metrics written to {out}")
+    if args.save_topk:
+        print(f"ranked lists written to {save_topk(ranking, data, args.save_topk)}")
 
 
 def cmd_export(args) -> int:
+    import torch
+
+    from twotower_rec.config import to_dict
     from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.distributed.sharding import full_state_dict
-    from twotower_rec.export import export
-    from twotower_rec.train.trainer import new_model
-    import torch
+    from twotower_rec.export.writer import export
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.train.checkpoint import load_trained
 
     cfg = _config(args)
     env = init_distributed()
     try:
-        model, data, meta, trained_cfg = _load_trained(cfg, _checkpoint_path(args, cfg), env)
-        state = full_state_dict(model)
+        trained = load_trained(_checkpoint_path(args, cfg), cfg.data.cache_dir, env)
+        state = full_state_dict(trained.model)
     finally:
         shutdown()
     if env.is_main:
-        plain = new_model(trained_cfg, data.spec, torch.device("cpu"))
+        plain = new_model(trained.cfg.model, trained.cfg.loss, trained.data.spec, torch.device("cpu"))
         plain.load_state_dict(state)
-        from twotower_rec.config import to_dict
-
-        metrics = dict(meta.get("metrics") or {})
+        metrics = dict(trained.meta.get("metrics") or {})
         evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
         if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
             metrics[cfg.eval.split] = json.loads(evaluated.read_text())
-        export(plain, data, to_dict(trained_cfg), args.out or cfg.export.dir, metrics=metrics, export_cfg=cfg.export)
+        export(plain, trained.data, to_dict(trained.cfg), args.out or cfg.export.dir, metrics=metrics,
+               export_cfg=cfg.export)
     return 0
 
 
 def cmd_recommend(args) -> int:
-    from twotower_rec.serving import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel
 
     if (args.user is None) == (args.liked is None and not args.feature):
         raise TwoTowerError("give --user ID (a known user), or --liked ID,ID,... and/or --feature NAME=VALUE "
@@ -215,7 +229,8 @@ def cmd_recommend(args) -> int:
     if args.json:
         print(json.dumps({"user": who, "items": [r.to_dict() for r in recs]}))
         return 0
-    print(f"top {len(recs)} items for user {who}:" if args.user is not None else f"top {len(recs)} items for a new user:")
+    print(f"top {len(recs)} items for user {who}:" if args.user is not None
+          else f"top {len(recs)} items for a new user:")
     for rank, rec in enumerate(recs, 1):
         title = f"  {rec.title}" if rec.title else ""
         print(f"{rank:>3}. {rec.item:<12} {rec.score:+.4f}{title}")
@@ -223,92 +238,100 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from twotower_rec.server import serve
-    from twotower_rec.serving import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel
+    from twotower_rec.serving.http_server import serve
 
     serve(ExportedModel.load(args.export), args.host, args.port, ann=args.ann, max_k=args.max_k,
           threads=args.threads)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twotower-rec", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+def _verb(verbs, name: str, func, config: bool = True, **kwargs) -> argparse.ArgumentParser:
+    """A verb's parser (``help``, ``description``, ... in ``kwargs``) that runs ``func``;
+    with ``config`` it takes ``--config`` and ``--set``."""
+    p = verbs.add_parser(name, **kwargs)
+    if config:
+        _add_config_args(p)
+    p.set_defaults(func=func)
+    return p
 
-    p = verbs.add_parser("prepare", help="read raw data, split it, build vocabularies, write the columnar cache",
-                         description="Read the source named by data.source, sort each user's events by time, "
-                                     "split leave-last-out, build vocabularies on training rows and write "
-                                     "data.cache_dir (npy columns + feature_spec.json).")
-    _add_config_args(p)
+
+def _add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
+
+
+def _add_export_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
+
+
+def _add_prepare(verbs) -> None:
+    p = _verb(verbs, "prepare", cmd_prepare,
+              help="read raw data, split it, build vocabularies, write the columnar cache",
+              description="Read the source named by data.source, sort each user's events by time, "
+                          "split leave-last-out, build vocabularies on training rows and write "
+                          "data.cache_dir (npy columns + feature_spec.json).")
     p.add_argument("--dataset", help="same as --set data.source=...: synthetic, interactions, movielens-100k, "
-                                     "movielens-1m, movielens-latest-small, movielens-20m, movielens-25m, movielens-32m")
+                                     "movielens-1m, movielens-latest-small, movielens-20m, movielens-25m, "
+                                     "movielens-32m")
     p.add_argument("--data-dir", help="same as --set data.data_dir=...: the unpacked MovieLens archive")
     p.add_argument("--on-bad-rows", choices=["error", "skip"],
                    help="malformed rows: stop naming file and line (error, the default) or count and drop them")
-    p.set_defaults(func=cmd_prepare)
 
-    p = verbs.add_parser("download", help="fetch a MovieLens archive, check its MD5, unpack it",
-                         description="Download an official MovieLens archive, check it against the MD5 "
-                                     "GroupLens publishes beside it, and unpack it under --data-dir. "
-                                     "Prints the prepare command to run next.")
+
+def _add_download(verbs) -> None:
+    p = _verb(verbs, "download", cmd_download, config=False,
+              help="fetch a MovieLens archive, check its MD5, unpack it",
+              description="Download an official MovieLens archive, check it against the MD5 "
+                          "GroupLens publishes beside it, and unpack it under --data-dir. "
+                          "Prints the prepare command to run next.")
     p.add_argument("--dataset", required=True, choices=["movielens-100k", "movielens-1m", "movielens-latest-small",
                                                          "movielens-20m", "movielens-25m", "movielens-32m"])
     p.add_argument("--data-dir", default="data", help="where to unpack (default: ./data)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
-    p.set_defaults(func=cmd_download)
 
-    p = verbs.add_parser("train", help="train on the prepared cache; writes a checkpoint",
-                         description="Train the two-tower model with in-batch negatives on data.cache_dir. "
-                                     "Writes train.out_dir/checkpoint (best on validation), train.out_dir/last "
-                                     "(resumable: every train.checkpoint_every_steps and at the end) and "
-                                     "train_metrics.json. Runs as one process, or as N under "
-                                     "`torchrun --nproc_per_node=N -m twotower_rec train ...` (gloo on CPU, "
-                                     "nccl on CUDA); the result does not depend on N. With model.members=K > 1, "
-                                     "K such runs go to train.out_dir/member0..K-1 (seeds train.seed + k) and "
-                                     "train.out_dir/checkpoint holds their best weights side by side.")
-    _add_config_args(p)
+
+def _add_train(verbs) -> None:
+    p = _verb(verbs, "train", cmd_train, help="train on the prepared cache; writes a checkpoint",
+              description=TRAIN_DESCRIPTION)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from train.out_dir/last (or the CHECKPOINT given): weights, optimizer state, "
                         "step, data position and RNG; the world size may differ from the run that wrote it. "
                         "An ensemble (model.members > 1) keeps its finished members and continues the others")
-    p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("evaluate", help="full-catalog top-K metrics of a checkpoint beside most-popular",
-                         description="Rank the whole catalog for every user of eval.split (test by default) "
-                                     "and report Recall/HR/NDCG@K and MRR for the model and most-popular.")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
+
+def _add_evaluate(verbs) -> None:
+    p = _verb(verbs, "evaluate", cmd_evaluate, help="full-catalog top-K metrics of a checkpoint beside most-popular",
+              description="Rank the whole catalog for every user of eval.split (test by default) "
+                          "and report Recall/HR/NDCG@K and MRR for the model and most-popular.")
+    _add_checkpoint_arg(p)
     p.add_argument("--output", help="metrics JSON path (default: train.out_dir/eval_<split>.json)")
     p.add_argument("--baselines", action="store_true",
                    help="also rank with item-kNN, EASE and a last-items transition model (most-popular is always "
                         "shown); eval.ease_lambda, eval.transition_last, eval.transition_decay tune them")
     p.add_argument("--save-topk", metavar="PATH",
                    help="also write each user's top max(eval.ks) raw item ids and held-out item (.npz or .parquet)")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = verbs.add_parser("export", help="write item embeddings, ANN index, scripted query tower, users and manifest",
-                         description="Export what serving needs from a checkpoint, atomically: item embeddings "
-                                     "(export.dtype) with raw ids and metadata, a faiss index (export.ann) whose "
-                                     "recall against exact search is measured and written to manifest.json, the "
-                                     "TorchScript query tower, users and vocabularies. Under torchrun the sharded "
-                                     "tables are gathered and rank 0 writes. See twotower_rec/export.py for every "
-                                     "file and the query tower's signature.")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", help="checkpoint directory (default: train.out_dir/checkpoint)")
+
+def _add_export(verbs) -> None:
+    p = _verb(verbs, "export", cmd_export,
+              help="write item embeddings, ANN index, scripted query tower, users and manifest",
+              description=EXPORT_DESCRIPTION)
+    _add_checkpoint_arg(p)
     p.add_argument("--out", help="export directory (default: export.dir)")
-    p.set_defaults(func=cmd_export)
 
-    p = verbs.add_parser("recommend", help="top-K items for a known or a new user, from an export alone",
-                         description="Load an export directory (no training code, no TorchRec) and print "
-                                     "the top items for a known user (--user), or for a new user from the "
-                                     "items they liked and their side features (--liked, --feature), with "
-                                     "titles where known.",
-                         epilog="examples:\n  twotower-rec recommend --export runs/demo/export --user 42\n"
-                                "  twotower-rec recommend --export runs/demo/export --liked 1,50,260 "
-                                "--feature gender=F --json",
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
+
+def _add_recommend(verbs) -> None:
+    p = _verb(verbs, "recommend", cmd_recommend, config=False,
+              help="top-K items for a known or a new user, from an export alone",
+              description="Load an export directory (no training code, no TorchRec) and print "
+                          "the top items for a known user (--user), or for a new user from the "
+                          "items they liked and their side features (--liked, --feature), with "
+                          "titles where known.",
+              epilog="examples:\n  twotower-rec recommend --export runs/demo/export --user 42\n"
+                     "  twotower-rec recommend --export runs/demo/export --liked 1,50,260 "
+                     "--feature gender=F --json",
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_export_arg(p)
     p.add_argument("--user", help="raw user id of a known user, as in the source data")
     p.add_argument("--liked", metavar="ID,ID,...", help="new user: raw ids of items they liked, oldest first")
     p.add_argument("--feature", action="append", default=[], metavar="NAME=VALUE",
@@ -317,22 +340,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-seen", action="store_true", help="do not filter items the user already saw or liked")
     p.add_argument("--ann", action="store_true", help="search the export's ANN index instead of the exact scan")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(func=cmd_recommend)
 
-    p = verbs.add_parser("serve", help="HTTP JSON endpoint over an export: /health, /recommend",
-                         description="Serve an export directory over HTTP (standard library server, one "
-                                     "thread per connection). GET /health; POST /recommend with a JSON body: "
-                                     '{"user": "42", "k": 10} (known user), {"users": ["42", "7"], "k": 10} '
-                                     '(batch), or {"liked": ["1", "50"], "features": {"gender": "F"}} (new '
-                                     'user); optional "include_seen": true. Bad requests get a 4xx status '
-                                     'and {"error": message}.')
-    p.add_argument("--export", required=True, help="export directory written by `twotower-rec export`")
+
+def _add_serve(verbs) -> None:
+    p = _verb(verbs, "serve", cmd_serve, config=False, help="HTTP JSON endpoint over an export: /health, /recommend",
+              description="Serve an export directory over HTTP (standard library server, one "
+                          "thread per connection). GET /health; POST /recommend with a JSON body: "
+                          '{"user": "42", "k": 10} (known user), {"users": ["42", "7"], "k": 10} '
+                          '(batch), or {"liked": ["1", "50"], "features": {"gender": "F"}} (new '
+                          'user); optional "include_seen": true. Bad requests get a 4xx status '
+                          'and {"error": message}.')
+    _add_export_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--ann", action="store_true", help="answer from the ANN index instead of the exact scan")
     p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server process (default 1)")
-    p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twotower-rec", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add_verb in (_add_prepare, _add_download, _add_train, _add_evaluate, _add_export, _add_recommend, _add_serve):
+        add_verb(verbs)
     return parser
 
 

@@ -22,11 +22,7 @@ from typing import Any
 
 import yaml
 
-from twotower_rec.errors import TwoTowerError
-
-
-class ConfigError(TwoTowerError):
-    """A config file or override is wrong; the message names the key and the fix."""
+from twotower_rec.errors import ConfigError
 
 
 @dataclass
@@ -133,6 +129,9 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop: batch, epochs, optimizers and their schedule, the validation and
+    checkpoint schedule, early stopping, and how steps run (pipeline, bf16, threads)."""
+
     batch_size: int = 1024
     epochs: int = 3
     max_steps: int = 0  # 0: run all epochs
@@ -171,12 +170,14 @@ class ShardingConfig:
 
 @dataclass
 class EvalConfig:
+    """Full-catalog evaluation: cut-offs, seen-item filtering, split, and the baselines' settings."""
+
     ks: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
     filter_seen: bool = True
     split: str = "test"  # test | validation
     user_chunk: int = 1024  # queries scored against the whole catalog at once
     max_users: int = 0  # 0: every user; otherwise a seeded sample (for validation during training)
-    # evaluate --baselines (see twotower_rec/baselines.py)
+    # evaluate --baselines (see twotower_rec/evaluation/baselines.py)
     ease_lambda: float = 500.0
     transition_last: int = 3  # last items a transition-model query looks at
     transition_decay: float = 0.5  # weight of the m-th last item: decay^(m-1)
@@ -184,6 +185,9 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
+    """The export directory: embedding dtype and the ANN index (kind, parameters, how its recall
+    is measured)."""
+
     dir: str = "runs/demo/export"
     dtype: str = "float32"  # item_embeddings.npy: float32 | float16 (half the size; scored in float32)
     ann: str = "hnsw"  # items.faiss: flat (exact) | hnsw | ivf | none
@@ -197,6 +201,8 @@ class ExportConfig:
 
 @dataclass
 class Config:
+    """The whole config, one section per component; each component receives its own section."""
+
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -303,64 +309,74 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Check values that types alone do not catch; raise :class:`ConfigError` naming the key."""
+    _check_choices(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every enumerated value is one of its choices; every listed sharding type is known."""
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{closest(value, list(choices))}")
-    for key in _POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    if not cfg.sharding.sharding_types:
+        raise ConfigError("sharding.sharding_types: give at least one sharding type")
     for value in cfg.sharding.sharding_types:
         if value not in _SHARDING_TYPES:
             raise ConfigError(
                 f"sharding.sharding_types: '{value}' is not one of {list(_SHARDING_TYPES)}"
                 f"{closest(value, list(_SHARDING_TYPES))}"
             )
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers within their ranges."""
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
+    at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
+                     "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": ""}
+    for key, meaning in at_least_zero.items():
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")
     if cfg.model.members < 1:
         raise ConfigError(f"model.members: must be at least 1, got {cfg.model.members}")
-    if cfg.model.members > 1 and cfg.loss.name != "in_batch_softmax":
-        raise ConfigError(f"model.members={cfg.model.members}: ensembles train with loss.name=in_batch_softmax "
-                          f"only, not {cfg.loss.name}")
-    if not cfg.sharding.sharding_types:
-        raise ConfigError("sharding.sharding_types: give at least one sharding type")
-    if cfg.train.checkpoint_every_steps < 0:
-        raise ConfigError(f"train.checkpoint_every_steps: must be >= 0 (0 = at the end only), "
-                          f"got {cfg.train.checkpoint_every_steps}")
-    if cfg.train.max_steps < 0:
-        raise ConfigError(f"train.max_steps: must be >= 0 (0 = all epochs), got {cfg.train.max_steps}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be positive, got {cfg.loss.temperature}")
-    if cfg.features.recent_items < 0 or cfg.features.recent_items > cfg.features.history_length:
-        raise ConfigError(f"features.recent_items: must lie in [0, features.history_length="
-                          f"{cfg.features.history_length}], got {cfg.features.recent_items}")
     for table, decay in cfg.train.table_weight_decay.items():
         if decay < 0:
             raise ConfigError(f"train.table_weight_decay.{table}: must be >= 0, got {decay}")
-        if decay > 0 and cfg.train.sparse_optimizer != "rowwise_adagrad":
-            raise ConfigError("train.table_weight_decay: fbgemm applies it with train.sparse_optimizer="
-                              f"rowwise_adagrad only, not {cfg.train.sparse_optimizer}")
-    if cfg.loss.logq_weight < 0:
-        raise ConfigError(f"loss.logq_weight: must be >= 0, got {cfg.loss.logq_weight}")
-    if cfg.loss.uniform_negatives < 0:
-        raise ConfigError(f"loss.uniform_negatives: must be >= 0, got {cfg.loss.uniform_negatives}")
-    if cfg.features.history_length < 0:
-        raise ConfigError(f"features.history_length: must be >= 0, got {cfg.features.history_length}")
     if not 0.0 <= cfg.data.synthetic.stay_probability <= 1.0:
         raise ConfigError("data.synthetic.stay_probability: must lie in [0, 1]")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"eval.ks: give positive cut-offs, got {cfg.eval.ks}")
-    if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
-        raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
     if cfg.data.min_interactions < 1:
         raise ConfigError("data.min_interactions: must be at least 1")
     fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
     if min(fractions) < 0 or sum(fractions) >= 1:
         raise ConfigError("data.validation_fraction + data.test_fraction: each >= 0 and together below 1")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Values that must agree with each other."""
+    if cfg.model.members > 1 and cfg.loss.name != "in_batch_softmax":
+        raise ConfigError(f"model.members={cfg.model.members}: ensembles train with loss.name=in_batch_softmax "
+                          f"only, not {cfg.loss.name}")
+    if cfg.features.recent_items < 0 or cfg.features.recent_items > cfg.features.history_length:
+        raise ConfigError(f"features.recent_items: must lie in [0, features.history_length="
+                          f"{cfg.features.history_length}], got {cfg.features.recent_items}")
+    if any(decay > 0 for decay in cfg.train.table_weight_decay.values()) and (
+            cfg.train.sparse_optimizer != "rowwise_adagrad"):
+        raise ConfigError("train.table_weight_decay: fbgemm applies it with train.sparse_optimizer="
+                          f"rowwise_adagrad only, not {cfg.train.sparse_optimizer}")
+    if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
+        raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
-    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,5 +1,34 @@
-"""Errors a user can fix. The CLI prints their message on one line and exits with status 2."""
+"""Errors a user can fix, all in one place. The CLI prints their message on one line and exits
+with status 2; the HTTP server answers 4xx with it.
+
+Each names what went wrong where: the file and line, the config key, the checkpoint or export
+directory, and the fix.
+"""
 
 
 class TwoTowerError(ValueError):
     """Base of every user-facing error: the message names the file, row or key and the fix."""
+
+
+class ConfigError(TwoTowerError):
+    """A config file or override is wrong; the message names the key and the fix."""
+
+
+class DataError(TwoTowerError):
+    """Input data is missing or malformed; the message names the file, row and problem."""
+
+
+class CheckpointError(TwoTowerError):
+    """A checkpoint is missing, incomplete or does not match the data it is used with."""
+
+
+class ExportError(TwoTowerError):
+    """An export is missing, incomplete or inconsistent, or a request cannot be answered."""
+
+
+class UnknownUserError(ExportError):
+    """A raw user id that is not in the export (HTTP 404 rather than 400)."""
+
+
+class AnnError(TwoTowerError):
+    """The ANN index cannot be built or read."""

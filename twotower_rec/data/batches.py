@@ -19,8 +19,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from twotower_rec.data.features import HISTORY, recent_position
 from twotower_rec.data.prepared import CSR, PreparedData
+from twotower_rec.data.sequences import gather_ranges, query_inputs, readonly_tensor
 
 
 @dataclass
@@ -58,16 +58,6 @@ class Batch(Pipelineable):
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-
-def gather_ranges(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``source[s:s + n]`` for each (s, n) without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=source.dtype)
-    ends = np.cumsum(lengths)
-    within = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
-    return source[np.repeat(starts, lengths) + within]
 
 
 def _gather_csr(column: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,34 +107,19 @@ class Batcher:
         self.user = np.ascontiguousarray(data.user)
         self.rating = np.ascontiguousarray(data.rating)
         self.user_offsets = data.user_offsets
+        self.item_sequence = readonly_tensor(self.item)  # the users' item sequences, back to back
 
     def query_features(self, user: np.ndarray, position: np.ndarray) -> KeyedJaggedTensor:
         """Query KJT for user codes ``[B]`` as of row ``position[b]`` of that user's sequence.
 
-        History is the user's items at rows ``[max(start, position - N), position)``: strictly
-        before ``position``. ``position`` = the user's end offset gives the query after all data.
+        The query sees only the user's items strictly before ``position`` (see
+        :func:`twotower_rec.data.sequences.query_inputs`); ``position`` = the user's end offset
+        gives the query after all data.
         """
-        ones = np.ones(user.shape[0], dtype=np.int64)
-        values, lengths = [], []
-        for name in self.spec.query_keys:
-            if name == "user_id":
-                values.append(user)
-                lengths.append(ones)
-            elif name == HISTORY:
-                start = self.user_offsets[user - 1]
-                length = np.minimum(position - start, self.spec.history_length)
-                values.append(gather_ranges(self.item, position - length, length))
-                lengths.append(length)
-            elif recent_position(name):
-                m = recent_position(name)
-                start = self.user_offsets[user - 1]
-                # the m-th item before the event; code 0 (unknown) when the user has fewer
-                values.append(np.where(position - m >= start, self.item[np.maximum(position - m, 0)], 0))
-                lengths.append(ones)
-            else:
-                values.append(self.data.user_features[name][user])
-                lengths.append(ones)
-        return _kjt(self.spec.query_keys, values, lengths)
+        values, lengths = query_inputs(self.spec.query_keys, user, self.item_sequence, self.user_offsets[user - 1],
+                                       position, self.spec.history_length, self.data.user_features)
+        return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
+                                 lengths=torch.cat(lengths).int())
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""

@@ -17,7 +17,6 @@ Layout of ``cache_dir``::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -31,7 +30,8 @@ import pandas as pd
 from twotower_rec.config import DataConfig, FeaturesConfig
 from twotower_rec.data import splits
 from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
-from twotower_rec.data.sources import DataError, RawData
+from twotower_rec.data.raw import RawData
+from twotower_rec.errors import DataError
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
@@ -53,6 +53,18 @@ def _log(message: str) -> None:
     print(f"prepare: {message}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class _Events:
+    """The kept events in (user, time, file) order: positions into the raw table and codes."""
+
+    order: np.ndarray  # [R] row of the raw interactions table
+    user: np.ndarray  # [R] user code, 1-based, sorted
+    num_users: int
+    raw_user_ids: np.ndarray  # [U] raw id of user code c at c - 1
+    user_offsets: np.ndarray  # [U + 1]
+    timestamp: np.ndarray  # [R] of the raw table (index with ``order``)
+
+
 def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) -> "PreparedData":
     """Sort, filter, split, build vocabularies on training rows, encode, and write the cache."""
     started = time.perf_counter()
@@ -60,8 +72,38 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
     if len(inter) == 0:
         raise DataError(f"{raw.name}: the interactions table is empty")
+    events = _order_events(inter, raw.name, data_cfg.min_interactions)
+    split = _split(events, data_cfg)
+    item_raw = inter["item"].to_numpy()[events.order]
+    item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
+    item = encode(item_raw, item_vocab)
+    final = Path(data_cfg.cache_dir)
+    out = _new_cache_folder(final)
+    _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+    vocabularies: dict[str, list] = {}
+    query_features = _write_user_features(out, raw, events, features_cfg, vocabularies)
+    query_features += _history_features(features_cfg, len(item_vocab), bool(query_features))
+    items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
+    if "title_tokens" in features_cfg.item_features and "title" in items.columns:
+        items["title_tokens"] = title_tokens(items["title"])
+    item_features = _write_item_features(out, raw, items, features_cfg, vocabularies, len(item_vocab))
+    _write_item_dense(out, raw, items, features_cfg, len(item_vocab))
+    _write_item_metadata(out, raw, items, item_vocab)
+    spec = FeatureSpec(
+        query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
+        history_length=features_cfg.history_length, num_users=events.num_users, num_items=len(item_vocab),
+        vocabularies=vocabularies, source=raw.name,
+    )
+    (out / "feature_spec.json").write_text(spec.to_json())
+    _swap_in(out, final)
+    _log(f"{len(events.user)} interactions, {events.num_users} users, {len(item_vocab)} items -> {final} "
+         f"({time.perf_counter() - started:.1f}s)")
+    return PreparedData(final)
 
-    # Sort by user, time, file order; drop users too short for train + validation + test.
+
+def _order_events(inter: pd.DataFrame, name: str, min_interactions: int) -> _Events:
+    """Sort by user, time, file order; drop repeated (user, item) pairs and users too short
+    for train + validation + test."""
     user_raw_codes, user_uniques = pd.factorize(inter["user"], sort=True)
     timestamp = inter["timestamp"].to_numpy(np.int64)
     order = splits.time_order(user_raw_codes, timestamp)
@@ -74,83 +116,101 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         _log(f"dropped {int(repeated.sum())} repeated (user, item) events, keeping each pair's first")
         order = order[~repeated]
     counts = np.bincount(user_raw_codes[order], minlength=len(user_uniques))
-    keep_user = counts >= data_cfg.min_interactions
+    keep_user = counts >= min_interactions
     dropped = int((~keep_user).sum())
     if dropped:
-        _log(f"dropped {dropped} of {len(user_uniques)} users with fewer than "
-             f"{data_cfg.min_interactions} interactions")
+        _log(f"dropped {dropped} of {len(user_uniques)} users with fewer than {min_interactions} interactions")
     order = order[keep_user[user_raw_codes[order]]]
     if order.size == 0:
-        raise DataError(f"{raw.name}: no user has {data_cfg.min_interactions} or more interactions")
+        raise DataError(f"{name}: no user has {min_interactions} or more interactions")
     new_code = np.cumsum(keep_user)  # raw factor -> 1-based code among kept users
     user = new_code[user_raw_codes[order]].astype(np.int64)
     num_users = int(keep_user.sum())
-    raw_user_ids = np.asarray(user_uniques)[keep_user]
-    user_offsets = splits.offsets_from_sorted(user, num_users)
+    return _Events(order, user, num_users, np.asarray(user_uniques)[keep_user],
+                   splits.offsets_from_sorted(user, num_users), timestamp)
+
+
+def _split(events: _Events, data_cfg: DataConfig) -> np.ndarray:
+    """``[R]`` split code of every kept event (``data.split``)."""
     if data_cfg.split == "leave_last_out":
-        split = splits.leave_last_out(user_offsets)
-    elif data_cfg.split == "temporal":
-        split = splits.temporal(timestamp[order], order, data_cfg.validation_fraction, data_cfg.test_fraction)
-    else:
-        split = splits.random_split(order.size, data_cfg.validation_fraction, data_cfg.test_fraction, data_cfg.seed)
-    train = split == splits.TRAIN
+        return splits.leave_last_out(events.user_offsets)
+    if data_cfg.split == "temporal":
+        return splits.temporal(events.timestamp[events.order], events.order, data_cfg.validation_fraction,
+                               data_cfg.test_fraction)
+    return splits.random_split(events.order.size, data_cfg.validation_fraction, data_cfg.test_fraction,
+                               data_cfg.seed)
 
-    item_raw = inter["item"].to_numpy()[order]
-    item_vocab = pd.Index(np.unique(item_raw[train]))
-    item = encode(item_raw, item_vocab)
-    num_items = len(item_vocab)
 
-    final = Path(data_cfg.cache_dir)
-    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not (final / "feature_spec.json").is_file())):
+def _new_cache_folder(final: Path) -> Path:
+    """An empty folder beside ``final`` to write the cache into, swapped in at the end: a crash
+    leaves the old cache whole, and a process still reading the old one (memory-mapped)
+    keeps its files."""
+    is_cache = (final / "feature_spec.json").is_file()
+    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not is_cache)):
         raise DataError(f"data.cache_dir {final} exists and is not a prepared cache: point it at a new or empty "
                         "folder (prepare replaces the whole folder)")
-    # Written beside the cache, then swapped in: a crash leaves the old cache whole, and a
-    # process still reading the old one (memory-mapped) keeps its files.
     out = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     for sub in ("interactions", "users", "items"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.ndarray, item_raw: np.ndarray,
+                        item_vocab: pd.Index, rating: np.ndarray) -> None:
+    """``interactions/*.npy`` and the raw ids of users and items."""
     arrays = {
-        "user": user, "item": item, "timestamp": timestamp[order],
-        "rating": inter["rating"].to_numpy(np.float32)[order], "split": split, "user_offsets": user_offsets,
+        "user": events.user, "item": item, "timestamp": events.timestamp[events.order],
+        "rating": rating[events.order], "split": split, "user_offsets": events.user_offsets,
     }
     for name, array in arrays.items():
         np.save(out / "interactions" / f"{name}.npy", np.ascontiguousarray(array))
-    np.save(out / "raw_user_ids.npy", raw_user_ids)
+    np.save(out / "raw_user_ids.npy", events.raw_user_ids)
     np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
     # Items first seen outside training are code 0; keep their raw ids for ranked-list exports.
     oov_rows = np.flatnonzero(item == 0)
     np.save(out / "interactions" / "oov_rows.npy", oov_rows)
     np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
 
-    vocabularies: dict[str, list] = {}
-    query_features = [Feature("user_id", "query", num_users + 1)] if "user_id" in features_cfg.user_features else []
+
+def _write_user_features(out: Path, raw: RawData, events: _Events, features_cfg: FeaturesConfig,
+                         vocabularies: dict[str, list]) -> list[Feature]:
+    """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``)."""
+    query_features = ([Feature("user_id", "query", events.num_users + 1)]
+                      if "user_id" in features_cfg.user_features else [])
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
     for name in features_cfg.user_features:
         if name == "user_id":
             continue
         _require_columns(raw.users, [name], f"{raw.users_name} (features.user_features)")
-        values = users[name].reindex(raw_user_ids).to_numpy()
+        values = users[name].reindex(events.raw_user_ids).to_numpy()
         vocab = build_vocabulary(pd.Series(values))
-        column = np.concatenate([[0], encode(values, vocab)])
-        np.save(out / "users" / f"{name}.npy", column)
+        np.save(out / "users" / f"{name}.npy", np.concatenate([[0], encode(values, vocab)]))
         vocabularies[name] = vocab.tolist()
         query_features.append(Feature(name, "query", len(vocab) + 1))
-    if not query_features and features_cfg.history_length == 0:
+    return query_features
+
+
+def _history_features(features_cfg: FeaturesConfig, num_items: int, has_user_features: bool) -> list[Feature]:
+    """``history`` and ``recent_1..k``: one table (the item tower's with ``share_item_table``)."""
+    if not has_user_features and features_cfg.history_length == 0:
         raise DataError("the query tower has no features: list some in features.user_features "
                         "or set features.history_length > 0")
-    if features_cfg.history_length > 0:
-        if features_cfg.share_item_table and "item_id" not in features_cfg.item_features:
-            raise DataError("features.share_item_table needs item_id in features.item_features")
-        table = "t_item_id" if features_cfg.share_item_table else ""
-        query_features.append(Feature(HISTORY, "query", num_items + 1, pooling="mean", table=table))
-        for m in range(1, features_cfg.recent_items + 1):  # same table as the history bag
-            query_features.append(Feature(f"{RECENT}{m}", "query", num_items + 1, pooling="mean",
-                                          table=table or f"t_{HISTORY}"))
+    if features_cfg.history_length == 0:
+        return []
+    if features_cfg.share_item_table and "item_id" not in features_cfg.item_features:
+        raise DataError("features.share_item_table needs item_id in features.item_features")
+    table = "t_item_id" if features_cfg.share_item_table else ""
+    features = [Feature(HISTORY, "query", num_items + 1, pooling="mean", table=table)]
+    for m in range(1, features_cfg.recent_items + 1):  # same table as the history bag
+        features.append(Feature(f"{RECENT}{m}", "query", num_items + 1, pooling="mean", table=table or f"t_{HISTORY}"))
+    return features
 
-    items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
-    if "title_tokens" in features_cfg.item_features and "title" in items.columns:
-        items["title_tokens"] = title_tokens(items["title"])
+
+def _write_item_features(out: Path, raw: RawData, items: pd.DataFrame, features_cfg: FeaturesConfig,
+                         vocabularies: dict[str, list], num_items: int) -> list[Feature]:
+    """``item_id`` and each feature of ``features.item_features`` (``items/<name>.npy``, or a
+    CSR pair for the multi-valued ones)."""
     # A table has one pooling: shared with the (mean-pooled) history, the single-valued item id
     # pools by mean too, which is the same vector.
     shared_pooling = "mean" if features_cfg.share_item_table and features_cfg.history_length > 0 else "sum"
@@ -162,12 +222,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         _require_columns(items.reset_index(), [name if name != "title_tokens" else "title"],
                          f"{raw.items_name} (features.item_features)")
         if name in MULTI_VALUED_ITEM_FEATURES:
-            lists = items[name].apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
-            lengths = lists.apply(len).to_numpy(np.int64)
-            flat = pd.Series(np.concatenate([np.asarray(v, dtype=object) for v in lists] or [[]]))
-            vocab = build_vocabulary(flat)
-            np.save(out / "items" / f"{name}.offsets.npy", np.concatenate([[0, 0], np.cumsum(lengths)]))
-            np.save(out / "items" / f"{name}.values.npy", encode(flat, vocab) if len(flat) else flat.to_numpy(np.int64))
+            vocab = _write_multi_valued(out, name, items[name])
             item_features.append(Feature(name, "item", len(vocab) + 1, pooling="mean"))
         else:
             values = items[name].to_numpy()
@@ -178,9 +233,25 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
             np.save(out / "items" / f"{name}.npy", np.concatenate([[0], encode(values, vocab)]))
             item_features.append(Feature(name, "item", len(vocab) + 1))
         vocabularies[name] = [v.item() if isinstance(v, np.generic) else v for v in vocab.tolist()]
-
     if not item_features:
         raise DataError("the item tower has no sparse features: list some in features.item_features")
+    return item_features
+
+
+def _write_multi_valued(out: Path, name: str, column: pd.Series) -> pd.Index:
+    """``items/<name>.offsets.npy`` and ``.values.npy`` (CSR by item code); the vocabulary."""
+    lists = column.apply(lambda v: list(v) if isinstance(v, (list, tuple, np.ndarray)) else [])
+    lengths = lists.apply(len).to_numpy(np.int64)
+    flat = pd.Series(np.concatenate([np.asarray(v, dtype=object) for v in lists] or [[]]))
+    vocab = build_vocabulary(flat)
+    np.save(out / "items" / f"{name}.offsets.npy", np.concatenate([[0, 0], np.cumsum(lengths)]))
+    np.save(out / "items" / f"{name}.values.npy", encode(flat, vocab) if len(flat) else flat.to_numpy(np.int64))
+    return vocab
+
+
+def _write_item_dense(out: Path, raw: RawData, items: pd.DataFrame, features_cfg: FeaturesConfig,
+                      num_items: int) -> None:
+    """``items/dense.npy`` ``[V + 1, Dd]``: ``year_norm``, the standardised release year."""
     dense_columns = []
     for name in features_cfg.item_dense:
         if name != "year_norm":
@@ -195,24 +266,16 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         dense[1:] = np.stack(dense_columns, axis=1)
     np.save(out / "items" / "dense.npy", dense)
 
-    metadata = pd.DataFrame({"code": np.arange(1, num_items + 1), "item": np.asarray(item_vocab).astype(str)})
+
+def _write_item_metadata(out: Path, raw: RawData, items: pd.DataFrame, item_vocab: pd.Index) -> None:
+    """``items.parquet``: code, raw id, title, genres, for people rather than the model."""
+    metadata = pd.DataFrame({"code": np.arange(1, len(item_vocab) + 1), "item": np.asarray(item_vocab).astype(str)})
     if "title" in raw.items.columns:
         metadata["title"] = items["title"].fillna("").astype(str).to_numpy()
     if "genres" in raw.items.columns:
         metadata["genres"] = items["genres"].apply(
             lambda v: "|".join(v) if isinstance(v, (list, tuple, np.ndarray)) else "").to_numpy()
     metadata.to_parquet(out / "items.parquet", index=False)
-
-    spec = FeatureSpec(
-        query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
-        history_length=features_cfg.history_length, num_users=num_users, num_items=num_items,
-        vocabularies=vocabularies, source=raw.name,
-    )
-    (out / "feature_spec.json").write_text(spec.to_json())
-    _swap_in(out, final)
-    _log(f"{len(user)} interactions, {num_users} users, {num_items} items -> {final} "
-         f"({time.perf_counter() - started:.1f}s)")
-    return PreparedData(final)
 
 
 def _swap_in(new: Path, final: Path) -> None:
@@ -239,7 +302,8 @@ class PreparedData:
         self.dir = Path(cache_dir)
         spec_path = self.dir / "feature_spec.json"
         if not spec_path.is_file():
-            raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` first")
+            raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` "
+                            "first")
         self.spec = FeatureSpec.from_json(spec_path.read_text())
 
         def load(*parts: str) -> np.ndarray:

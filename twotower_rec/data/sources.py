@@ -1,13 +1,9 @@
-"""Readers that turn raw data into :class:`RawData`: three tables in file order.
+"""Readers that turn raw files into :class:`twotower_rec.data.raw.RawData`: your own
+interactions CSV / TSV / Parquet with optional user and item tables, and the MovieLens
+archives. :func:`load_raw` picks the reader ``data.source`` names (the built-in synthetic
+generator is in ``synthetic.py``).
 
-``RawData.interactions`` has columns ``user, item, timestamp, rating`` (one row per event,
-in the order the source gives them: ties in time are broken by this order).
-``RawData.users`` has ``user`` plus categorical side features; ``RawData.items`` has
-``item``, ``genres`` (a list of strings), ``year`` (int, -1 unknown) and ``title``.
-
-The built-in synthetic source plants structure a model can learn and a popularity list
-cannot: items belong to latent clusters, each user likes a few clusters, and consecutive
-interactions tend to stay in the cluster of the previous one (so recent history matters).
+Errors name the file, the line (or Parquet row) and the problem.
 """
 
 from __future__ import annotations
@@ -16,119 +12,15 @@ import csv
 import io
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from twotower_rec.config import DataConfig, SyntheticConfig
-from twotower_rec.errors import TwoTowerError
-
-
-class DataError(TwoTowerError):
-    """Input data is missing or malformed; the message names the file, row and problem."""
-
-
-@dataclass
-class RawData:
-    interactions: pd.DataFrame
-    users: pd.DataFrame
-    items: pd.DataFrame
-    name: str
-    users_name: str = "users table"
-    items_name: str = "items table"
-
-
-def synthetic(cfg: SyntheticConfig) -> RawData:
-    """Generate a deterministic data set from ``cfg.seed`` (vectorized; 20M rows fit in a few GiB)."""
-    rng = np.random.default_rng(cfg.seed)
-    num_users, num_items, num_clusters = cfg.num_users, cfg.num_items, cfg.num_clusters
-
-    # Items: a cluster each, a heavy-tailed popularity, genres and a year tied to the cluster.
-    item_cluster = rng.integers(0, num_clusters, num_items)
-    item_weight = rng.pareto(1.2, num_items) + 0.05
-    primary_genre = (np.arange(num_clusters) * 7) % cfg.num_genres
-    second_genre = (np.arange(num_clusters) * 11 + 3) % cfg.num_genres
-    extra_genre = rng.integers(0, cfg.num_genres, num_items)
-    has_second = rng.random(num_items) < 0.5
-    has_extra = rng.random(num_items) < 0.2
-    genre_names = np.array([f"genre_{g:02d}" for g in range(cfg.num_genres)])
-    genres = [
-        sorted({genre_names[primary_genre[c]]}
-               | ({genre_names[second_genre[c]]} if s else set())
-               | ({genre_names[e]} if x else set()))
-        for c, s, e, x in zip(item_cluster, has_second, extra_genre, has_extra)
-    ]
-    cluster_year = rng.integers(1950, 2020, num_clusters)
-    year = np.clip(cluster_year[item_cluster] + rng.normal(0, 6, num_items).round().astype(int), 1930, 2025)
-    items = pd.DataFrame({
-        "item": np.arange(num_items, dtype=np.int64) + 1000,
-        "genres": genres,
-        "year": year.astype(np.int64),
-        "title": [f"Item {i + 1000} ({y})" for i, y in zip(range(num_items), year)],
-    })
-
-    # Users: a few liked clusters with Dirichlet weights; occupation and age leak a little taste.
-    liked = np.argsort(rng.random((num_users, num_clusters)), axis=1)[:, : cfg.clusters_per_user]
-    liked_weight = rng.dirichlet(np.ones(cfg.clusters_per_user), num_users)
-    occupation = np.where(rng.random(num_users) < 0.6, liked[:, 0] % 21, rng.integers(0, 21, num_users))
-    age_groups = np.array([1, 18, 25, 35, 45, 50, 56])
-    age = age_groups[np.where(rng.random(num_users) < 0.5, liked[:, 0] % 7, rng.integers(0, 7, num_users))]
-    users = pd.DataFrame({
-        "user": np.arange(num_users, dtype=np.int64) + 1,
-        "gender": np.where(rng.random(num_users) < 0.5, "F", "M"),
-        "age": age.astype(np.int64),
-        "occupation": occupation.astype(np.int64),
-    })
-
-    # Sequence lengths, then a cluster per step: a fresh draw from the user's mixture on a
-    # "switch", otherwise the cluster of the step before (forward fill of switch positions).
-    lengths = np.maximum(5, (cfg.interactions_per_user * rng.lognormal(0, 0.5, num_users)).astype(np.int64))
-    total = int(lengths.sum())
-    user_of = np.repeat(np.arange(num_users), lengths)
-    starts = np.cumsum(lengths) - lengths
-    step = np.arange(total) - np.repeat(starts, lengths)
-    switch = (rng.random(total) > cfg.stay_probability) | (step == 0)
-    cum_weight = np.cumsum(liked_weight, axis=1)[user_of]
-    pick = (rng.random(total)[:, None] > cum_weight).sum(axis=1).clip(max=cfg.clusters_per_user - 1)
-    drawn_cluster = liked[user_of, pick]
-    last_switch = np.maximum.accumulate(np.where(switch, np.arange(total), 0))
-    cluster = drawn_cluster[last_switch]
-
-    # Item within the cluster, by popularity: one searchsorted over cluster-sorted weights.
-    order = np.argsort(item_cluster, kind="stable")
-    sorted_weight = item_weight[order]
-    cum = np.cumsum(sorted_weight)
-    cluster_total = np.bincount(item_cluster, weights=item_weight, minlength=num_clusters)
-    cluster_before = np.cumsum(cluster_total) - cluster_total
-    target = cluster_before[cluster] + rng.random(total) * cluster_total[cluster]
-    position = np.minimum(np.searchsorted(cum, target, side="right"), num_items - 1)
-    item = order[position]
-
-    # Users rarely re-rate the same item: keep each (user, item) pair's first event only.
-    pair = user_of.astype(np.int64) * num_items + item
-    _, first = np.unique(pair, return_index=True)
-    keep = np.sort(first)
-    user_of, item, cluster = user_of[keep], item[keep], cluster[keep]
-
-    gaps = rng.exponential(3600.0, keep.size).astype(np.int64) + 1
-    user_start_time = 978_300_000 + rng.integers(0, 10**8, num_users)
-    run_starts = np.flatnonzero(np.r_[True, user_of[1:] != user_of[:-1]])
-    run_lengths = np.diff(np.r_[run_starts, keep.size])
-    cum_gaps = np.cumsum(gaps)
-    cum_gaps -= np.repeat(cum_gaps[run_starts] - gaps[run_starts], run_lengths)
-    timestamp = user_start_time[user_of] + cum_gaps
-
-    top_cluster = liked[user_of, np.argmax(liked_weight, axis=1)[user_of]]
-    rating = np.clip(np.round(3.4 + 1.0 * (cluster == top_cluster) + rng.normal(0, 0.8, keep.size)), 1, 5)
-    interactions = pd.DataFrame({
-        "user": users["user"].to_numpy()[user_of],
-        "item": items["item"].to_numpy()[item],
-        "timestamp": timestamp.astype(np.int64),
-        "rating": rating.astype(np.float32),
-    })
-    return RawData(interactions=interactions, users=users, items=items, name=f"synthetic(seed={cfg.seed})")
+from twotower_rec.config import DataConfig
+from twotower_rec.data.raw import RawData
+from twotower_rec.data.synthetic import synthetic
+from twotower_rec.errors import DataError
 
 
 def read_table(path: str | Path, what: str) -> pd.DataFrame:
@@ -205,18 +97,7 @@ def interactions_source(cfg: DataConfig) -> RawData:
         bad = frame[columns[name]].isna().to_numpy()
         if bad.any():
             raise DataError(f"{path}: {_where(frame, _first_bad(bad))}: empty {name} id in column '{columns[name]}'")
-    timestamp = frame[columns["timestamp"]]
-    as_number = pd.to_numeric(timestamp, errors="coerce")
-    if as_number.notna().any():  # numeric timestamps (seconds); report the first that is not
-        seconds = _numeric_column(frame, columns["timestamp"], path, "timestamp")
-    else:
-        parsed = pd.to_datetime(timestamp, errors="coerce", utc=True, format="mixed")
-        bad = parsed.isna().to_numpy()
-        if bad.any():
-            row = _first_bad(bad)
-            raise DataError(f"{path}: {_where(frame, row)}: timestamp '{timestamp.iloc[row]}' is neither a number "
-                            f"nor a date ({int(bad.sum())} such rows)")
-        seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    seconds = _seconds(frame, columns["timestamp"], path)
     if cfg.rating_column in frame.columns:
         rating = _numeric_column(frame, cfg.rating_column, path, "rating")
     else:
@@ -229,12 +110,34 @@ def interactions_source(cfg: DataConfig) -> RawData:
     users, users_name = _side_table(cfg.users_path, cfg.user_column, "user", interactions, "data.users_path")
     items, items_name = _side_table(cfg.items_path, cfg.item_column, "item", interactions, "data.items_path")
     if cfg.items_path:
-        if "genres" in items.columns:
-            items["genres"] = items["genres"].apply(
-                lambda v: [g for g in str(v).split(cfg.genres_separator) if g] if isinstance(v, str) else [])
-        if "year" in items.columns:
-            items["year"] = pd.to_numeric(items["year"], errors="coerce").fillna(-1).astype(np.int64)
+        items = _item_columns(items, cfg.genres_separator)
     return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name)
+
+
+def _seconds(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """A timestamp column as seconds: numbers are seconds already, else dates are parsed; the
+    first value that is neither is reported with its line."""
+    timestamp = frame[column]
+    as_number = pd.to_numeric(timestamp, errors="coerce")
+    if as_number.notna().any():  # numeric timestamps (seconds); report the first that is not
+        return _numeric_column(frame, column, path, "timestamp")
+    parsed = pd.to_datetime(timestamp, errors="coerce", utc=True, format="mixed")
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataError(f"{path}: {_where(frame, row)}: timestamp '{timestamp.iloc[row]}' is neither a number "
+                        f"nor a date ({int(bad.sum())} such rows)")
+    return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+
+
+def _item_columns(items: pd.DataFrame, genres_separator: str) -> pd.DataFrame:
+    """Your item table's ``genres`` text as lists and ``year`` as an integer (-1 unknown)."""
+    if "genres" in items.columns:
+        items["genres"] = items["genres"].apply(
+            lambda v: [g for g in str(v).split(genres_separator) if g] if isinstance(v, str) else [])
+    if "year" in items.columns:
+        items["year"] = pd.to_numeric(items["year"], errors="coerce").fillna(-1).astype(np.int64)
+    return items
 
 
 MOVIELENS_GENRES_100K = (
@@ -321,53 +224,77 @@ def movielens(cfg: DataConfig) -> RawData:
         raise DataError(f"data.source={cfg.source} needs data.data_dir (or --data-dir): the unpacked archive")
     root = Path(cfg.data_dir)
     if not root.is_dir():
-        raise DataError(f"data directory not found: {root} (fetch it with `twotower-rec download --dataset {cfg.source} --data-dir DIR`)")
-    bad = cfg.on_bad_rows
+        raise DataError(f"data directory not found: {root} (fetch it with `twotower-rec download --dataset "
+                        f"{cfg.source} --data-dir DIR`)")
     if cfg.source == "movielens-100k":
-        inter = _read_delimited(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], "latin-1", bad,
-                                "ratings")
-        users = _read_delimited(root / "u.user", "|", ["user", "age", "gender", "occupation", "zip"], "latin-1",
-                                bad, "users")
-        item_cols = ["item", "title", "release", "video_release", "url", *MOVIELENS_GENRES_100K]
-        items = _read_delimited(root / "u.item", "|", item_cols, "latin-1", bad, "movies")
-        flags = items[list(MOVIELENS_GENRES_100K)].fillna(0).to_numpy(np.int64) > 0
-        names = np.array(MOVIELENS_GENRES_100K)
-        items["genres"] = [names[row].tolist() for row in flags]
-        interactions = _clean_interactions(inter, root / "u.data", bad)
+        interactions, users, items = _movielens_100k(root, cfg.on_bad_rows)
     elif cfg.source == "movielens-1m":
-        inter = _read_delimited(root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], "latin-1",
-                                bad, "ratings")
-        users = _read_delimited(root / "users.dat", "::", ["user", "gender", "age", "occupation", "zip"],
-                                "latin-1", bad, "users")
-        items = _read_delimited(root / "movies.dat", "::", ["item", "title", "genres"], "latin-1", bad, "movies")
-        items["genres"] = items["genres"].fillna("").str.split("|")
-        interactions = _clean_interactions(inter, root / "ratings.dat", bad)
+        interactions, users, items = _movielens_1m(root, cfg.on_bad_rows)
     else:
-        inter = _read_delimited(root / "ratings.csv", ",", None, "utf-8", bad, "ratings")
-        _require_file_columns(inter, ["userId", "movieId", "rating", "timestamp"], root / "ratings.csv")
-        inter = inter.rename(columns={"userId": "user", "movieId": "item"})
-        items = _read_delimited(root / "movies.csv", ",", None, "utf-8", bad, "movies")
-        _require_file_columns(items, ["movieId", "title", "genres"], root / "movies.csv")
-        items = items.rename(columns={"movieId": "item"})
-        items["genres"] = items["genres"].fillna("").apply(
-            lambda g: [] if g == "(no genres listed)" else [x for x in g.split("|") if x])
-        users = pd.DataFrame({"user": pd.unique(pd.to_numeric(inter["user"], errors="coerce").dropna())})
-        interactions = _clean_interactions(inter, root / "ratings.csv", bad)
+        interactions, users, items = _movielens_csv(root, cfg.on_bad_rows)
+    return RawData(interactions, _movielens_users(users, cfg.source), _movielens_items(items),
+                   name=f"{cfg.source}:{root}", users_name=f"{cfg.source} users", items_name=f"{cfg.source} movies")
+
+
+def _movielens_100k(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``u.data``, ``u.user``, ``u.item`` (genres as 19 flag columns)."""
+    inter = _read_delimited(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], "latin-1", bad,
+                            "ratings")
+    users = _read_delimited(root / "u.user", "|", ["user", "age", "gender", "occupation", "zip"], "latin-1",
+                            bad, "users")
+    item_cols = ["item", "title", "release", "video_release", "url", *MOVIELENS_GENRES_100K]
+    items = _read_delimited(root / "u.item", "|", item_cols, "latin-1", bad, "movies")
+    flags = items[list(MOVIELENS_GENRES_100K)].fillna(0).to_numpy(np.int64) > 0
+    names = np.array(MOVIELENS_GENRES_100K)
+    items["genres"] = [names[row].tolist() for row in flags]
+    return _clean_interactions(inter, root / "u.data", bad), users, items
+
+
+def _movielens_1m(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``ratings.dat``, ``users.dat``, ``movies.dat`` (``::``-separated, latin-1)."""
+    inter = _read_delimited(root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], "latin-1",
+                            bad, "ratings")
+    users = _read_delimited(root / "users.dat", "::", ["user", "gender", "age", "occupation", "zip"],
+                            "latin-1", bad, "users")
+    items = _read_delimited(root / "movies.dat", "::", ["item", "title", "genres"], "latin-1", bad, "movies")
+    items["genres"] = items["genres"].fillna("").str.split("|")
+    return _clean_interactions(inter, root / "ratings.dat", bad), users, items
+
+
+def _movielens_csv(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``ratings.csv`` and ``movies.csv``; no user side features, so users are ids alone."""
+    inter = _read_delimited(root / "ratings.csv", ",", None, "utf-8", bad, "ratings")
+    _require_file_columns(inter, ["userId", "movieId", "rating", "timestamp"], root / "ratings.csv")
+    inter = inter.rename(columns={"userId": "user", "movieId": "item"})
+    items = _read_delimited(root / "movies.csv", ",", None, "utf-8", bad, "movies")
+    _require_file_columns(items, ["movieId", "title", "genres"], root / "movies.csv")
+    items = items.rename(columns={"movieId": "item"})
+    items["genres"] = items["genres"].fillna("").apply(
+        lambda g: [] if g == "(no genres listed)" else [x for x in g.split("|") if x])
+    users = pd.DataFrame({"user": pd.unique(pd.to_numeric(inter["user"], errors="coerce").dropna())})
+    return _clean_interactions(inter, root / "ratings.csv", bad), users, items
+
+
+def _movielens_items(items: pd.DataFrame) -> pd.DataFrame:
+    """Integer item ids, titles as text, the year parsed from the title."""
     items["item"] = pd.to_numeric(items["item"], errors="coerce")
     items = items.dropna(subset=["item"]).astype({"item": np.int64})
     items["title"] = items["title"].fillna("").astype(str)
     items["year"] = _title_year(items["title"])
+    return items
+
+
+def _movielens_users(users: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Integer user ids, the zip code's first digit, age as the 1M archive's brackets."""
     if "zip" in users.columns:
         users["zip_prefix"] = users["zip"].fillna("").astype(str).str[:1]
-    if "age" in users.columns and cfg.source == "movielens-1m":
+    if "age" in users.columns and source == "movielens-1m":
         users["age"] = pd.to_numeric(users["age"], errors="coerce").map(ML1M_AGE).fillna("unknown")
     elif "age" in users.columns:
         age = pd.to_numeric(users["age"], errors="coerce")
         users["age"] = pd.cut(age, [0, 18, 25, 35, 45, 50, 56, 200], right=False).astype(str)
     users["user"] = pd.to_numeric(users["user"], errors="coerce")
-    users = users.dropna(subset=["user"]).astype({"user": np.int64})
-    return RawData(interactions, users, items, name=f"{cfg.source}:{root}",
-                   users_name=f"{cfg.source} users", items_name=f"{cfg.source} movies")
+    return users.dropna(subset=["user"]).astype({"user": np.int64})
 
 
 def _require_file_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None:

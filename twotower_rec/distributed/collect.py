@@ -13,12 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from twotower_rec.distributed.env import world
 
 
 def local_part(array: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The only code that reads RANK / LOCAL_RANK / WORLD_SIZE: process group, device, seeds.
+"""The only code that reads RANK / LOCAL_RANK / WORLD_SIZE: process group, rank, device, seeds.
 
 ``python -m twotower_rec train`` (no torchrun) becomes a world of one on a private port, so
 the same DistributedModelParallel path serves one process or many.
@@ -68,6 +68,19 @@ def shutdown() -> None:
         if sys.exc_info()[0] is None and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:

@@ -16,19 +16,17 @@ import torch.distributed as dist
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from twotower_rec.config import ConfigError, ShardingConfig, TrainConfig, closest
+from twotower_rec.config import ShardingConfig, TrainConfig, closest
 from twotower_rec.distributed.env import DistEnv
+from twotower_rec.errors import ConfigError
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
 for _name in ("torchrec.distributed.planner", "torchrec.distributed.utils", "root"):
@@ -46,10 +44,10 @@ _TABLE_OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
 _INIT_BLOCK_ROWS = 1 << 16
 
 
-class ConfiguredSharder(EmbeddingBagCollectionSharder):
+class _ConfiguredTypes:
     """Offers exactly the configured sharding types, on any device.
 
-    The stock sharder hides ``row_wise`` on CPU although gloo runs it (see ENVIRONMENT.md);
+    The stock sharders hide ``row_wise`` on CPU although gloo runs it (see ENVIRONMENT.md);
     the constraints below still decide what the planner may choose.
     """
 
@@ -61,15 +59,12 @@ class ConfiguredSharder(EmbeddingBagCollectionSharder):
         return list(self._types)
 
 
-class ConfiguredCollectionSharder(EmbeddingCollectionSharder):
-    """The same for unpooled EmbeddingCollections (the sequence encoder's history table)."""
+class ConfiguredBagSharder(_ConfiguredTypes, EmbeddingBagCollectionSharder):
+    """Pooled EmbeddingBagCollections: the towers' tables."""
 
-    def __init__(self, sharding_types: list[str]) -> None:
-        super().__init__()
-        self._types = list(sharding_types)
 
-    def sharding_types(self, compute_device_type: str) -> list[str]:
-        return list(self._types)
+class ConfiguredCollectionSharder(_ConfiguredTypes, EmbeddingCollectionSharder):
+    """Unpooled EmbeddingCollections: the sequence encoder's history table."""
 
 
 def _embedding_collections(model: nn.Module) -> dict[str, nn.Module]:
@@ -127,7 +122,7 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
         for config in _table_configs(collection)
     }
     topology = Topology(world_size=env.world_size, compute_device=env.device.type)
-    sharders = [ConfiguredSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
+    sharders = [ConfiguredBagSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     # TorchRec divides table gradients by the world size on their way back to the shards
@@ -186,23 +181,6 @@ def describe_plan(model: DistributedModelParallel) -> str:
     return "sharding plan:\n" + "\n".join(lines)
 
 
-def build_optimizer(model: DistributedModelParallel, train: TrainConfig) -> CombinedOptimizer:
-    """The fused table optimizer and AdamW (``train.weight_decay``; 0 = Adam) over dense
-    parameters, stepped together."""
-    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
-    dense_optimizer = KeyedOptimizerWrapper(
-        dense, lambda params: torch.optim.AdamW(params, lr=train.dense_lr, weight_decay=train.weight_decay))
-    return CombinedOptimizer([model.fused_optimizer, dense_optimizer])
-
-
-def set_dense_lr(optimizer: CombinedOptimizer, model: DistributedModelParallel, lr: float) -> None:
-    """Set the dense layers' learning rate (the schedule; table learning rates stay fixed)."""
-    for _, part in optimizer.optimizers:
-        if part is not model.fused_optimizer:
-            for group in part.param_groups:
-                group["lr"] = lr
-
-
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies of every tensor, on every rank (a collective: all ranks call it)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -222,11 +200,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[key] = value.detach().cpu()
     return out
-
-
-def init_optimizer_state(optimizer: CombinedOptimizer, model: DistributedModelParallel) -> None:
-    """Create the dense optimizer's lazy state (a step with zero gradients) so a checkpoint's
-    state can be loaded into it in place; the fused table optimizer's state always exists."""
-    for _, part in optimizer.optimizers:
-        if part is not model.fused_optimizer:
-            part.init_state()

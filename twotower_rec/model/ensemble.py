@@ -50,4 +50,5 @@ class Ensemble(nn.Module):
         return self._join([member.encode_items(features, dense) for member in self.members])
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of B queries and N items -> (``[B, K * D]`` queries, ``[N, K * D]`` items)."""
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

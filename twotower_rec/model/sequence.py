@@ -36,6 +36,8 @@ class SequencePooling(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``values`` ``[sum(lengths), E]`` (each row's items, oldest first), ``lengths`` ``[B]``
+        -> ``[B, E]``: the encoder's output at each row's most recent item (zeros when empty)."""
         lengths = lengths.long().clamp(max=self.max_length)
         rows = lengths.shape[0]
         dim = values.shape[1]
@@ -68,6 +70,7 @@ class SequenceEncoder(nn.Module):
         self.pooling = SequencePooling(dim, max_length, layers, heads, dropout)
 
     def forward(self, history: KeyedJaggedTensor) -> torch.Tensor:
+        """History KJT (key ``history``, B rows) -> ``[B, E]``."""
         out = self.embeddings(history)
         if hasattr(out, "wait"):  # a sharded collection returns an awaitable
             out = out.wait()

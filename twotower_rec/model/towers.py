@@ -96,5 +96,6 @@ class Tower(nn.Module):
         return [by_name[name] for name in names]
 
     def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        """KJT (B rows, the collection's features) + ``[B, Dd]`` dense -> ``[B, D]``, rows of norm 1."""
         pooled = self.pool(features, self.feature_names)  # F x [B, E]
         return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_rec.config import ConfigError, ModelConfig
+from twotower_rec.config import ModelConfig
 from twotower_rec.data.batches import Batch, with_keys
 from twotower_rec.data.features import HISTORY, FeatureSpec
+from twotower_rec.errors import ConfigError
 from twotower_rec.model.sequence import SequenceEncoder
 from twotower_rec.model.towers import Tower
 
@@ -74,11 +75,15 @@ class TwoTower(nn.Module):
         return self.item_tower(features, dense)
 
     def temperature(self) -> torch.Tensor:
+        """The learned softmax temperature (a scalar within [0.01, 1])."""
         return self.log_temperature.clamp(float(np.log(0.01)), 0.0).exp()
 
     def score(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        """Pointwise logit (BCE) or predicted rating (MSE) of each (query row, item row) pair."""
+        """``[B, D]`` x ``[B, D]`` -> ``[B]``: the pointwise logit (BCE) or predicted rating (MSE)
+        of each (query row, item row) pair."""
         return self.score_scale * (query * item).sum(dim=-1) + self.score_bias
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch of B queries and N items (B positives, then any sampled negatives) ->
+        (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1."""
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

@@ -18,30 +18,23 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.distributed import DistributedModelParallel
 
-from twotower_rec import __version__
-from twotower_rec.config import Config, ConfigError, from_dict, to_dict
+from twotower_rec import versions
+from twotower_rec.config import Config, from_dict, to_dict
 from twotower_rec.data.features import FeatureSpec
-from twotower_rec.errors import TwoTowerError
+from twotower_rec.data.prepared import PreparedData
+from twotower_rec.distributed.env import DistEnv, barrier, world
+from twotower_rec.errors import CheckpointError, ConfigError
+from twotower_rec.model.factory import build_model
 
 META = "meta.json"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(TwoTowerError):
-    """A checkpoint is missing, incomplete or does not match the data it is used with."""
-
-
-def versions() -> dict[str, str]:
-    import torchrec
-
-    return {"twotower_rec": __version__, "torch": torch.__version__,
-            "torchrec": getattr(torchrec, "__version__", "unknown")}
 
 
 _FAULT_COUNTS: dict[str, int] = {}
@@ -57,15 +50,6 @@ def _fault(phase: str) -> None:
     _FAULT_COUNTS[phase] = _FAULT_COUNTS.get(phase, 0) + 1
     if _FAULT_COUNTS[phase] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -91,12 +75,12 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
     """Collective: every rank calls it. With ``optimizer`` the checkpoint can be resumed from:
     it also holds the optimizer state, every rank's RNG state and ``trainer_state``."""
     path = Path(path)
-    rank = _rank()
+    rank, world_size = world()
     tmp = path.with_name(f"{path.name}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
@@ -104,11 +88,10 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
     if optimizer is not None:
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save({"rng": rng_state(), "extra": extra or {}}, tmp / "rng" / f"rank{rank}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         _fault("shards_written")
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "config": to_dict(cfg),
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "config": to_dict(cfg),
                 "feature_spec_fingerprint": spec.fingerprint(), "versions": versions(), "metrics": metrics or {},
                 "resumable": optimizer is not None, "trainer": trainer_state or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -119,7 +102,7 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
         _fault("between_renames")
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return path
 
 
@@ -186,10 +169,52 @@ def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: F
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
     # The same world size continues each rank's random stream; another gets rank 0's.
-    rng = path / "rng" / f"rank{_rank()}.pt"
-    if meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1) or not rng.is_file():
+    rank, world_size = world()
+    rng = path / "rng" / f"rank{rank}.pt"
+    if meta.get("world_size") != world_size or not rng.is_file():
         rng = path / "rng" / "rank0.pt"
     saved = torch.load(rng, weights_only=False)
     set_rng_state(saved["rng"])
     meta["extra"] = saved.get("extra", {})
     return meta
+
+
+class Trained(NamedTuple):
+    """A checkpoint loaded for evaluation or export."""
+
+    model: DistributedModelParallel
+    data: PreparedData
+    meta: dict
+    cfg: Config  # the config it was trained with (data.cache_dir: the data it is used with now)
+
+
+def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Trained:
+    """The checkpoint at ``path`` rebuilt from its own model config, on the prepared data at
+    ``cache_dir`` (which must be the data it was trained on), sharded, in eval mode."""
+    trained_cfg = config_of(path)
+    trained_cfg.data.cache_dir = str(cache_dir)
+    data = PreparedData(cache_dir)
+    model = build_model(trained_cfg, data, env)
+    meta = load(path, model, data.spec)
+    model.eval()
+    return Trained(model, data, meta, trained_cfg)
+
+
+# Config sections that must not change between a run and its resumption.
+_RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
+                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.table_weight_decay",
+                 "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
+
+
+def check_resumable(saved: dict, cfg: Config) -> None:
+    """Refuse to resume under a config that changed what the saved run trains (``saved``:
+    the checkpoint's config as a dict)."""
+    current = to_dict(cfg)
+    for key in _RESUME_FIXED:
+        a, b = saved, current
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise CheckpointError(
+                f"--resume: {key} was {a} in the checkpoint and is {b} now; resume with the same value "
+                f"(epochs, max_steps, validation and checkpoint settings may change)")

@@ -24,8 +24,10 @@ from twotower_rec.config import Config, to_dict
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.distributed.env import DistEnv
+from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
-from twotower_rec.train.trainer import TrainResult, check_resumable, build_model, train, validate
+from twotower_rec.train.trainer import TrainResult, train
+from twotower_rec.train.validation import validate, validation_config
 
 
 def member_config(cfg: Config, k: int) -> Config:
@@ -54,7 +56,7 @@ def _resumable(member: Config, data: PreparedData) -> Path | None:
     last = Path(member.train.out_dir) / "last"
     try:
         meta = checkpoint.read_meta(last)
-        check_resumable(meta["config"], member)
+        checkpoint.check_resumable(meta["config"], member)
     except checkpoint.CheckpointError:
         return None
     return last if meta["feature_spec_fingerprint"] == data.spec.fingerprint() else None
@@ -93,7 +95,8 @@ def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResu
     model = build_model(cfg, data, env)
     for k in range(members):
         _load_member(model, k, Path(member_config(cfg, k).train.out_dir) / "checkpoint")
-    validation = validate(model, data, Batcher(data), cfg)
+    validation = validate(model, data, Batcher(data), validation_config(cfg.eval, cfg.train), cfg.loss,
+                          cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
     path = checkpoint.save(out_dir / "checkpoint", model, cfg, data.spec, 0, {"validation": validation})
     steps = sum(r["steps"] for r in results)

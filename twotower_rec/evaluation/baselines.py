@@ -1,10 +1,11 @@
 """Classic baselines ranked under the same protocol as the model.
 
-Most-popular is ranked beside the model by :func:`twotower_rec.evaluation.rank_split`. Every
-baseline here learns its item statistics from TRAINING rows only, and scores each evaluated
-event from the same input the model's query sees: the user's events strictly before it (for
-a leave-last-out test event, the validation item included). Seen items are filtered and the
-out-of-vocabulary code never ranks, exactly as in :func:`twotower_rec.evaluation.rank_catalog`.
+Most-popular is ranked beside the model by :func:`twotower_rec.evaluation.ranking.rank_split`.
+Every baseline here learns its item statistics from TRAINING rows only, and scores each
+evaluated event from the same input the model's query sees: the user's events strictly before
+it (for a leave-last-out test event, the validation item included). Seen items are filtered
+and the out-of-vocabulary code never ranks, exactly as in
+:func:`twotower_rec.evaluation.ranking.rank_catalog`.
 
 - ``itemknn``: cosine similarity between item columns of the binary user x item training
   matrix; a query scores item j by the sum of j's similarities to its history items.
@@ -25,11 +26,11 @@ import torch
 
 from twotower_rec.config import EvalConfig
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.data.sources import DataError
+from twotower_rec.data.sequences import gather_ranges
 from twotower_rec.data.splits import TRAIN
-from twotower_rec.data.batches import gather_ranges
-from twotower_rec.evaluation import seen_items
-from twotower_rec.retrieval import chunked_topk
+from twotower_rec.errors import DataError
+from twotower_rec.evaluation.ranking import seen_items
+from twotower_rec.evaluation.topk import chunked_topk
 
 NAMES = ("itemknn", "ease", "transition")
 MAX_ITEMS = 40_000

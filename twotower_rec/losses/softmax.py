@@ -1,13 +1,19 @@
-"""Retrieval losses over L2-normalised embeddings.
+"""The retrieval loss: in-batch sampled softmax over L2-normalised embeddings, with the
+corrections that make it work (logQ, accidental-hit masking, mixed uniform negatives,
+candidates gathered from every rank).
 
-Shapes: ``B`` rows, ``D`` embedding dim. ``query`` and ``item`` are ``[B, D]``; row ``b`` of
-``item`` is the positive of row ``b`` of ``query`` and every other row is a negative.
+Shapes: ``B`` rows, ``D`` embedding dim, ``M`` uniform negatives, ``N`` candidates. ``query`` is
+``[B, D]``; row ``b`` of the items is the positive of row ``b`` of ``query`` and every other
+candidate is a negative.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from twotower_rec.config import LossConfig
 
 
 def in_batch_softmax(
@@ -49,6 +55,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` this rank's rows -> ``[world_size * B, D]`` every rank's, in rank order."""
         import torch.distributed as dist
 
         ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
@@ -58,6 +65,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        """``[world_size * B, D]`` -> ``[B, D]``: every rank's gradient of this rank's rows, summed."""
         import torch.distributed as dist
 
         grad = grad.contiguous()
@@ -116,3 +124,59 @@ class StreamingFrequency:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step, self.gap = state["last_step"].clone(), state["gap"].clone()
+
+
+class LossContext:
+    """What the loss needs beyond one batch: logQ frequencies, the catalog size, the step.
+
+    logQ subtracts log(expected number of times a candidate is among the candidates): for an
+    in-batch candidate j that is ``global_batch * q(j)``, q from training counts
+    (``item_counts`` ``[V + 1]`` by item code) or from the streaming estimator; for a uniform
+    negative ``uniform_negatives / num_items``.
+    """
+
+    def __init__(self, cfg: LossConfig, item_counts: np.ndarray, batch_size: int, device: torch.device) -> None:
+        self.cfg, self.num_items, self.step = cfg, item_counts.shape[0] - 1, 0
+        counts = item_counts.astype(np.float64)
+        q = counts / max(counts.sum(), 1.0)
+        q[q == 0] = 1.0 / max(counts.sum(), 1.0)  # never a positive; keep the log finite
+        self.log_q = torch.from_numpy(np.log(q * batch_size)).float().to(device)
+        self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha)
+                          if cfg.logq == "streaming" else None)
+
+    def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
+        """``[B' + M]`` logQ of the (global) positives ``[B']`` then ``M`` uniform negatives."""
+        logq = self.cfg.logq
+        if logq == "none":
+            return None
+        if logq == "counts":
+            in_batch = self.log_q[positive_ids]
+        else:
+            self.streaming.update(positive_ids, self.step)
+            in_batch = torch.log(self.streaming.probability(positive_ids).float() * positive_ids.numel())
+        uniform = torch.full((num_uniform,), float(np.log(max(num_uniform, 1) / self.num_items)),
+                             device=in_batch.device)
+        log_q = torch.cat([in_batch, uniform])
+        weight = self.cfg.logq_weight
+        return log_q if weight == 1.0 else log_q * weight
+
+
+def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, temperature,
+                   cfg: LossConfig, ctx: LossContext) -> torch.Tensor:
+    """The loss of this rank's rows: ``query`` ``[B, D]``; ``item`` ``[B + M, D]`` and
+    ``item_ids`` ``[B + M]`` hold this rank's positives, then its share of the uniform
+    negatives. With ``cfg.global_negatives`` every rank's candidates join (gathered)."""
+    ctx.step += 1
+    rows = query.shape[0]
+    positives, positive_ids = item[:rows], item_ids[:rows]
+    negatives, negative_ids = item[rows:], item_ids[rows:]
+    offset = 0
+    if cfg.global_negatives:
+        positives, positive_ids, offset = gather_candidates(positives, positive_ids)
+        if negatives.shape[0]:
+            negatives, negative_ids, _ = gather_candidates(negatives, negative_ids)
+    candidates = torch.cat([positives, negatives])
+    candidate_ids = torch.cat([positive_ids, negative_ids])
+    log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
+    return in_batch_softmax(query, candidates, temperature, candidate_ids if cfg.mask_accidental_hits else None,
+                            offset, log_q)

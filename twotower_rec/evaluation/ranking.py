@@ -19,40 +19,21 @@ import pandas as pd
 import torch
 
 from twotower_rec.config import EvalConfig
-from twotower_rec.data.batches import Batcher, gather_ranges
+from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.data.sources import DataError
+from twotower_rec.data.sequences import ranges_csr
 from twotower_rec.data.splits import split_name
 from twotower_rec.distributed.collect import gather_parts, local_part
-from twotower_rec.retrieval import chunked_topk
+from twotower_rec.errors import DataError
+from twotower_rec.evaluation.metrics import ranking_metrics
+from twotower_rec.evaluation.topk import chunked_topk
 
 EmbedFn = Callable[..., torch.Tensor]
 
 
-def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """``top_items`` ``[Q, K]`` ranked item codes, ``targets`` ``[Q]`` -> Recall/HR/NDCG@k and MRR."""
-    if top_items.shape[0] == 0:
-        raise ValueError("no queries to evaluate")
-    hit = top_items == targets.unsqueeze(1)  # [Q, K]; at most one True per row
-    found = hit.any(dim=1)
-    miss = max([top_items.shape[1], *ks])  # beyond every cut-off, even when the list is short
-    rank = torch.where(found, hit.float().argmax(dim=1), torch.full_like(targets, miss))
-    metrics: dict[str, float] = {}
-    for k in ks:
-        within = (rank < k).float()
-        metrics[f"recall@{k}"] = within.mean().item()
-        metrics[f"hr@{k}"] = within.mean().item()
-        metrics[f"ndcg@{k}"] = (within / torch.log2(rank.float() + 2.0)).mean().item()
-    metrics["mrr"] = torch.where(found, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float)).mean().item()
-    return metrics
-
-
 def seen_items(data: PreparedData, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR of each query's items at rows ``[user start, position)``: what the user had seen."""
-    start = data.user_offsets[user - 1]
-    lengths = position - start
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return offsets, gather_ranges(np.asarray(data.item), start, lengths)
+    return ranges_csr(np.asarray(data.item), data.user_offsets[user - 1], position)
 
 
 @torch.no_grad()
@@ -188,13 +169,3 @@ def _plain(ids: np.ndarray) -> np.ndarray:
     if all(isinstance(x, (int, np.integer)) for x in present):
         return np.where(ids == None, -1, ids).astype(np.int64)  # noqa: E711 (elementwise)
     return np.where(ids == None, "", ids).astype(str)  # noqa: E711
-
-
-def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
-    """Models as rows, metrics as columns."""
-    columns = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks] + ["mrr"]
-    header = f"{'model':<12}" + "".join(f"{c:>11}" for c in columns)
-    lines = [header, "-" * len(header)]
-    for name, metrics in results.items():
-        lines.append(f"{name:<12}" + "".join(f"{metrics[c]:>11.4f}" for c in columns))
-    return "\n".join(lines)

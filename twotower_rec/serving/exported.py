@@ -14,7 +14,6 @@ the ANN index's size and dimension.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,20 +22,10 @@ import pandas as pd
 import torch
 
 from twotower_rec.data.features import HISTORY, recent_position
-from twotower_rec.errors import TwoTowerError
-from twotower_rec.retrieval import chunked_topk
-
-EXPORT_FORMAT_VERSION = 2
-REQUIRED_FILES = ("manifest.json", "item_embeddings.npy", "item_ids.npy", "query_tower.pt", "users.npz")
-METRIC = "inner_product"
-
-
-class ExportError(TwoTowerError):
-    """An export is missing, incomplete or inconsistent, or a request cannot be answered."""
-
-
-class UnknownUserError(ExportError):
-    """A raw user id that is not in the export (HTTP 404 rather than 400)."""
+from twotower_rec.data.sequences import query_inputs, ranges_csr
+from twotower_rec.errors import ExportError, UnknownUserError
+from twotower_rec.evaluation.topk import chunked_topk
+from twotower_rec.serving import manifest as export_manifest
 
 
 @dataclass
@@ -54,25 +43,6 @@ def _raw_key(value) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
-def _check_manifest(directory: Path, manifest: dict) -> None:
-    where = directory / "manifest.json"
-    if manifest.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ExportError(f"{where}: format version {manifest.get('format_version')}, this package reads "
-                          f"{EXPORT_FORMAT_VERSION}: export again with this version")
-    if manifest.get("metric") != METRIC:
-        raise ExportError(f"{where}: metric {manifest.get('metric')!r}, this package scores by {METRIC!r}")
-    for key in ("embedding_dim", "num_items", "query_features", "history_length", "files"):
-        if key not in manifest:
-            raise ExportError(f"{where}: no '{key}' entry; not an export of this package")
-    for name, info in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise ExportError(f"{directory} is not a complete export: {name} is missing")
-        if path.stat().st_size != info.get("bytes"):
-            raise ExportError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.get('bytes')}: "
-                              f"the file is truncated or was replaced; export again")
-
-
 class ExportedModel:
     def __init__(self, directory: Path, manifest: dict, item_embeddings: np.ndarray, item_ids: np.ndarray,
                  items: pd.DataFrame, query_tower: torch.jit.ScriptModule, users: dict[str, np.ndarray],
@@ -88,56 +58,18 @@ class ExportedModel:
         self.query_tower = query_tower
         self.users = users
         self.user_row = {_raw_key(u): i for i, u in enumerate(users["raw_user_ids"])}
+        self.history = torch.from_numpy(np.asarray(users["history_items"], dtype=np.int64))
         self.index = index
 
     @classmethod
     def load(cls, directory: str | Path) -> "ExportedModel":
+        """Load and check the export at ``directory`` (see the module docstring)."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise ExportError(f"export directory not found: {directory}")
-        missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-        if missing:
-            raise ExportError(f"{directory} is not a complete export: missing {', '.join(missing)}")
-        try:
-            manifest = json.loads((directory / "manifest.json").read_text())
-        except json.JSONDecodeError as err:
-            raise ExportError(f"{directory / 'manifest.json'}: not valid JSON (line {err.lineno}: {err.msg})") from None
-        _check_manifest(directory, manifest)
-        try:
-            item_embeddings = np.load(directory / "item_embeddings.npy", allow_pickle=False)
-            item_ids = np.load(directory / "item_ids.npy", allow_pickle=True)
-            users = dict(np.load(directory / "users.npz", allow_pickle=True))
-        except (ValueError, OSError, EOFError) as err:
-            raise ExportError(f"{directory}: cannot read export arrays ({err})") from None
-        if item_embeddings.ndim != 2 or item_embeddings.shape[1] != manifest["embedding_dim"]:
-            raise ExportError(f"{directory / 'item_embeddings.npy'}: shape {item_embeddings.shape} does not match "
-                              f"manifest embedding_dim {manifest['embedding_dim']}")
-        if str(item_embeddings.dtype) != manifest.get("embedding_dtype", "float32"):
-            raise ExportError(f"{directory / 'item_embeddings.npy'}: dtype {item_embeddings.dtype}, manifest says "
-                              f"{manifest.get('embedding_dtype')}")
-        if item_embeddings.shape[0] != item_ids.shape[0] or item_ids.shape[0] != manifest["num_items"]:
-            raise ExportError(f"{directory}: {item_embeddings.shape[0]} embeddings, {item_ids.shape[0]} item ids, "
-                              f"manifest says {manifest['num_items']} items")
-        items = pd.DataFrame()
-        if (directory / "items.parquet").is_file():
-            items = pd.read_parquet(directory / "items.parquet")
-            if len(items) != item_ids.shape[0]:
-                raise ExportError(f"{directory / 'items.parquet'}: {len(items)} rows for {item_ids.shape[0]} items")
-        try:
-            query_tower = torch.jit.load(str(directory / "query_tower.pt"), map_location="cpu").eval()
-        except RuntimeError as err:
-            raise ExportError(f"{directory / 'query_tower.pt'}: cannot load TorchScript module "
-                              f"({str(err).splitlines()[0]})") from None
-        index = None
-        info = manifest.get("ann")
-        if info:
-            from twotower_rec import ann
-
-            index = ann.read(directory / info["file"], info.get("params"))
-            if index.ntotal != manifest["num_items"] or index.d != manifest["embedding_dim"]:
-                raise ExportError(f"{directory / info['file']}: {index.ntotal} vectors of dim {index.d}, manifest "
-                                  f"says {manifest['num_items']} of dim {manifest['embedding_dim']}")
-        return cls(directory, manifest, item_embeddings, item_ids, items, query_tower, users, index)
+        manifest = export_manifest.read(directory)
+        item_embeddings, item_ids, users = _read_arrays(directory, manifest)
+        items = _read_items(directory, item_ids.shape[0])
+        return cls(directory, manifest, item_embeddings, item_ids, items, _read_query_tower(directory), users,
+                   _read_index(directory, manifest))
 
     def user_query(self, raw_user_ids: list) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, np.ndarray]:
         """Query-tower inputs for known users after all their interactions, and their seen items (CSR)."""
@@ -147,31 +79,13 @@ class ExportedModel:
             if key not in self.user_row:
                 raise UnknownUserError(f"unknown user '{key}': not among the {len(self.user_row)} users of this export")
             rows.append(self.user_row[key])
-        rows = np.asarray(rows, dtype=np.int64)
-        code = rows + 1
-        offsets, history = self.users["history_offsets"], self.users["history_items"]
+        code = np.asarray(rows, dtype=np.int64) + 1
+        offsets = self.users["history_offsets"]
         start, end = offsets[code - 1], offsets[code]
-        n = int(self.manifest["history_length"])
-        values, lengths = [], []
-        for name in self.manifest["query_features"]:
-            if name == "user_id":
-                values.append(torch.from_numpy(code))
-                lengths.append(torch.ones(code.size, dtype=torch.long))
-            elif name == HISTORY:
-                count = np.minimum(end - start, n)
-                values.append(torch.from_numpy(np.concatenate([history[e - c:e] for e, c in zip(end, count)]).astype(np.int64)))
-                lengths.append(torch.from_numpy(count.astype(np.int64)))
-            elif recent_position(name):  # the m-th last item, 0 when there are fewer
-                m = recent_position(name)
-                values.append(torch.from_numpy(np.where(end - m >= start, history[np.maximum(end - m, 0)], 0)
-                                               .astype(np.int64)))
-                lengths.append(torch.ones(code.size, dtype=torch.long))
-            else:
-                values.append(torch.from_numpy(self.users[f"feature_{name}"][code].astype(np.int64)))
-                lengths.append(torch.ones(code.size, dtype=torch.long))
-        seen_lengths = end - start
-        seen_offsets = np.concatenate([[0], np.cumsum(seen_lengths)])
-        seen = np.concatenate([history[s:e] for s, e in zip(start, end)]) if code.size else np.zeros(0, np.int64)
+        side = {name[len("feature_"):]: column for name, column in self.users.items() if name.startswith("feature_")}
+        values, lengths = query_inputs(self.manifest["query_features"], code, self.history, start, end,
+                                       int(self.manifest["history_length"]), side)
+        seen_offsets, seen = ranges_csr(self.users["history_items"], start, end)
         return values, lengths, seen_offsets, seen
 
     def _top_k(self, query: torch.Tensor, k: int, seen_offsets: np.ndarray, seen_rows: np.ndarray,
@@ -188,7 +102,7 @@ class ExportedModel:
                 for row_s, row_i in zip(scores.tolist(), indices.tolist())]
 
     def _top_k_ann(self, query: torch.Tensor, k: int, seen_offsets: np.ndarray, seen_rows: np.ndarray):
-        from twotower_rec import ann
+        from twotower_rec.serving import ann
 
         most_seen = int(np.diff(seen_offsets).max()) if seen_offsets.size > 1 else 0
         scores, rows = ann.search(self.index, query.numpy(), k + most_seen)
@@ -256,3 +170,55 @@ class ExportedModel:
         if not exclude_liked:
             rows = rows[:0]
         return self._top_k(query, k, np.asarray([0, rows.size]), rows, ann)[0]
+
+
+def _read_arrays(directory: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Item embeddings, raw item ids and the users' arrays, checked against the manifest."""
+    try:
+        item_embeddings = np.load(directory / "item_embeddings.npy", allow_pickle=False)
+        item_ids = np.load(directory / "item_ids.npy", allow_pickle=True)
+        users = dict(np.load(directory / "users.npz", allow_pickle=True))
+    except (ValueError, OSError, EOFError) as err:
+        raise ExportError(f"{directory}: cannot read export arrays ({err})") from None
+    if item_embeddings.ndim != 2 or item_embeddings.shape[1] != manifest["embedding_dim"]:
+        raise ExportError(f"{directory / 'item_embeddings.npy'}: shape {item_embeddings.shape} does not match "
+                          f"manifest embedding_dim {manifest['embedding_dim']}")
+    if str(item_embeddings.dtype) != manifest.get("embedding_dtype", "float32"):
+        raise ExportError(f"{directory / 'item_embeddings.npy'}: dtype {item_embeddings.dtype}, manifest says "
+                          f"{manifest.get('embedding_dtype')}")
+    if item_embeddings.shape[0] != item_ids.shape[0] or item_ids.shape[0] != manifest["num_items"]:
+        raise ExportError(f"{directory}: {item_embeddings.shape[0]} embeddings, {item_ids.shape[0]} item ids, "
+                          f"manifest says {manifest['num_items']} items")
+    return item_embeddings, item_ids, users
+
+
+def _read_items(directory: Path, num_items: int) -> pd.DataFrame:
+    """Titles and genres for people (``items.parquet``; optional)."""
+    if not (directory / "items.parquet").is_file():
+        return pd.DataFrame()
+    items = pd.read_parquet(directory / "items.parquet")
+    if len(items) != num_items:
+        raise ExportError(f"{directory / 'items.parquet'}: {len(items)} rows for {num_items} items")
+    return items
+
+
+def _read_query_tower(directory: Path) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(directory / "query_tower.pt"), map_location="cpu").eval()
+    except RuntimeError as err:
+        raise ExportError(f"{directory / 'query_tower.pt'}: cannot load TorchScript module "
+                          f"({str(err).splitlines()[0]})") from None
+
+
+def _read_index(directory: Path, manifest: dict):
+    """The faiss index the manifest names, checked against it; None for an export without one."""
+    info = manifest.get("ann")
+    if not info:
+        return None
+    from twotower_rec.serving import ann
+
+    index = ann.read(directory / info["file"], info.get("params"))
+    if index.ntotal != manifest["num_items"] or index.d != manifest["embedding_dim"]:
+        raise ExportError(f"{directory / info['file']}: {index.ntotal} vectors of dim {index.d}, manifest "
+                          f"says {manifest['num_items']} of dim {manifest['embedding_dim']}")
+    return index

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from twotower_rec.serving import ExportedModel, ExportError, UnknownUserError
+from twotower_rec.errors import ExportError, UnknownUserError
+from twotower_rec.serving.exported import ExportedModel
 
 MAX_BODY = 1 << 20
 MAX_BATCH = 1000
@@ -95,69 +95,79 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
         raise RequestError(HTTPStatus.BAD_REQUEST, str(err).strip().splitlines()[-1]) from None
 
 
+class RecommendServer(ThreadingHTTPServer):
+    """A threading HTTP server that answers /health and /recommend from one export."""
+
+    daemon_threads = True
+
+    def __init__(self, model: ExportedModel, host: str, port: int, ann: bool, max_k: int, quiet: bool) -> None:
+        self.model, self.ann, self.max_k, self.quiet = model, ann, max_k, quiet
+        super().__init__((host, port), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RecommendServer
+    protocol_version = "HTTP/1.1"  # keep-alive
+    # Headers and body leave in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold the body back about 40 ms on every keep-alive request.
+    disable_nagle_algorithm = True
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status: HTTPStatus, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path == "/health":
+            manifest = self.server.model.manifest
+            self._send(HTTPStatus.OK, {"status": "ok", "items": int(manifest["num_items"]),
+                                       "users": len(self.server.model.user_row),
+                                       "embedding_dim": int(manifest["embedding_dim"]),
+                                       "ann": (manifest.get("ann") or {}).get("kind")})
+        elif self.path == "/recommend":
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST for /recommend"})
+        else:
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}; use /health or /recommend"})
+
+    def do_POST(self):  # noqa: N802
+        if self.path != "/recommend":
+            # drain the body so the connection stays usable
+            self.rfile.read(min(int(self.headers.get("Content-Length") or 0), MAX_BODY))
+            status = HTTPStatus.METHOD_NOT_ALLOWED if self.path == "/health" else HTTPStatus.NOT_FOUND
+            self._send(status, {"error": f"POST {self.path} is not served; POST /recommend"})
+            return
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
+            return
+        if not length.isdigit() or int(length) > MAX_BODY:
+            self.close_connection = True
+            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"the body must be at most {MAX_BODY} bytes"})
+            return
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"the body is not valid JSON: {err}"})
+            return
+        try:
+            self._send(HTTPStatus.OK, answer(self.server.model, body, max_k=self.server.max_k,
+                                             ann_default=self.server.ann))
+        except RequestError as err:
+            self._send(err.status, {"error": str(err)})
+
+
 def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, ann: bool = False,
-                max_k: int = 1000, quiet: bool = True) -> ThreadingHTTPServer:
+                max_k: int = 1000, quiet: bool = True) -> RecommendServer:
     """A bound, not yet serving, server (``port=0`` picks a free port: ``server.server_address``)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive
-        # Headers and body leave in two writes: without TCP_NODELAY, Nagle's algorithm and the
-        # client's delayed ACK hold the body back about 40 ms on every keep-alive request.
-        disable_nagle_algorithm = True
-
-        def log_message(self, format, *args):  # noqa: A002 - the base class's name
-            if not quiet:
-                super().log_message(format, *args)
-
-        def _send(self, status: HTTPStatus, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path == "/health":
-                info = model.manifest.get("ann") or {}
-                self._send(HTTPStatus.OK, {"status": "ok", "items": int(model.manifest["num_items"]),
-                                           "users": len(model.user_row),
-                                           "embedding_dim": int(model.manifest["embedding_dim"]),
-                                           "ann": info.get("kind")})
-            elif self.path == "/recommend":
-                self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST for /recommend"})
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}; use /health or /recommend"})
-
-        def do_POST(self):  # noqa: N802
-            if self.path != "/recommend":
-                # drain the body so the connection stays usable
-                self.rfile.read(min(int(self.headers.get("Content-Length") or 0), MAX_BODY))
-                status = HTTPStatus.METHOD_NOT_ALLOWED if self.path == "/health" else HTTPStatus.NOT_FOUND
-                self._send(status, {"error": f"POST {self.path} is not served; POST /recommend"})
-                return
-            length = self.headers.get("Content-Length")
-            if length is None:
-                self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
-                return
-            if not length.isdigit() or int(length) > MAX_BODY:
-                self.close_connection = True
-                self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"the body must be at most {MAX_BODY} bytes"})
-                return
-            raw = self.rfile.read(int(length))
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                self._send(HTTPStatus.BAD_REQUEST, {"error": f"the body is not valid JSON: {err}"})
-                return
-            try:
-                self._send(HTTPStatus.OK, answer(model, body, max_k=max_k, ann_default=ann))
-            except RequestError as err:
-                self._send(err.status, {"error": str(err)})
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return RecommendServer(model, host, port, ann, max_k, quiet)
 
 
 def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: int = 1000, threads: int = 1) -> None:
@@ -172,11 +182,3 @@ def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: 
         pass
     finally:
         server.server_close()
-
-
-def start_in_thread(model: ExportedModel, **kwargs) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """For tests and the load test: a server on a free port, serving in a daemon thread."""
-    server = make_server(model, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread

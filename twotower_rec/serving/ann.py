@@ -15,13 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twotower_rec.errors import TwoTowerError
+from twotower_rec.errors import AnnError
 
 KINDS = ("flat", "hnsw", "ivf")
-
-
-class AnnError(TwoTowerError):
-    """The ANN index cannot be built or read."""
 
 
 def _faiss():

@@ -1,0 +1,104 @@
+"""Users' time-ordered item sequences and the query-tower inputs built from them.
+
+This is the one implementation of the query inputs: training and evaluation batches
+(:class:`twotower_rec.data.batches.Batcher`), serving known users
+(:class:`twotower_rec.serving.exported.ExportedModel`) and the exported TorchScript query
+tower (:mod:`twotower_rec.export.query_encoder`, which compiles :func:`last_items` and
+:func:`item_before`) all call it, so what the model trains on and what it is served cannot
+drift apart. Only torch and numpy are imported here (serving and TorchScript need nothing else).
+
+Shapes: ``B`` queries. A sequence is one flat ``[S]`` int64 tensor of item codes in which query
+``b`` reads the items at ``[starts[b], ends[b])``, oldest first: its user's items strictly
+before the event (``ends[b]`` is the event's row), or all of them at serving time. Example::
+
+    sequence = torch.tensor([5, 6, 7, 8,   9])         # user 1: rows 0-3, user 2: row 4
+    last_items(sequence, torch.tensor([0, 4]), torch.tensor([3, 5]), 2)
+    # (tensor([6, 7, 9]), tensor([2, 1])): the last two items before row 3, the one item of user 2
+    item_before(sequence, torch.tensor([0, 4]), torch.tensor([3, 5]), 2)
+    # tensor([6, 0]): the 2nd-last item; user 2 has only one, so 0 (unknown)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from twotower_rec.data.features import HISTORY, recent_position
+
+
+def gather_ranges(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate ``source[s:s + n]`` for each (s, n) without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=source.dtype)
+    ends = np.cumsum(lengths)
+    within = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
+    return source[np.repeat(starts, lengths) + within]
+
+
+def ranges_csr(sequence: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(offsets [B + 1], values)`` of every query's items ``sequence[start:end]`` (what it had seen)."""
+    lengths = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return offsets, gather_ranges(sequence, starts, lengths)
+
+
+def last_items(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
+               n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each query's last ``n`` items of ``sequence[start:end]``, oldest first: jagged
+    ``(values [sum(lengths)], lengths [B])``. TorchScript-compatible."""
+    lengths = torch.clamp(ends - starts, min=0, max=n)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(int(lengths.sum()), device=sequence.device) - torch.repeat_interleave(offsets, lengths)
+    return sequence[torch.repeat_interleave(ends - lengths, lengths) + within], lengths
+
+
+def item_before(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, m: int) -> torch.Tensor:
+    """``[B]`` the ``m``-th last item of ``sequence[start:end]`` (``m`` = 1: the last), 0 (the
+    unknown code) when there are fewer than ``m``. TorchScript-compatible."""
+    if sequence.numel() == 0:
+        return torch.zeros_like(ends)
+    picked = sequence[torch.clamp(ends - m, min=0)]
+    return torch.where(ends - m >= starts, picked, torch.zeros_like(picked))
+
+
+def readonly_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``'s memory, also when it is a read-only memory map of the prepared
+    cache: the query inputs only ever read it, so torch's warning about wrapping a
+    non-writable array does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(np.asarray(array))
+
+
+def query_inputs(names: list[str], user: np.ndarray, sequence: torch.Tensor, starts: np.ndarray,
+                 ends: np.ndarray, history_length: int,
+                 side_features: Mapping[str, np.ndarray]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per query feature in ``names`` order, ``(values, lengths)`` int64 tensors for ``B`` queries.
+
+    ``user`` ``[B]`` user codes; query ``b`` reads ``sequence[starts[b]:ends[b]]``. ``user_id``
+    is the user code, ``history`` the last ``history_length`` items, ``recent_m`` the m-th last
+    item (0 when there are fewer), and any other name a side feature looked up by user code in
+    ``side_features[name]`` (an array over user codes, row 0 the unknown user).
+    """
+    user = np.asarray(user, dtype=np.int64)
+    starts_t = torch.from_numpy(np.asarray(starts, dtype=np.int64))
+    ends_t = torch.from_numpy(np.asarray(ends, dtype=np.int64))
+    ones = torch.ones(user.shape[0], dtype=torch.int64)
+    values, lengths = [], []
+    for name in names:
+        if name == HISTORY:
+            value, length = last_items(sequence, starts_t, ends_t, history_length)
+        elif recent_position(name):
+            value, length = item_before(sequence, starts_t, ends_t, recent_position(name)), ones
+        elif name == "user_id":
+            value, length = torch.from_numpy(user.copy()), ones
+        else:
+            value, length = torch.from_numpy(np.asarray(side_features[name])[user].astype(np.int64)), ones
+        values.append(value)
+        lengths.append(length)
+    return values, lengths

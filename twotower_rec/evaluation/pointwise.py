@@ -1,0 +1,50 @@
+"""Metrics of the pointwise objectives (torchmetrics): AUROC, accuracy, F1 (at probability 0.5)
+and BCE for ``bce``; RMSE for ``mse``. Scores come from the model's pointwise head
+(``scale * cos + bias``, :mod:`twotower_rec.losses.pointwise`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+from torchmetrics.regression import MeanSquaredError
+
+from twotower_rec.config import LossConfig
+from twotower_rec.losses.pointwise import loss, targets
+
+
+@torch.no_grad()
+def pointwise_metrics(model, data, batcher, rows: np.ndarray, cfg: LossConfig, device=None, chunk: int = 4096) -> dict:
+    """Pointwise metrics of the (query, positive item) pairs at ``rows`` (every rank scores all
+    of them, so nothing is synchronised)."""
+    head = model.module if hasattr(model, "module") else model
+    if cfg.name == "bce":
+        metrics = {"auroc": BinaryAUROC(sync_on_compute=False), "accuracy": BinaryAccuracy(sync_on_compute=False),
+                   "f1": BinaryF1Score(sync_on_compute=False)}
+    else:
+        metrics = {"rmse": MeanSquaredError(squared=False, sync_on_compute=False)}
+    total, count = 0.0, 0
+    for begin in range(0, rows.size, chunk):
+        batch = batcher.batch(rows[begin:begin + chunk])
+        if device is not None:
+            batch = batch.to(device)
+        query = head.encode_query(batch.query_features).float()
+        item = head.encode_items(batch.item_features, batch.item_dense).float()
+        scores = head.score(query, item).cpu()
+        target = targets(batch.labels.cpu(), cfg)
+        total += float(loss(scores, target, cfg)) * scores.numel()
+        count += scores.numel()
+        for name, metric in metrics.items():
+            if name == "rmse":
+                metric.update(scores, target)
+            else:
+                metric.update(torch.sigmoid(scores), target.long())
+    out = {name: float(metric.compute()) for name, metric in metrics.items()}
+    if cfg.name == "bce":
+        out["bce"] = total / max(count, 1)
+        out["neg_bce"] = -out["bce"]
+    else:
+        out["neg_rmse"] = -out["rmse"]
+    out["pairs"] = float(count)
+    return out

@@ -1,0 +1,204 @@
+"""The served query tower: a TorchScript module of plain torch tables and the trained MLPs.
+
+:func:`build_query_encoder` copies an unsharded TwoTower's (or Ensemble's) query side into a
+:class:`QueryEncoder`, which ``torch.jit.script`` compiles; loading it needs only torch. Its
+raw-value entry point maps strings to codes with the export's vocabularies, then builds the
+history and recent-item inputs with the same functions training batches use
+(:mod:`twotower_rec.data.sequences`, compiled into the module). Calling conventions are in
+``export/__init__.py``.
+
+Shapes: ``B`` rows, ``D`` one member's output dim, ``K`` members.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twotower_rec.data.features import HISTORY, Feature, recent_position
+from twotower_rec.data.prepared import PreparedData
+from twotower_rec.data.sequences import item_before, last_items
+from twotower_rec.model.ensemble import Ensemble
+from twotower_rec.model.sequence import SEQUENCE_TABLE
+from twotower_rec.model.two_tower import TwoTower
+
+
+class MemberQueryEncoder(nn.Module):
+    """One TwoTower's query tower with plain ``nn.EmbeddingBag`` tables: scriptable, TorchRec-free.
+
+    ``forward(values, lengths)``: per feature, ``values[f]`` ``[sum(lengths[f])]`` int64 and
+    ``lengths[f]`` ``[B]`` -> ``[B, D]`` L2-normalised query embeddings.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], poolings: list[str], mlp: nn.Sequential,
+                 sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None) -> None:
+        super().__init__()
+        self.bags = nn.ModuleList(
+            [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
+        )
+        # model.user_encoder=sequence: the last input is the history, read by the sequence encoder
+        # (a list of zero or one, which TorchScript can loop over).
+        self.sequence_tables = nn.ModuleList(
+            [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
+        self.sequence_pooling = nn.ModuleList([sequence_pooling] if sequence_pooling is not None else [])
+        self.mlp = mlp
+
+    def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
+        """Per query feature ``values[f]`` ``[sum(lengths[f])]`` and ``lengths[f]`` ``[B]`` -> ``[B, D]``."""
+        pooled: List[torch.Tensor] = []
+        last = 0
+        for index, bag in enumerate(self.bags):
+            counts = lengths[index].long()
+            offsets = torch.cumsum(counts, 0) - counts
+            pooled.append(bag(values[index].long(), offsets))
+            last = index + 1
+        for table in self.sequence_tables:
+            for pooling in self.sequence_pooling:
+                pooled.append(pooling(table(values[last].long()), lengths[last]))
+        return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+
+
+class QueryEncoder(nn.Module):
+    """The served query tower: raw values or codes -> ``[B, D_out]`` L2-normalised embeddings.
+
+    One :class:`MemberQueryEncoder` per model member; with K > 1 (``model.members``) their
+    outputs are concatenated and divided by ``sqrt(K)``, as ``model/ensemble.py`` does.
+    """
+
+    def __init__(self, members: list[MemberQueryEncoder], feature_names: list[str] | None = None,
+                 vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scale = 1.0 / float(np.sqrt(len(members)))
+        # torch.jit.Attribute: the types TorchScript cannot infer from (possibly empty) containers
+        self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
+        self.vocabularies = torch.jit.Attribute(dict(vocabularies or {}), Dict[str, Dict[str, int]])
+        self.history_length = history_length
+        self.recent = torch.jit.Attribute({n: recent_position(n) for n in feature_names or [] if recent_position(n)},
+                                          Dict[str, int])
+
+    @torch.jit.export
+    def encode_raw(self, features: Dict[str, List[List[str]]]) -> torch.Tensor:
+        """Raw values (strings), ``B`` rows per feature -> ``[B, K * D]``; see ``export/__init__.py``."""
+        values, lengths = self.encode_inputs(features)
+        return self.forward(values, lengths)
+
+    @torch.jit.export
+    def encode_inputs(self, features: Dict[str, List[List[str]]]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Raw values per feature and row -> the codes :meth:`forward` takes, one ``(values,
+        lengths)`` pair per name in ``feature_names``. The history and recent items go through
+        the same functions as training batches (``data/sequences.py``)."""
+        batch = self._batch_size(features)
+        values: List[torch.Tensor] = []
+        lengths: List[torch.Tensor] = []
+        for name in self.feature_names:
+            rows: List[List[str]] = []
+            if name in features:
+                rows = features[name]
+            else:
+                for _ in range(batch):
+                    missing: List[str] = []
+                    rows.append(missing)
+            vocab = self.vocabularies[name]
+            if name == "history" or name in self.recent:
+                sequence, starts, ends = self._sequences(rows, vocab)
+                if name == "history":
+                    value, length = last_items(sequence, starts, ends, self.history_length)
+                else:  # recent_m takes the whole history; its m-th last item is used
+                    value, length = item_before(sequence, starts, ends, self.recent[name]), torch.ones_like(ends)
+            else:
+                value, length = self._single(name, rows, vocab)
+            values.append(value)
+            lengths.append(length)
+        return values, lengths
+
+    def _batch_size(self, features: Dict[str, List[List[str]]]) -> int:
+        batch = -1
+        for name, rows in features.items():
+            if name not in self.vocabularies:
+                raise ValueError("unknown query feature '" + name + "'; expected one of " + str(self.feature_names))
+            if batch == -1:
+                batch = len(rows)
+            elif len(rows) != batch:
+                raise ValueError("every feature needs the same number of rows; '" + name + "' has " + str(len(rows)))
+        if batch <= 0:
+            raise ValueError("give at least one feature with at least one row")
+        return batch
+
+    def _sequences(self, rows: List[List[str]],
+                   vocab: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's item codes back to back (unknown ids: 0), with each row's [start, end)."""
+        codes: List[int] = []
+        counts: List[int] = []
+        for row in rows:
+            for value in row:
+                codes.append(vocab.get(value, 0))
+            counts.append(len(row))
+        ends = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
+        return torch.tensor(codes, dtype=torch.long), ends - torch.tensor(counts, dtype=torch.long), ends
+
+    def _single(self, name: str, rows: List[List[str]], vocab: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A single-valued feature's codes (missing or unknown: 0), one per row."""
+        codes: List[int] = []
+        for row in rows:
+            if len(row) > 1:
+                raise ValueError("feature '" + name + "' takes one value per row, got " + str(len(row)))
+            codes.append(vocab.get(row[0], 0) if len(row) == 1 else 0)
+        return torch.tensor(codes, dtype=torch.long), torch.ones(len(codes), dtype=torch.long)
+
+    def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
+        """Codes per feature, ``values[f]`` ``[sum(lengths[f])]`` and ``lengths[f]`` ``[B]``, in
+        ``feature_names`` order -> ``[B, K * D]`` (see ``export/__init__.py``)."""
+        parts: List[torch.Tensor] = []
+        for member in self.members:
+            parts.append(member(values, lengths))
+        return torch.cat(parts, dim=1) * self.scale  # one member: scale 1, the member's own vectors
+
+
+def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
+    """Raw value (as a string) -> code for every query feature (code 0: unknown)."""
+    out = {}
+    for name in names:
+        if name == "user_id":
+            raw = data.raw_user_ids
+        elif name == HISTORY or recent_position(name):
+            raw = data.raw_item_ids
+        else:
+            raw = data.spec.vocabularies.get(name, [])
+        out[name] = {str(v.item() if isinstance(v, np.generic) else v): code
+                     for code, v in enumerate(np.asarray(raw, dtype=object).tolist(), start=1)}
+    return out
+
+
+def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEncoder:
+    """Copy one unsharded TwoTower's query-side tables and query MLP; inputs follow
+    ``model.query_feature_order``, and a history that shares the item tower's item-id table
+    takes its weights from there."""
+    by_name = {f.name: f for f in features}
+    tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
+    names = list(model.query_feature_order)
+    ordered = [by_name[name] for name in (names[:-1] if model.sequence is not None else names)]
+    weights = [tables[f.table].weight.detach() for f in ordered]
+    sequence_table = sequence_pooling = None
+    if model.sequence is not None:
+        sequence_table = model.sequence.embeddings.embeddings[SEQUENCE_TABLE].weight.detach()
+        sequence_pooling = copy.deepcopy(model.sequence.pooling).eval()
+    return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
+                              sequence_pooling)
+
+
+def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
+                        data: PreparedData | None = None) -> QueryEncoder:
+    """A :class:`QueryEncoder` from an unsharded TwoTower (or Ensemble: one member encoder each).
+    With ``data`` the encoder also maps raw values (``encode_raw``)."""
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    names = list(model.query_feature_order)
+    vocabularies = raw_vocabularies(data, names) if data is not None else {}
+    history_length = data.spec.history_length if data is not None else 0
+    encoders = [_member_encoder(m, features) for m in members]
+    return QueryEncoder(encoders, names, vocabularies, history_length).eval()

@@ -1,0 +1,59 @@
+"""The export format: the manifest ``export`` writes and the checks loading makes.
+
+The one definition of the format version, the score metric, the files every export holds and
+the manifest entries a reader relies on. :mod:`twotower_rec.export.writer` writes with it and
+:mod:`twotower_rec.serving.exported` loads with it. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from twotower_rec.errors import ExportError
+
+FORMAT_VERSION = 2
+METRIC = "inner_product"
+MANIFEST = "manifest.json"
+REQUIRED_FILES = (MANIFEST, "item_embeddings.npy", "item_ids.npy", "query_tower.pt", "users.npz")
+REQUIRED_ENTRIES = ("embedding_dim", "num_items", "query_features", "history_length", "files")
+
+
+def file_entries(directory: Path) -> dict[str, dict]:
+    """``{name: {"bytes": size}}`` of every file written so far (the manifest's ``files``)."""
+    return {path.name: {"bytes": path.stat().st_size} for path in sorted(directory.iterdir())}
+
+
+def read(directory: Path) -> dict:
+    """The checked manifest of the export at ``directory``: every required file present,
+    format version and metric this package reads, every listed file with its written size."""
+    if not directory.is_dir():
+        raise ExportError(f"export directory not found: {directory}")
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ExportError(f"{directory} is not a complete export: missing {', '.join(missing)}")
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{directory / MANIFEST}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    check(directory, manifest)
+    return manifest
+
+
+def check(directory: Path, manifest: dict) -> None:
+    where = directory / MANIFEST
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{where}: format version {manifest.get('format_version')}, this package reads "
+                          f"{FORMAT_VERSION}: export again with this version")
+    if manifest.get("metric") != METRIC:
+        raise ExportError(f"{where}: metric {manifest.get('metric')!r}, this package scores by {METRIC!r}")
+    for key in REQUIRED_ENTRIES:
+        if key not in manifest:
+            raise ExportError(f"{where}: no '{key}' entry; not an export of this package")
+    for name, info in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ExportError(f"{directory} is not a complete export: {name} is missing")
+        if path.stat().st_size != info.get("bytes"):
+            raise ExportError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.get('bytes')}: "
+                              f"the file is truncated or was replaced; export again")

@@ -1,0 +1,54 @@
+"""The dense optimizer beside the fused table optimizer, and the dense learning-rate schedule.
+
+Table optimizers are fused into the backward pass: they are attached to the tables before
+sharding, in :func:`twotower_rec.distributed.sharding.shard_model`, because TorchRec's
+sharders build them into the sharded kernels. Here the dense layers get AdamW, stepped
+together with the fused one through a ``CombinedOptimizer``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from twotower_rec.config import TrainConfig
+
+
+def build_optimizer(model: DistributedModelParallel, train: TrainConfig) -> CombinedOptimizer:
+    """The fused table optimizer and AdamW (``train.weight_decay``; 0 = Adam) over dense
+    parameters, stepped together."""
+    dense = dict(in_backward_optimizer_filter(model.named_parameters()))
+    dense_optimizer = KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.AdamW(params, lr=train.dense_lr, weight_decay=train.weight_decay))
+    return CombinedOptimizer([model.fused_optimizer, dense_optimizer])
+
+
+def set_dense_lr(optimizer: CombinedOptimizer, model: DistributedModelParallel, lr: float) -> None:
+    """Set the dense layers' learning rate (the schedule; table learning rates stay fixed)."""
+    for _, part in optimizer.optimizers:
+        if part is not model.fused_optimizer:
+            for group in part.param_groups:
+                group["lr"] = lr
+
+
+def init_optimizer_state(optimizer: CombinedOptimizer, model: DistributedModelParallel) -> None:
+    """Create the dense optimizer's lazy state (a step with zero gradients) so a checkpoint's
+    state can be loaded into it in place; the fused table optimizer's state always exists."""
+    for _, part in optimizer.optimizers:
+        if part is not model.fused_optimizer:
+            part.init_state()
+
+
+def lr_factor(step: int, total: int, train: TrainConfig) -> float:
+    """Dense learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or
+    cosine decay to 0 at the last step."""
+    warmup = train.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if train.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + float(np.cos(np.pi * min(progress, 1.0))))
+    return 1.0
