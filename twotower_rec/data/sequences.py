@@ -52,9 +52,10 @@ def last_items(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
     """Each query's last ``n`` items of ``sequence[start:end]``, oldest first: jagged
     ``(values [sum(lengths)], lengths [B])``. TorchScript-compatible."""
     lengths = torch.clamp(ends - starts, min=0, max=n)
-    offsets = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum()), device=sequence.device) - torch.repeat_interleave(offsets, lengths)
-    return sequence[torch.repeat_interleave(ends - lengths, lengths) + within], lengths
+    total = int(lengths.sum())
+    # output position p of query b (from cumsum[b] - lengths[b] on) reads ends[b] - cumsum[b] + p
+    shift = torch.repeat_interleave(ends - torch.cumsum(lengths, 0), lengths, output_size=total)
+    return torch.index_select(sequence, 0, shift + torch.arange(total, device=sequence.device)), lengths
 
 
 def item_before(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, m: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def item_before(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
     unknown code) when there are fewer than ``m``. TorchScript-compatible."""
     if sequence.numel() == 0:
         return torch.zeros_like(ends)
-    picked = sequence[torch.clamp(ends - m, min=0)]
+    picked = torch.index_select(sequence, 0, torch.clamp(ends - m, min=0))
     return torch.where(ends - m >= starts, picked, torch.zeros_like(picked))
 
 
@@ -98,7 +99,7 @@ def query_inputs(names: list[str], user: np.ndarray, sequence: torch.Tensor, sta
         elif name == "user_id":
             value, length = torch.from_numpy(user.copy()), ones
         else:
-            value, length = torch.from_numpy(np.asarray(side_features[name])[user].astype(np.int64)), ones
+            value, length = torch.from_numpy(np.asarray(side_features[name])[user].astype(np.int64, copy=False)), ones
         values.append(value)
         lengths.append(length)
     return values, lengths
