@@ -419,6 +419,58 @@ def test_csv_with_invalid_utf8_names_the_encoding(name, tmp_path):
         load_raw(data_cfg(ML_CSV, root))
     message = str(err.value)
     assert str(path) in message and "utf-8" in message.lower()
+    assert "line 3" in message, message  # the line of the bad byte, not its offset
+
+
+@by_source
+@pytest.mark.parametrize("base", [2**53, 2**63 - 1, 2**64 + 5], ids=["above-2^53", "int64-max", "beyond-int64"])
+def test_ids_are_read_exactly(fmt, base, tmp_path):
+    """Ids that a float64 cannot hold, or that int64 cannot: two users one apart stay two users,
+    and every id keeps its exact value (it used to round through float, or wrap to int64 min)."""
+    rows = [(base + (r[0] - 1), r[1], r[2], r[3]) for r in fmt.ratings()]
+    root = fmt.write(tmp_path / "ml", fmt.ratings_lines(rows))
+    raw = load_raw(data_cfg(fmt, root))
+    assert [int(u) for u in raw.interactions["user"]] == [r[0] for r in rows]
+    assert raw.interactions["user"].nunique() == 3
+    cfg = config(fmt, root)
+    data = prepare(raw, cfg.data, cfg.features)
+    assert [int(u) for u in data.raw_user_ids] == [base, base + 1]
+
+
+@by_source
+@pytest.mark.parametrize("column,value", [(0, "2.9"), (1, "10.5"), (0, "abc"), (1, "")])
+def test_an_id_that_is_not_an_integer_names_file_and_line(fmt, column, value, tmp_path, capsys):
+    sep = {"movielens-100k": "\t", "movielens-1m": "::"}.get(fmt.source, ",")
+    fields = fmt.render_rating(fmt.ratings()[4]).split(sep)
+    fields[column] = value
+    root = fmt.write(tmp_path / "ml", _with_line(fmt, 4, sep.join(fields)))
+    with pytest.raises(DataError) as err:
+        load_raw(data_cfg(fmt, root))
+    message = str(err.value)
+    assert str(root / fmt.ratings_file) in message and f"line {fmt.file_line(4)}:" in message, message
+    assert ("user" if column == 0 else "item") in message and f"'{value}'" in message, message
+    raw = load_raw(data_cfg(fmt, root, "data.on_bad_rows=skip"))
+    assert len(raw.interactions) == len(fmt.ratings()) - 1
+    assert "skipped 1 rows" in capsys.readouterr().err
+
+
+def test_a_side_table_id_that_is_not_an_integer_names_file_and_line(tmp_path):
+    root = ML1M.write(tmp_path / "ml")
+    movies = (root / "movies.dat").read_bytes().decode("latin-1").splitlines()
+    movies[2] = movies[2].replace("914::", "914.5::")
+    (root / "movies.dat").write_bytes(("\n".join(movies) + "\n").encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        load_raw(data_cfg(ML1M, root))
+    assert str(root / "movies.dat") in str(err.value) and "line 3:" in str(err.value)
+    assert "'914.5'" in str(err.value)
+
+
+def test_data_dir_that_is_a_file_says_so(tmp_path):
+    path = tmp_path / "ml-1m.zip"
+    path.write_bytes(b"PK")
+    with pytest.raises(DataError) as err:
+        load_raw(data_cfg(ML1M, path))
+    assert str(path) in str(err.value) and "not a directory" in str(err.value)
 
 
 def test_latin1_formats_do_not_reject_high_bytes(tmp_path):

@@ -76,6 +76,45 @@ def test_history_of_held_out_events_is_the_users_earlier_events(split):
             assert values[offsets[b]:offsets[b + 1]] == [code_of.get(i, 0) for i in earlier]
 
 
+@pytest.mark.parametrize("split", ["random", "temporal"])
+def test_training_rows_see_only_training_events(split):
+    """A training row's features hold only training events: under a random or temporal split
+    a user's validation and test events can come before some of its training rows, and they
+    must not be training inputs (the held-out items would be seen in training)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, data = _prepared(tmp, split, history_length=5)
+        item, user, split_of = np.asarray(data.item), np.asarray(data.user), np.asarray(data.split)
+        rows = np.flatnonzero(split_of == T)
+        leaks = 0
+        history = Batcher(data).batch(rows, training=True).query_features.to_dict()["history"]
+        offsets, values = history.offsets().tolist(), history.values().tolist()
+        for b, row in enumerate(rows.tolist()):
+            start = data.user_offsets[user[row] - 1]
+            earlier = [r for r in range(start, row)]
+            expected = [item[r] for r in earlier if split_of[r] == T][-5:]
+            leaks += any(split_of[r] != T for r in earlier)
+            assert values[offsets[b]:offsets[b + 1]] == expected, row
+        # a random split puts held-out events before training rows (the test can fail there); a
+        # temporal one never does, and the training view is then the plain history
+        assert (leaks > 0) == (split == "random")
+
+
+def test_users_without_training_events_are_out_of_vocabulary():
+    """Under a temporal split a user first seen after the cut has no trained user-id row: its
+    user_id is the OOV code 0, in training, evaluation and the export alike."""
+    with tempfile.TemporaryDirectory() as tmp:
+        _, data = _prepared(tmp, "temporal", history_length=5)
+        user, split_of = np.asarray(data.user), np.asarray(data.split)
+        trained = set(user[split_of == T].tolist())
+        untrained = sorted(set(user.tolist()) - trained)
+        assert untrained  # there are such users: the test can fail
+        codes = np.arange(1, data.spec.num_users + 1)
+        kjt = Batcher(data).query_features(codes, data.user_offsets[codes])
+        user_id = kjt.to_dict()["user_id"].values().tolist()
+        assert [c for c, v in zip(codes.tolist(), user_id) if v == 0] == untrained
+        assert all(v == c for c, v in zip(codes.tolist(), user_id) if c in trained)
+
+
 def test_title_tokens():
     got = title_tokens(pd.Series(["Toy Story (1995)", "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001)", None]))
     assert got.tolist() == [["toy", "story"], ["amélie", "fabuleux", "destin", "d", "amélie", "poulain", "le"], []]

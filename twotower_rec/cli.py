@@ -145,8 +145,8 @@ def cmd_evaluate(args) -> int:
 
 def _report_evaluation(args, cfg, trained, ranking, pointwise_results: dict | None) -> None:
     """Baselines (``--baselines``), the metrics table, ``eval_<split>.json`` and ``--save-topk``."""
-    from twotower_rec.evaluation.metrics import format_table, ranking_metrics
-    from twotower_rec.evaluation.ranking import save_topk
+    from twotower_rec.evaluation.metrics import format_table
+    from twotower_rec.evaluation.ranking import save_topk, split_metrics
 
     data = trained.data
     if args.baselines:
@@ -154,11 +154,11 @@ def _report_evaluation(args, cfg, trained, ranking, pointwise_results: dict | No
 
         for name in NAMES:  # most-popular is always there
             ranking.top[name] = rank_baseline(name, data, ranking.rows, cfg.eval, max(cfg.eval.ks))
-    results = {name: {**ranking_metrics(top, ranking.targets, cfg.eval.ks), "users": float(ranking.rows.size)}
-               for name, top in ranking.top.items()}
+    results = split_metrics(ranking, cfg.eval.ks)
     seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
-    print(f"{cfg.eval.split} split, {int(results['model']['users'])} users, full catalog of "
-          f"{data.spec.num_items} items, {seen}")
+    events, users = int(results["model"]["events"]), int(results["model"]["users"])
+    who = f"{users} users" if events == users else f"{events} events of {users} users"
+    print(f"{cfg.eval.split} split, {who}, full catalog of {data.spec.num_items} items, {seen}")
     print(format_table(results, cfg.eval.ks))
     if pointwise_results is not None:
         results["pointwise"] = pointwise_results

@@ -43,7 +43,8 @@ class SyntheticConfig:
 class DataConfig:
     """Where interactions come from and where the prepared cache goes."""
 
-    source: str = "synthetic"  # synthetic | interactions (your own files) | movielens-{100k,1m,latest-small,20m,25m,32m}
+    # synthetic | interactions (your own files) | movielens-{100k,1m,latest-small,20m,25m,32m}
+    source: str = "synthetic"
     data_dir: str | None = None  # MovieLens: the unpacked archive
     on_bad_rows: str = "error"  # error | skip: malformed rows stop prepare (naming the line) or are counted and dropped
     # source "interactions": one table of events, optional user and item feature tables.
@@ -53,6 +54,9 @@ class DataConfig:
     user_column: str = "user"
     item_column: str = "item"
     timestamp_column: str = "timestamp"
+    # Dates in the timestamp column: one strftime format for the whole column (e.g. "%d/%m/%Y",
+    # or "ISO8601"); empty: the one format every row fits, refused when two fit (05/07/2000).
+    timestamp_format: str = ""
     rating_column: str = "rating"  # optional in the file: missing -> every rating is 1.0
     genres_separator: str = "|"
     cache_dir: str = "runs/demo/data"
@@ -237,7 +241,8 @@ _SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
     "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
-    "model.embedding_dim", "model.output_dim", "train.batch_size", "train.epochs", "train.log_every_steps", "eval.user_chunk",
+    "model.embedding_dim", "model.output_dim", "train.batch_size", "train.epochs", "train.log_every_steps",
+    "eval.user_chunk",
 )
 
 
@@ -390,7 +395,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+        if raw.strip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string
+            raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+        value = raw.strip()  # plain text YAML cannot read, e.g. a date format %d/%m/%Y
     return key.split("."), value
 
 

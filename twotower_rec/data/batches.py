@@ -21,6 +21,7 @@ from torchrec.streamable import Pipelineable
 
 from twotower_rec.data.prepared import CSR, PreparedData
 from twotower_rec.data.sequences import gather_ranges, query_inputs, readonly_tensor
+from twotower_rec.data.splits import TRAIN
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Batcher:
         self.rating = np.ascontiguousarray(data.rating)
         self.user_offsets = data.user_offsets
         self.item_sequence = readonly_tensor(self.item)  # the users' item sequences, back to back
+        self._training_view: tuple[torch.Tensor, np.ndarray] | None = None
 
     def query_features(self, user: np.ndarray, position: np.ndarray) -> KeyedJaggedTensor:
         """Query KJT for user codes ``[B]`` as of row ``position[b]`` of that user's sequence.
@@ -120,6 +122,32 @@ class Batcher:
                                        position, self.spec.history_length, self.data.user_features)
         return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
                                  lengths=torch.cat(lengths).int())
+
+    def training_query_features(self, rows: np.ndarray) -> KeyedJaggedTensor:
+        """Query KJT for training rows ``[B]`` whose features hold only the user's earlier
+        *training* events: under a random or temporal split a validation or test event can
+        come before a training row, and a held-out item must not be a training input. Under
+        leave-last-out (training events first) this is :meth:`query_features`."""
+        view = self._training_events()
+        user = self.user[rows]
+        if view is None:
+            return self.query_features(user, rows)
+        sequence, before = view
+        values, lengths = query_inputs(self.spec.query_keys, user, sequence, before[self.user_offsets[user - 1]],
+                                       before[rows], self.spec.history_length, self.data.user_features)
+        return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
+                                 lengths=torch.cat(lengths).int())
+
+    def _training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:
+        """(the training events' items back to back, ``[R + 1]`` the number of training events
+        before each row); None when every user's training events precede its other events."""
+        if self._training_view is None:
+            is_train = np.asarray(self.data.split) == TRAIN
+            before = np.concatenate([[0], np.cumsum(is_train)])
+            later = np.flatnonzero(is_train[1:] & ~is_train[:-1]) + 1  # a training row after a held-out one
+            same_user = self.user[later] == self.user[later - 1]
+            self._training_view = (torch.from_numpy(self.item[is_train]), before) if same_user.any() else ()
+        return self._training_view or None
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""
@@ -139,12 +167,13 @@ class Batcher:
         dense = torch.from_numpy(self.data.item_dense[item])
         return _kjt(self.spec.item_keys, values, lengths), dense
 
-    def batch(self, rows: np.ndarray, extra_items: np.ndarray | None = None) -> Batch:
+    def batch(self, rows: np.ndarray, extra_items: np.ndarray | None = None, training: bool = False) -> Batch:
         """The batch of interaction rows ``rows`` ``[B]``: query as of each row, its item as positive.
 
         ``extra_items`` (item codes ``[M]``, e.g. uniform negatives) are appended to the item
         side: the item KJT, dense features and ``item_ids`` then hold ``B + M`` rows, the
-        first ``B`` being the positives.
+        first ``B`` being the positives. ``training`` rows see only earlier training events
+        (:meth:`training_query_features`); other rows see every earlier event.
         """
         rows = np.asarray(rows, dtype=np.int64)
         item = self.item[rows]
@@ -152,7 +181,8 @@ class Batcher:
             item = np.concatenate([item, np.asarray(extra_items, dtype=item.dtype)])
         item_kjt, dense = self.item_features(item)
         return Batch(
-            query_features=self.query_features(self.user[rows], rows),
+            query_features=(self.training_query_features(rows) if training
+                            else self.query_features(self.user[rows], rows)),
             item_features=item_kjt,
             item_dense=dense,
             labels=torch.from_numpy(self.rating[rows]),

@@ -17,6 +17,7 @@ Layout of ``cache_dir``::
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ from twotower_rec.data.raw import RawData
 from twotower_rec.errors import DataError
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
+INFO = "prepared.json"  # how the cache was made: {"split": ..., "ratings": whether the source had any}
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
 
 
@@ -81,7 +83,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     out = _new_cache_folder(final)
     _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
     vocabularies: dict[str, list] = {}
-    query_features = _write_user_features(out, raw, events, features_cfg, vocabularies)
+    query_features = _write_user_features(out, raw, events, split, features_cfg, vocabularies)
     query_features += _history_features(features_cfg, len(item_vocab), bool(query_features))
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
@@ -95,6 +97,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         vocabularies=vocabularies, source=raw.name,
     )
     (out / "feature_spec.json").write_text(spec.to_json())
+    (out / INFO).write_text(json.dumps({"split": data_cfg.split, "ratings": raw.has_ratings}, indent=2))
     _swap_in(out, final)
     _log(f"{len(events.user)} interactions, {events.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
@@ -173,11 +176,17 @@ def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.
     np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
 
 
-def _write_user_features(out: Path, raw: RawData, events: _Events, features_cfg: FeaturesConfig,
+def _write_user_features(out: Path, raw: RawData, events: _Events, split: np.ndarray, features_cfg: FeaturesConfig,
                          vocabularies: dict[str, list]) -> list[Feature]:
-    """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``)."""
-    query_features = ([Feature("user_id", "query", events.num_users + 1)]
-                      if "user_id" in features_cfg.user_features else [])
+    """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``).
+
+    The user-id vocabulary is the users with training events: a user first seen in validation
+    or test (temporal split) is the OOV code 0, not an untrained row of the table.
+    """
+    query_features = []
+    if "user_id" in features_cfg.user_features:
+        np.save(out / "users" / "user_id.npy", trained_user_ids(events.user, split, events.num_users))
+        query_features.append(Feature("user_id", "query", events.num_users + 1))
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
     for name in features_cfg.user_features:
         if name == "user_id":
@@ -295,6 +304,15 @@ class CSR:
     values: np.ndarray
 
 
+def trained_user_ids(user: np.ndarray, split: np.ndarray, num_users: int) -> np.ndarray:
+    """``[U + 1]`` the ``user_id`` feature of each user code: the code itself for a user with
+    training events, 0 (OOV) for one without; row 0 is the unknown user."""
+    codes = np.zeros(num_users + 1, dtype=np.int64)
+    trained = np.unique(user[split == splits.TRAIN])
+    codes[trained] = trained
+    return codes
+
+
 class PreparedData:
     """Read-only, memory-mapped view of a prepared cache."""
 
@@ -305,6 +323,8 @@ class PreparedData:
             raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` "
                             "first")
         self.spec = FeatureSpec.from_json(spec_path.read_text())
+        info = self.dir / INFO
+        self.info = json.loads(info.read_text()) if info.is_file() else {}  # caches written before it: {}
 
         def load(*parts: str) -> np.ndarray:
             path = self.dir.joinpath(*parts)
@@ -324,6 +344,10 @@ class PreparedData:
             f.name: np.asarray(load("users", f"{f.name}.npy"))
             for f in self.spec.query_features if f.name not in ("user_id", HISTORY) and not f.name.startswith(RECENT)
         }
+        if "user_id" in self.spec.query_keys:  # caches written before users/user_id.npy: computed
+            path = self.dir / "users" / "user_id.npy"
+            self.user_features["user_id"] = (np.load(path) if path.is_file() else trained_user_ids(
+                np.asarray(self.user), np.asarray(self.split), self.spec.num_users))
         self.item_single: dict[str, np.ndarray] = {}
         self.item_multi: dict[str, CSR] = {}
         for f in self.spec.item_features:
@@ -335,6 +359,11 @@ class PreparedData:
             else:
                 self.item_single[f.name] = np.asarray(load("items", f"{f.name}.npy"))
         self.item_dense = np.asarray(load("items", "dense.npy"))
+
+    @property
+    def has_ratings(self) -> bool:
+        """Whether the source had ratings (without, every rating is 1.0)."""
+        return bool(self.info.get("ratings", True))
 
     @property
     def num_rows(self) -> int:

@@ -21,3 +21,4 @@ class RawData:
     name: str  # for messages: where the interactions came from
     users_name: str = "users table"
     items_name: str = "items table"
+    has_ratings: bool = True  # False: the source had no rating column (every rating reads 1.0)

@@ -97,8 +97,9 @@ def interactions_source(cfg: DataConfig) -> RawData:
         bad = frame[columns[name]].isna().to_numpy()
         if bad.any():
             raise DataError(f"{path}: {_where(frame, _first_bad(bad))}: empty {name} id in column '{columns[name]}'")
-    seconds = _seconds(frame, columns["timestamp"], path)
-    if cfg.rating_column in frame.columns:
+    seconds = _seconds(frame, columns["timestamp"], path, cfg.timestamp_format)
+    has_ratings = cfg.rating_column in frame.columns
+    if has_ratings:
         rating = _numeric_column(frame, cfg.rating_column, path, "rating")
     else:
         rating = np.ones(len(frame))
@@ -111,23 +112,53 @@ def interactions_source(cfg: DataConfig) -> RawData:
     items, items_name = _side_table(cfg.items_path, cfg.item_column, "item", interactions, "data.items_path")
     if cfg.items_path:
         items = _item_columns(items, cfg.genres_separator)
-    return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name)
+    return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name,
+                   has_ratings=has_ratings)
 
 
-def _seconds(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    """A timestamp column as seconds: numbers are seconds already, else dates are parsed; the
-    first value that is neither is reported with its line."""
+def _seconds(frame: pd.DataFrame, column: str, path: Path, date_format: str = "") -> np.ndarray:
+    """A timestamp column as seconds: numbers are seconds already; dates are parsed with one
+    format for the whole column (``date_format``, or the one format every row fits). The first
+    value that fits neither is reported with its line."""
     timestamp = frame[column]
     as_number = pd.to_numeric(timestamp, errors="coerce")
-    if as_number.notna().any():  # numeric timestamps (seconds); report the first that is not
+    if as_number.notna().any() and not date_format:  # numeric timestamps (seconds); report the first that is not
         return _numeric_column(frame, column, path, "timestamp")
-    parsed = pd.to_datetime(timestamp, errors="coerce", utc=True, format="mixed")
-    bad = parsed.isna().to_numpy()
-    if bad.any():
+    text = timestamp.astype("string").str.strip()
+    formats = [date_format] if date_format else _date_formats(text)
+    if not formats:
+        row = _first_bad(text.notna().to_numpy()) if text.notna().any() else 0
+        raise DataError(f"{path}: {_where(frame, row)}: timestamp '{_text(timestamp.iloc[row])}' is neither a number "
+                        "nor a date")
+    parsed = {fmt: pd.to_datetime(text, format=fmt, errors="coerce", utc=True) for fmt in formats}
+    complete = [fmt for fmt in formats if parsed[fmt].notna().all()]
+    if not complete:
+        fmt = max(formats, key=lambda f: int(parsed[f].notna().sum()))  # the format most rows follow
+        bad = parsed[fmt].isna().to_numpy()
         row = _first_bad(bad)
-        raise DataError(f"{path}: {_where(frame, row)}: timestamp '{timestamp.iloc[row]}' is neither a number "
-                        f"nor a date ({int(bad.sum())} such rows)")
-    return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+        raise DataError(f"{path}: {_where(frame, row)}: timestamp '{_text(timestamp.iloc[row])}' does not match the "
+                        f"date format {fmt} of column '{column}' ({int(bad.sum())} such rows); set "
+                        "data.timestamp_format if the column has another")
+    if any(not parsed[fmt].equals(parsed[complete[0]]) for fmt in complete[1:]):
+        raise DataError(f"{path}: the dates of column '{column}' are ambiguous: every one reads as "
+                        f"{' and as '.join(complete)}; set data.timestamp_format to the one the file uses")
+    return (parsed[complete[0]] - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+
+
+def _date_formats(text: pd.Series) -> list[str]:
+    """The formats (strftime) that the first distinct values of a date column suggest, read
+    month-first and day-first."""
+    from pandas.tseries.api import guess_datetime_format
+
+    formats: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for value in text.dropna().unique()[:20]:
+            for dayfirst in (False, True):
+                fmt = guess_datetime_format(str(value), dayfirst=dayfirst)
+                if fmt and fmt not in formats:
+                    formats.append(fmt)
+    return formats
 
 
 def _item_columns(items: pd.DataFrame, genres_separator: str) -> pd.DataFrame:
@@ -144,37 +175,25 @@ MOVIELENS_GENRES_100K = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
+IDS = ("user", "item")
 ML1M_AGE = {1: "Under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55", 56: "56+"}
 
 
 def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str, on_bad_rows: str,
-                    what: str) -> pd.DataFrame:
-    """A delimited text file; rows with the wrong field count raise (naming the line) or are skipped."""
-    if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
-    try:
-        text = path.read_bytes().decode(encoding)
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not {encoding} text (byte {err.start}: {err.reason})") from None
+                    what: str, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A delimited text file; rows with the wrong field count raise (naming the line) or are
+    skipped. ``id_columns`` keep their exact text wherever a column is not plain int64 (a
+    float or an overflow would round or wrap the ids), for :func:`_integer_ids` to check."""
+    text = _decode(path, encoding, what)
     total_lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
     if len(sep) > 1:  # '::' in MovieLens 1M: the C parser takes one-character separators only
         text = text.replace(sep, "\x1f")
         sep = "\x1f"
     header_lines = 0 if names is not None else 1
-    try:
-        # index_col=False: an extra field on the first data row must not turn into an index
-        # column (shifting every row); pandas warns instead, and that warning is handled below.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", pd.errors.ParserWarning)
-            frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
-                                on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
-                                index_col=False, quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE,
-                                keep_default_na=False, na_values=[""], skip_blank_lines=False)
-    except pd.errors.ParserError as err:
-        raise DataError(f"{path}: malformed row: {str(err).strip()}") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty") from None
-    first_row_too_long = any(issubclass(w.category, pd.errors.ParserWarning) for w in caught)
+    frame, first_row_too_long = _parse(text, sep, names, on_bad_rows, path, None)
+    inexact = [c for c in id_columns if c in frame.columns and frame[c].dtype != np.int64]
+    if inexact:
+        frame, _ = _parse(text, sep, names, on_bad_rows, path, {c: str for c in inexact})
     if first_row_too_long and on_bad_rows == "error":
         raise DataError(f"{path}: malformed row: line {header_lines + 1} has more than the "
                         f"{len(frame.columns)} fields of this file")
@@ -189,25 +208,94 @@ def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str
     return frame
 
 
+def _decode(path: Path, encoding: str, what: str) -> str:
+    """The file's text; a byte that is not ``encoding`` is reported with its line."""
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line}: not {encoding} text (byte {err.start}: {err.reason}); "
+                        f"re-encode the file as {encoding}") from None
+
+
+def _parse(text: str, sep: str, names: list[str] | None, on_bad_rows: str, path: Path,
+           dtype: dict | None) -> tuple[pd.DataFrame, bool]:
+    """pandas' C parser over ``text``; also whether the first data row had a field too many."""
+    try:
+        # index_col=False: an extra field on the first data row must not turn into an index
+        # column (shifting every row); pandas warns instead, and that warning is handled above.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text), sep=sep, header=None if names is not None else 0, names=names,
+                                on_bad_lines="skip" if on_bad_rows == "skip" else "error", engine="c",
+                                index_col=False, quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE,
+                                keep_default_na=False, na_values=[""], skip_blank_lines=False, dtype=dtype)
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: malformed row: {str(err).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    return frame, any(issubclass(w.category, pd.errors.ParserWarning) for w in caught)
+
+
+def _integer_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, bad)``: the column's ids exactly (int64 when every one fits, else Python ints in
+    an object array) and the mask of rows whose value is not an integer (their id is 0)."""
+    if column.dtype == np.int64:
+        return column.to_numpy(), np.zeros(len(column), dtype=bool)
+    text = column.astype("string").fillna("").str.strip()
+    good = text.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool, na_value=False)
+    ids = [int(value) if ok else 0 for value, ok in zip(text.tolist(), good)]
+    fits = not ids or (min(ids) >= -(2**63) and max(ids) < 2**63)
+    return np.array(ids, dtype=np.int64 if fits else object), ~good
+
+
+def _exact_id_column(frame: pd.DataFrame, column: str, path: Path, on_bad_rows: str) -> pd.DataFrame:
+    """``frame`` with ``column`` as exact integer ids; a row whose id is not an integer raises
+    naming the line, or is dropped and counted."""
+    ids, bad = _integer_ids(frame[column])
+    if bad.any():
+        if on_bad_rows == "error":
+            row = _first_bad(bad)
+            raise DataError(f"{path}: {_where(frame, row)}: {column} id '{_text(frame[column].iloc[row])}' is not "
+                            f"an integer ({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
+        print(f"prepare: {path}: skipped {int(bad.sum())} rows whose {column} id is not an integer", file=sys.stderr)
+    frame = frame.assign(**{column: ids})
+    return frame[~bad]
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA else str(value)
+
+
 def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd.DataFrame:
-    """Numeric user, item, timestamp and rating; bad values raise naming the line, or are skipped."""
+    """Exact integer user and item ids, numeric timestamp and rating; bad values raise naming
+    the line, or are skipped."""
     out, bad_any = {}, np.zeros(len(frame), dtype=bool)
     reasons = []
     for column in ("user", "item", "timestamp", "rating"):
-        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-        bad = ~np.isfinite(values)
+        if column in ("user", "item"):
+            values, bad = _integer_ids(frame[column])
+            problem = f"{column} id '{{}}' is not an integer"
+        else:
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
+            bad = ~np.isfinite(values)
+            problem = f"{column} '{{}}' is not a number"
         if bad.any():
             if on_bad_rows == "error":
                 row = _first_bad(bad)
-                raise DataError(f"{path}: {_where(frame, row)}: {column} '{frame[column].iloc[row]}' is not a "
-                                f"number ({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
-            reasons.append(f"{int(bad.sum())} with a non-numeric or missing {column}")
+                raise DataError(f"{path}: {_where(frame, row)}: {problem.format(_text(frame[column].iloc[row]))} "
+                                f"({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
+            reasons.append(f"{int(bad.sum())} with a non-{'integer' if column in ('user', 'item') else 'numeric'} "
+                           f"or missing {column}")
             bad_any |= bad
         out[column] = values
     if reasons:
         print(f"prepare: {path}: skipped {int(bad_any.sum())} rows: {', '.join(reasons)}", file=sys.stderr)
     keep = ~bad_any
-    return pd.DataFrame({"user": out["user"][keep].astype(np.int64), "item": out["item"][keep].astype(np.int64),
+    return pd.DataFrame({"user": out["user"][keep], "item": out["item"][keep],
                          "timestamp": out["timestamp"][keep].astype(np.int64),
                          "rating": out["rating"][keep].astype(np.float32)})
 
@@ -223,6 +311,9 @@ def movielens(cfg: DataConfig) -> RawData:
     if not cfg.data_dir:
         raise DataError(f"data.source={cfg.source} needs data.data_dir (or --data-dir): the unpacked archive")
     root = Path(cfg.data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.data_dir {root} is a file, not a directory: give the folder the {cfg.source} "
+                        "archive unpacks to")
     if not root.is_dir():
         raise DataError(f"data directory not found: {root} (fetch it with `twotower-rec download --dataset "
                         f"{cfg.source} --data-dir DIR`)")
@@ -239,11 +330,13 @@ def movielens(cfg: DataConfig) -> RawData:
 def _movielens_100k(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``u.data``, ``u.user``, ``u.item`` (genres as 19 flag columns)."""
     inter = _read_delimited(root / "u.data", "\t", ["user", "item", "rating", "timestamp"], "latin-1", bad,
-                            "ratings")
+                            "ratings", IDS)
     users = _read_delimited(root / "u.user", "|", ["user", "age", "gender", "occupation", "zip"], "latin-1",
-                            bad, "users")
+                            bad, "users", ("user",))
     item_cols = ["item", "title", "release", "video_release", "url", *MOVIELENS_GENRES_100K]
-    items = _read_delimited(root / "u.item", "|", item_cols, "latin-1", bad, "movies")
+    items = _read_delimited(root / "u.item", "|", item_cols, "latin-1", bad, "movies", ("item",))
+    users = _exact_id_column(users, "user", root / "u.user", bad)
+    items = _exact_id_column(items, "item", root / "u.item", bad)
     flags = items[list(MOVIELENS_GENRES_100K)].fillna(0).to_numpy(np.int64) > 0
     names = np.array(MOVIELENS_GENRES_100K)
     items["genres"] = [names[row].tolist() for row in flags]
@@ -253,39 +346,40 @@ def _movielens_100k(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, p
 def _movielens_1m(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``ratings.dat``, ``users.dat``, ``movies.dat`` (``::``-separated, latin-1)."""
     inter = _read_delimited(root / "ratings.dat", "::", ["user", "item", "rating", "timestamp"], "latin-1",
-                            bad, "ratings")
+                            bad, "ratings", IDS)
     users = _read_delimited(root / "users.dat", "::", ["user", "gender", "age", "occupation", "zip"],
-                            "latin-1", bad, "users")
-    items = _read_delimited(root / "movies.dat", "::", ["item", "title", "genres"], "latin-1", bad, "movies")
+                            "latin-1", bad, "users", ("user",))
+    items = _read_delimited(root / "movies.dat", "::", ["item", "title", "genres"], "latin-1", bad, "movies",
+                            ("item",))
+    users = _exact_id_column(users, "user", root / "users.dat", bad)
+    items = _exact_id_column(items, "item", root / "movies.dat", bad)
     items["genres"] = items["genres"].fillna("").str.split("|")
     return _clean_interactions(inter, root / "ratings.dat", bad), users, items
 
 
 def _movielens_csv(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``ratings.csv`` and ``movies.csv``; no user side features, so users are ids alone."""
-    inter = _read_delimited(root / "ratings.csv", ",", None, "utf-8", bad, "ratings")
+    inter = _read_delimited(root / "ratings.csv", ",", None, "utf-8", bad, "ratings", ("userId", "movieId"))
     _require_file_columns(inter, ["userId", "movieId", "rating", "timestamp"], root / "ratings.csv")
     inter = inter.rename(columns={"userId": "user", "movieId": "item"})
-    items = _read_delimited(root / "movies.csv", ",", None, "utf-8", bad, "movies")
+    items = _read_delimited(root / "movies.csv", ",", None, "utf-8", bad, "movies", ("movieId",))
     _require_file_columns(items, ["movieId", "title", "genres"], root / "movies.csv")
-    items = items.rename(columns={"movieId": "item"})
+    items = _exact_id_column(items.rename(columns={"movieId": "item"}), "item", root / "movies.csv", bad)
     items["genres"] = items["genres"].fillna("").apply(
         lambda g: [] if g == "(no genres listed)" else [x for x in g.split("|") if x])
-    users = pd.DataFrame({"user": pd.unique(pd.to_numeric(inter["user"], errors="coerce").dropna())})
-    return _clean_interactions(inter, root / "ratings.csv", bad), users, items
+    interactions = _clean_interactions(inter, root / "ratings.csv", bad)
+    return interactions, pd.DataFrame({"user": pd.unique(interactions["user"])}), items
 
 
 def _movielens_items(items: pd.DataFrame) -> pd.DataFrame:
-    """Integer item ids, titles as text, the year parsed from the title."""
-    items["item"] = pd.to_numeric(items["item"], errors="coerce")
-    items = items.dropna(subset=["item"]).astype({"item": np.int64})
+    """Titles as text, the year parsed from the title (ids are exact already)."""
     items["title"] = items["title"].fillna("").astype(str)
     items["year"] = _title_year(items["title"])
     return items
 
 
 def _movielens_users(users: pd.DataFrame, source: str) -> pd.DataFrame:
-    """Integer user ids, the zip code's first digit, age as the 1M archive's brackets."""
+    """The zip code's first digit, age as the 1M archive's brackets (ids are exact already)."""
     if "zip" in users.columns:
         users["zip_prefix"] = users["zip"].fillna("").astype(str).str[:1]
     if "age" in users.columns and source == "movielens-1m":
@@ -293,8 +387,7 @@ def _movielens_users(users: pd.DataFrame, source: str) -> pd.DataFrame:
     elif "age" in users.columns:
         age = pd.to_numeric(users["age"], errors="coerce")
         users["age"] = pd.cut(age, [0, 18, 25, 35, 45, 50, 56, 200], right=False).astype(str)
-    users["user"] = pd.to_numeric(users["user"], errors="coerce")
-    return users.dropna(subset=["user"]).astype({"user": np.int64})
+    return users
 
 
 def _require_file_columns(frame: pd.DataFrame, columns: list[str], path: Path) -> None:

@@ -84,7 +84,8 @@ def _table_weight(collection: nn.Module, name: str) -> nn.Parameter:
 
 
 def _check_table_weight_decay(collections: dict[str, nn.Module], train: TrainConfig, env: DistEnv) -> None:
-    configs = {c.name: (c, isinstance(m, EmbeddingBagCollection)) for m in collections.values() for c in _table_configs(m)}
+    configs = {c.name: (c, isinstance(m, EmbeddingBagCollection))
+               for m in collections.values() for c in _table_configs(m)}
     for table, decay in train.table_weight_decay.items():
         if table not in configs:
             raise ConfigError(f"train.table_weight_decay: no table '{table}'; the tables are {sorted(configs)}"
@@ -97,7 +98,8 @@ def _check_table_weight_decay(collections: dict[str, nn.Module], train: TrainCon
                 "by two or more (e.g. t_history with features.recent_items > 0) and to every table on CUDA")
 
 
-def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig) -> DistributedModelParallel:
+def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig,
+                train: TrainConfig) -> DistributedModelParallel:
     """Fused table optimizer + planned sharding + DMP; rank 0 logs the plan."""
     if train.sparse_optimizer == "adam" and env.device.type != "cuda":
         raise ConfigError("train.sparse_optimizer=adam: fbgemm runs fused Adam for tables on CUDA only; "

@@ -23,7 +23,8 @@ def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int
         metrics[f"recall@{k}"] = within.mean().item()
         metrics[f"hr@{k}"] = within.mean().item()
         metrics[f"ndcg@{k}"] = (within / torch.log2(rank.float() + 2.0)).mean().item()
-    metrics["mrr"] = torch.where(found, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float)).mean().item()
+    reciprocal = torch.where(found, 1.0 / (rank.float() + 1.0), torch.zeros_like(rank, dtype=torch.float))
+    metrics["mrr"] = reciprocal.mean().item()
     return metrics
 
 

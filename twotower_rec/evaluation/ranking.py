@@ -136,8 +136,14 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
     ranking = rank_split(encode_query, encode_items, data, batcher, cfg, split, seed, with_popularity, device)
-    return {name: {**ranking_metrics(top, ranking.targets, cfg.ks), "users": float(ranking.rows.size)}
-            for name, top in ranking.top.items()}
+    return split_metrics(ranking, cfg.ks)
+
+
+def split_metrics(ranking: SplitRanking, ks: list[int]) -> dict[str, dict[str, float]]:
+    """Each ranked list's metrics, with the number of evaluated ``events`` and of distinct
+    ``users`` (one event per user under leave-last-out; any number under the other splits)."""
+    counts = {"events": float(ranking.rows.size), "users": float(np.unique(ranking.user).size)}
+    return {name: {**ranking_metrics(top, ranking.targets, ks), **counts} for name, top in ranking.top.items()}
 
 
 def save_topk(ranking: SplitRanking, data: PreparedData, path: str | Path, name: str = "model") -> Path:

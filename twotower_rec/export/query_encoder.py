@@ -161,17 +161,20 @@ class QueryEncoder(nn.Module):
 
 
 def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
-    """Raw value (as a string) -> code for every query feature (code 0: unknown)."""
+    """Raw value (as a string) -> code for every query feature (code 0: unknown). A user's raw
+    id has a code only when the user had training events (``PreparedData.user_features``)."""
     out = {}
     for name in names:
+        keep = None
         if name == "user_id":
-            raw = data.raw_user_ids
+            raw, keep = data.raw_user_ids, data.user_features["user_id"][1:] > 0
         elif name == HISTORY or recent_position(name):
             raw = data.raw_item_ids
         else:
             raw = data.spec.vocabularies.get(name, [])
+        values = np.asarray(raw, dtype=object).tolist()
         out[name] = {str(v.item() if isinstance(v, np.generic) else v): code
-                     for code, v in enumerate(np.asarray(raw, dtype=object).tolist(), start=1)}
+                     for code, v in enumerate(values, start=1) if keep is None or keep[code - 1]}
     return out
 
 

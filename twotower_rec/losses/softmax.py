@@ -136,6 +136,7 @@ class LossContext:
     """
 
     def __init__(self, cfg: LossConfig, item_counts: np.ndarray, batch_size: int, device: torch.device) -> None:
+        """``batch_size``: the positives among each step's candidates (:func:`positives_per_step`)."""
         self.cfg, self.num_items, self.step = cfg, item_counts.shape[0] - 1, 0
         counts = item_counts.astype(np.float64)
         q = counts / max(counts.sum(), 1.0)
@@ -151,14 +152,20 @@ class LossContext:
             return None
         if logq == "counts":
             in_batch = self.log_q[positive_ids]
-        else:
+        else:  # the estimate is already the probability of appearing in a step's candidates
             self.streaming.update(positive_ids, self.step)
-            in_batch = torch.log(self.streaming.probability(positive_ids).float() * positive_ids.numel())
+            in_batch = torch.log(self.streaming.probability(positive_ids).float())
         uniform = torch.full((num_uniform,), float(np.log(max(num_uniform, 1) / self.num_items)),
                              device=in_batch.device)
         log_q = torch.cat([in_batch, uniform])
         weight = self.cfg.logq_weight
         return log_q if weight == 1.0 else log_q * weight
+
+
+def positives_per_step(cfg: LossConfig, batch_size: int, world_size: int) -> int:
+    """How many positives each query is scored against: the global batch's with
+    ``loss.global_negatives``, else this rank's slice of it."""
+    return batch_size if cfg.global_negatives else batch_size // world_size
 
 
 def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, temperature,

@@ -42,7 +42,8 @@ class TwoTower(nn.Module):
         self.borrowed = [f.name for f in query if f.table in item_tables]
         self.sequence = None
         if sequence:
-            if HISTORY in self.borrowed or any(f.name == HISTORY and f.table in item_tables for f in spec.query_features):
+            shared = any(f.name == HISTORY and f.table in item_tables for f in spec.query_features)
+            if HISTORY in self.borrowed or shared:
                 raise ConfigError("model.user_encoder=sequence reads the history through its own table: "
                                   "it cannot be combined with features.share_item_table")
             self.sequence = SequenceEncoder(spec.num_items + 1, cfg.embedding_dim, spec.history_length,

@@ -66,7 +66,8 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
     k = _k(body, max_k)
     include_seen = _flag(body, "include_seen", False)
     use_ann = _flag(body, "ann", ann_default)
-    modes = [m for m in ("user", "users") if m in body] + (["new user"] if "liked" in body or "features" in body else [])
+    new_user = ["new user"] if "liked" in body or "features" in body else []
+    modes = [m for m in ("user", "users") if m in body] + new_user
     if len(modes) != 1:
         raise RequestError(HTTPStatus.BAD_REQUEST, "give exactly one of 'user', 'users', or 'liked'/'features' "
                                                    "(a new user)")

@@ -42,5 +42,5 @@ def local_batches(batcher: Batcher, train_rows: np.ndarray, batch_size: int, epo
             if num_negatives:
                 draw = np.random.default_rng([seed, e, i, 7])
                 negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
-            yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives)
+            yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives, training=True)
         index = 0

@@ -24,14 +24,14 @@ import torch
 from torchrec.distributed import DistributedModelParallel
 from tqdm import tqdm
 
-from twotower_rec.config import Config, TrainConfig
+from twotower_rec.config import Config
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.errors import ConfigError
-from twotower_rec.losses.softmax import LossContext
+from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
 from twotower_rec.train.batch_order import global_batches, local_batches
@@ -71,7 +71,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = PreparedData(cfg.data.cache_dir)
-    _check_world_size(cfg.train, data, env)
+    check_setup(cfg, data, env)
     model = build_model(cfg, data, env)
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
@@ -82,12 +82,22 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     return Trainer(cfg, env, data, model, optimizer, state, streaming).run()
 
 
-def _check_world_size(train_cfg: TrainConfig, data: PreparedData, env: DistEnv) -> None:
-    if train_cfg.batch_size % env.world_size:
-        raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be divisible by the world size "
-                          f"{env.world_size}: the global batch is cut into one equal slice per process")
-    if data.rows(TRAIN).size < env.world_size:
-        raise ConfigError(f"only {data.rows(TRAIN).size} training rows for {env.world_size} processes")
+def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
+    """What the config can only be checked against with the data and the world size."""
+    world = env.world_size
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
+                          f"{world}: the global batch is cut into one equal slice per process")
+    uniform = cfg.loss.uniform_negatives if cfg.loss.name == "in_batch_softmax" else 0
+    if uniform % world:
+        raise ConfigError(f"loss.uniform_negatives={uniform} must be divisible by the world size {world}: each "
+                          f"process draws an equal share (e.g. {max(world, uniform - uniform % world)})")
+    if data.rows(TRAIN).size < world:
+        raise ConfigError(f"only {data.rows(TRAIN).size} training rows for {world} processes")
+    if cfg.loss.name in ("bce", "mse") and not data.has_ratings:
+        raise ConfigError(f"loss.name={cfg.loss.name} learns from ratings, but {data.spec.source} has no rating "
+                          f"column (data.rating_column), so every rating is 1.0: add one, or train with "
+                          "loss.name=in_batch_softmax")
 
 
 def _resume(resume: str | Path, cfg: Config, model: DistributedModelParallel, optimizer, data: PreparedData,
@@ -123,7 +133,8 @@ class Trainer:
         self.progress = tqdm(total=self.total_steps, initial=min(state.step, self.total_steps), desc="train",
                              unit="step", disable=not (env.is_main and cfg.train.progress), file=sys.stderr,
                              mininterval=1.0, dynamic_ncols=True)
-        self.ctx = LossContext(cfg.loss, data.item_counts(), cfg.train.batch_size, env.device)
+        self.ctx = LossContext(cfg.loss, data.item_counts(),
+                               positives_per_step(cfg.loss, cfg.train.batch_size, env.world_size), env.device)
         self.ctx.step = state.step
         if streaming is not None and self.ctx.streaming is not None:
             self.ctx.streaming.load_state_dict(streaming)
