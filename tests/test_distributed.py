@@ -126,24 +126,25 @@ def test_resume_across_world_sizes_continues_exactly(setup, before, after):
 
 
 @pytest.mark.parametrize("phase", ["shards_written", "between_renames"])
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint(setup, phase):
-    """Killed (SIGKILL) in the middle of its second save of ``last`` (step 4), the run leaves
-    the step-2 checkpoint loadable, and resuming from it reproduces the uninterrupted run."""
+def test_sigkill_during_a_save_leaves_a_complete_checkpoint(setup, phase):
+    """Killed (SIGKILL) in the middle of its second save of ``last`` (step 4), the run leaves a
+    loadable checkpoint: the step-2 one when the new shards were not all written, the step-4
+    one when only the last rename was missing (the swap is finished on the next open). Resuming
+    from it reproduces the uninterrupted run, and no temporary folder is left behind."""
     from twotower_rec.train import checkpoint
 
     root, config, reference = setup
     out = train(root, config, f"kill-{phase}", 1, "--set", "train.checkpoint_every_steps=2",
                 env={"TWOTOWER_KILL_DURING_SAVE": f"{phase}:2"}, expect=-signal.SIGKILL)
     assert not (out / "train_metrics.json").exists()
+    leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith(".last."))
+    assert leftovers and (phase == "shards_written") == (out / "last").exists(), leftovers
     survivor = checkpoint.resolve(out / "last")
-    assert checkpoint.read_meta(out / "last")["step"] == 2
-    if phase == "between_renames":
-        assert not (out / "last").exists() and survivor.name == "last.old"
-    else:
-        assert survivor.name == "last" and (out / "last.tmp").exists()
+    assert survivor == out / "last"
+    assert checkpoint.read_meta(out / "last")["step"] == (2 if phase == "shards_written" else 4)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".last.")]
     train(root, config, f"kill-{phase}", 1, "--resume")
     assert_close_relative(losses(reference), losses(out), "losses after resuming a killed run")
-    assert not (out / "last.tmp").exists() and not (out / "last.old").exists()
 
 
 def test_export_and_evaluation_from_two_ranks_equal_one(setup, tmp_path):

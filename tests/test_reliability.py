@@ -177,3 +177,291 @@ def test_evaluation_reports_events_and_users(tmp_path):
     rows = data.rows(TEST)
     assert results["model"]["events"] == rows.size
     assert results["model"]["users"] == np.unique(np.asarray(data.user)[rows]).size < rows.size
+
+
+# --- 4. a folder swap killed between its two renames ---------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_interrupted_swap_is_finished_or_rolled_back(tmp_path):
+    """Stopped between the renames, with the new folder complete the swap is finished; with it
+    incomplete the old folder is put back. Folders of writers that are gone are deleted; those
+    of a live writer are left alone."""
+    import os
+    import socket
+
+    from twotower_rec import atomic
+
+    host = socket.gethostname()
+    for complete in (True, False):
+        root = tmp_path / f"complete-{complete}"
+        final = root / "export"
+        final.mkdir(parents=True)
+        (final / "version").write_text("old")
+        dead = _dead_pid()
+        new = root / f".export.tmp-{host}-{dead}"
+        new.mkdir()
+        (new / "version").write_text("new")
+        if complete:
+            (new / atomic.COMPLETE).touch()
+        os.replace(final, root / f".export.old-{host}-{dead}")  # the kill came here
+        live = root / f".export.tmp-{host}-{os.getpid()}"
+        live.mkdir()
+        atomic.recover(final)
+        assert (final / "version").read_text() == ("new" if complete else "old")
+        assert sorted(p.name for p in root.iterdir()) == sorted(["export", live.name])
+        assert not (final / atomic.COMPLETE).exists()
+
+
+def test_prepare_killed_between_its_renames_loses_no_cache(cli, tmp_path):
+    from twotower_rec.data.prepared import PreparedData
+
+    args = ["prepare", "--config", "configs/tiny.yaml", "--set", f"data.cache_dir={tmp_path / 'data'}"]
+    from conftest import REPO
+
+    assert cli(*args, cwd=REPO).returncode == 0
+    killed = cli(*args, cwd=REPO, env={"TWOTOWER_KILL_DURING_SAVE": "between_renames"})
+    assert killed.returncode == -9, killed.describe()
+    assert not (tmp_path / "data").exists()  # the kill left no folder under the name
+    data = PreparedData(tmp_path / "data")
+    assert data.num_rows > 0 and [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_export_killed_between_its_renames_is_served(cli, pipeline, tmp_path):
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(pipeline.export_dir, out)
+    killed = cli("export", "--config", pipeline.config_path, "--out", out, cwd=pipeline.root,
+                 env={"TWOTOWER_KILL_DURING_SAVE": "between_renames"})
+    assert killed.returncode == -9, killed.describe()
+    assert not out.exists()
+    from twotower_rec.data.prepared import PreparedData
+
+    user = str(PreparedData(pipeline.cache_dir).raw_user_ids[0])
+    result = cli("recommend", "--export", out, "--user", user, cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# --- 3. an export file swapped for another of the same size ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["item_embeddings.npy", "item_ids.npy", "users.npz"])
+def test_a_file_swapped_for_one_of_the_same_size_is_refused(pipeline, tmp_path, name):
+    """Rows of the embeddings or ids reordered (what another run's export looks like), or a
+    user's history changed: the size is the same, the checksum is not."""
+    import shutil
+
+    import numpy as np
+
+    from twotower_rec.errors import ExportError
+    from twotower_rec.serving.exported import ExportedModel
+
+    copy = tmp_path / "export"
+    shutil.copytree(pipeline.export_dir, copy)
+    path = copy / name
+    size = path.stat().st_size
+    if name == "users.npz":
+        arrays = dict(np.load(path, allow_pickle=True))
+        arrays["history_items"] = arrays["history_items"][::-1].copy()
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+    else:
+        array = np.load(path, allow_pickle=True)
+        np.save(path, array[::-1].copy())
+    assert path.stat().st_size == size
+    with pytest.raises(ExportError) as err:
+        ExportedModel.load(copy)
+    assert name in str(err.value) and "SHA-256" in str(err.value)
+
+
+# --- 5. recommend --liked with ids the catalog does not have ---------------------------------------
+
+
+def test_liked_ids_none_of_which_is_known_are_an_error(cli, pipeline, tmp_path):
+    result = cli("recommend", "--export", pipeline.export_dir, "--liked", "abc,no-such-item", cwd=tmp_path)
+    assert_user_error(result, "abc", "no-such-item")
+
+
+def test_unknown_liked_ids_are_named(cli, pipeline, tmp_path):
+    import json
+
+    from twotower_rec.serving.exported import ExportedModel
+
+    known = str(ExportedModel.load(pipeline.export_dir).item_ids[0])
+    result = cli("recommend", "--export", pipeline.export_dir, "--liked", f"{known},abc", "-k", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert "abc" in result.stderr and "warning" in result.stderr
+    result = cli("recommend", "--export", pipeline.export_dir, "--liked", f"{known},abc", "-k", "3", "--json",
+                 cwd=tmp_path)
+    payload = json.loads(result.stdout)
+    assert payload["unknown_liked"] == ["abc"] and len(payload["items"]) == 3
+
+
+# --- 15. the ANN index returning fewer than k -------------------------------------------------------
+
+
+def test_ann_with_k_beyond_what_the_index_returns_falls_back_to_exact(pipeline):
+    """An HNSW search with a small ef returns at most ef results: ask for more than that and
+    the answer must still hold k items, the same ones exact search ranks."""
+    from twotower_rec.serving.exported import ExportedModel
+
+    model = ExportedModel.load(pipeline.export_dir)
+    model.index.hnsw.efSearch = 16
+    user = str(model.users["raw_user_ids"][0])
+    k = model.manifest["num_items"] - 40  # more than the index hands back, fewer than the unseen items
+    got = model.recommend_user(user, k=k, ann=True)
+    exact = model.recommend_user(user, k=k)
+    assert len(exact) == k and len(got) == k
+    assert set(r.item for r in got) == set(r.item for r in exact)
+
+
+# --- 12, 13. one error line, not a traceback --------------------------------------------------------
+
+
+def test_serve_on_a_port_in_use(cli, pipeline, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--export", pipeline.export_dir, "--port", str(port), cwd=tmp_path, timeout=60)
+    assert_user_error(result, str(port), "in use")
+
+
+def test_a_config_file_that_is_not_utf8(cli, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  out_dir: runs/caf\xe9\n".encode("latin-1"))
+    assert_user_error(cli("prepare", "--config", path, cwd=tmp_path), str(path), "UTF-8", "line 2")
+
+
+# --- 14. the HTTP endpoint under a misbehaving client ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def endpoint(pipeline):
+    import threading
+
+    from twotower_rec.serving.exported import ExportedModel
+    from twotower_rec.serving.http_server import make_server
+
+    model = ExportedModel.load(pipeline.export_dir)
+    server = make_server(model, max_k=50)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, model
+    server.shutdown()
+    server.server_close()
+
+
+def _raw_request(address, data: bytes) -> tuple[int, dict, bytes]:
+    """Send bytes as they are; the status, headers and body of the reply."""
+    import socket
+
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(data)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection without an answer (got {reply!r})"
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("data, status, message", [
+    (b'POST /recommend HTTP/1.1\r\nContent-Length: abc\r\n\r\n', 400, "Content-Length"),
+    (b"PUT /recommend HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 405, "POST"),
+    (b"DELETE /recommend HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "POST"),
+    (b"PATCH /health HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, "GET"),
+])
+def test_http_malformed_requests_get_json_errors(endpoint, data, status, message):
+    got, headers, body = _raw_request(endpoint[0].server_address, data)
+    assert got == status and headers["content-type"] == "application/json"
+    import json
+
+    assert message in json.loads(body)["error"]
+
+
+def test_http_deeply_nested_json_is_a_bad_request(endpoint):
+    import json
+
+    body = b"[" * 100_000 + b"]" * 100_000
+    got, _, reply = _raw_request(endpoint[0].server_address,
+                                 b"POST /recommend HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert got == 400 and "nested" in json.loads(reply)["error"]
+
+
+def test_http_server_faults_are_500_and_client_disconnects_are_quiet(endpoint, capfd):
+    import http.client
+    import json
+    import socket
+    import time
+
+    server, model = endpoint
+    user = str(model.users["raw_user_ids"][0])
+    original = model.recommend_users
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug on the server's side")
+
+    model.recommend_users = broken
+    try:
+        conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+        conn.request("POST", "/recommend", body=json.dumps({"user": user}))
+        response = conn.getresponse()
+        assert response.status == 500 and "internal error" in json.loads(response.read())["error"]
+        conn.close()
+    finally:
+        model.recommend_users = original
+    body = json.dumps({"users": [user] * 200, "k": 50}).encode()
+    for linger in (False, True):  # clients that send a request and go away before the answer
+        with socket.create_connection(server.server_address) as sock:
+            sock.sendall(b"POST /recommend HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            if linger:  # reset the connection rather than close it
+                time.sleep(0.05)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    time.sleep(3)  # the server answers into the closed connections
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "ConnectionReset" not in err, err
+
+
+# --- 16. progress into a file or a pipe ---------------------------------------------------------------
+
+
+def test_progress_into_a_pipe_is_plain_lines(cli, pipeline, tmp_path):
+    """stderr is a pipe here, as under nohup, Slurm or CI: no carriage-return bar updates, a
+    plain line every train.progress_every_seconds and the validation lines."""
+    result = cli("train", "--config", pipeline.config_path, "--set", f"train.out_dir={tmp_path}",
+                 "--set", "train.progress=true", "--set", "train.progress_every_seconds=0",
+                 "--set", "train.val_every_steps=4", cwd=pipeline.root)
+    assert result.returncode == 0, result.describe()
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    steps = [line for line in result.stderr.splitlines() if line.startswith("train: step ")]
+    assert len(steps) >= 3 and "examples/s" in steps[-1] and "loss" in steps[-1], result.stderr
+    assert "validation recall@10" in result.stdout + result.stderr
+
+
+# --- 17. a bad byte in your own CSV ---------------------------------------------------------------------
+
+
+def test_a_bad_byte_in_an_interactions_csv_names_its_line(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_bytes(b"user,item,timestamp\n1,10,100\n1,11,101\n1,caf\xe9,102\n")
+    cfg = load_config(None, ["data.source=interactions", f"data.interactions_path={path}"])
+    with pytest.raises(DataError) as err:
+        load_raw(cfg.data)
+    assert str(path) in str(err.value) and "line 4" in str(err.value) and "utf-8" in str(err.value).lower()

@@ -230,9 +230,16 @@ def test_mismatched_manifest_is_refused(copy, key, value, message):
 
 
 def test_a_corrupt_query_tower_is_refused(copy):
+    from twotower_rec.serving.manifest import sha256
+
     path = copy / "query_tower.pt"
     size = path.stat().st_size
     path.write_bytes(b"\0" * size)  # same size, wrong content
+    with pytest.raises(ExportError, match="query_tower.pt: its SHA-256"):
+        ExportedModel.load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())  # a manifest written for the broken file
+    manifest["files"]["query_tower.pt"]["sha256"] = sha256(path)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="query_tower.pt: cannot load"):
         ExportedModel.load(copy)
 

@@ -226,8 +226,14 @@ def cmd_recommend(args) -> int:
         who = "new user"
         recs = model.recommend_new_user(liked=liked, features=features, k=args.k,
                                         exclude_liked=not args.include_seen, ann=args.ann)
+        unknown = model.unknown_items(liked)
+        if unknown:
+            print(f"warning: not in the catalog, left out: {', '.join(unknown)}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"user": who, "items": [r.to_dict() for r in recs]}))
+        payload = {"user": who, "items": [r.to_dict() for r in recs]}
+        if args.user is None:
+            payload["unknown_liked"] = unknown
+        print(json.dumps(payload))
         return 0
     print(f"top {len(recs)} items for user {who}:" if args.user is not None
           else f"top {len(recs)} items for a new user:")

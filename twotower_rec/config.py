@@ -162,6 +162,9 @@ class TrainConfig:
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
     num_threads: int = 0  # 0: torch's default
     progress: bool = True
+    # Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often
+    # and at every validation, instead of a carriage-return update every step.
+    progress_every_seconds: float = 30.0
 
 
 @dataclass
@@ -342,7 +345,8 @@ def _check_ranges(cfg: Config) -> None:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
-                     "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": ""}
+                     "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
+                     "train.progress_every_seconds": ""}
     for key, meaning in at_least_zero.items():
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")
@@ -409,7 +413,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(_utf8_text(path)) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
@@ -428,6 +432,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except ConfigError as err:
             raise ConfigError(f"--set {text}: {err}") from None
     return validate(cfg)
+
+
+def _utf8_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
 
 
 def to_dict(cfg: Config) -> dict:

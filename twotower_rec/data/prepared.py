@@ -18,8 +18,6 @@ Layout of ``cache_dir``::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from twotower_rec import atomic
 from twotower_rec.config import DataConfig, FeaturesConfig
 from twotower_rec.data import splits
 from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
@@ -98,7 +97,7 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     )
     (out / "feature_spec.json").write_text(spec.to_json())
     (out / INFO).write_text(json.dumps({"split": data_cfg.split, "ratings": raw.has_ratings}, indent=2))
-    _swap_in(out, final)
+    atomic.swap_in(out, final)
     _log(f"{len(events.user)} interactions, {events.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
     return PreparedData(final)
@@ -145,15 +144,15 @@ def _split(events: _Events, data_cfg: DataConfig) -> np.ndarray:
 
 
 def _new_cache_folder(final: Path) -> Path:
-    """An empty folder beside ``final`` to write the cache into, swapped in at the end: a crash
-    leaves the old cache whole, and a process still reading the old one (memory-mapped)
-    keeps its files."""
+    """An empty folder beside ``final`` to write the cache into, swapped in at the end
+    (``atomic.py``): a crash leaves the old cache whole, and a process still reading the old
+    one (memory-mapped) keeps its files."""
+    atomic.recover(final)
     is_cache = (final / "feature_spec.json").is_file()
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not is_cache)):
         raise DataError(f"data.cache_dir {final} exists and is not a prepared cache: point it at a new or empty "
                         "folder (prepare replaces the whole folder)")
-    out = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = atomic.new_folder(final)
     for sub in ("interactions", "users", "items"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out
@@ -287,15 +286,6 @@ def _write_item_metadata(out: Path, raw: RawData, items: pd.DataFrame, item_voca
     metadata.to_parquet(out / "items.parquet", index=False)
 
 
-def _swap_in(new: Path, final: Path) -> None:
-    """Replace the folder ``final`` by ``new`` (two renames; the old one is then deleted)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass
 class CSR:
     """A jagged column: row ``r`` holds ``values[offsets[r]:offsets[r + 1]]``."""
@@ -318,6 +308,7 @@ class PreparedData:
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.dir = Path(cache_dir)
+        atomic.recover(self.dir)
         spec_path = self.dir / "feature_spec.json"
         if not spec_path.is_file():
             raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` "

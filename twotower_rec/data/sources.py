@@ -40,8 +40,9 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
             return frame
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: {err}".strip()) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from None
+    except UnicodeDecodeError:
+        _decode(path, "utf-8", what)  # raises, naming the line of the first bad byte
+        raise DataError(f"{path}: not UTF-8 text; re-encode it as UTF-8") from None
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read {what} ({err})") from None
     raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv or .parquet)")

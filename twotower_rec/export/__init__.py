@@ -3,7 +3,7 @@
 ``writer.py`` writes the directory below; ``query_encoder.py`` is the TorchScript query tower in
 it. ``twotower_rec/serving/`` reads it back (``serving/manifest.py`` defines the format).
 
-The export directory (written to ``<dir>.tmp`` and renamed into place)::
+The export directory (written beside it and swapped in, ``twotower_rec/atomic.py``)::
 
     manifest.json          format version, versions, dims, metric, dtype, feature order, files
                            and their sizes, ANN recall, data fingerprint, evaluation metrics

@@ -1,21 +1,19 @@
 """Write the export directory (see ``export/__init__.py``) from an unsharded model.
 
-Everything is written to ``<dir>.tmp`` and renamed into place, so a crash leaves the previous
-export whole.
+Everything is written beside the export and swapped in (``atomic.py``), so a crash leaves the
+previous export whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from twotower_rec import versions
+from twotower_rec import atomic, versions
 from twotower_rec.config import ExportConfig
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
@@ -32,9 +30,7 @@ def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_d
     """Write the export directory atomically from an *unsharded* CPU ``model``."""
     cfg = export_cfg or ExportConfig()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = atomic.new_folder(out_dir)
     model = model.eval()
     batcher = Batcher(data)
     item_emb = _write_items(tmp, model, data, batcher, cfg)
@@ -44,7 +40,7 @@ def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_d
     _write_users(tmp, data)
     manifest = _manifest(tmp, model, data, item_emb, cfg, cfg_dict, metrics, ann_info)
     (tmp / export_manifest.MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _swap_in(tmp, out_dir)
+    atomic.swap_in(tmp, out_dir)
     recall = (f"; {ann_info['kind']} index recall@10 {ann_info['recall@10']:.4f}, recall@100 "
               f"{ann_info['recall@100']:.4f} against exact search" if ann_info else "")
     print(f"export: {item_emb.shape[0]} items x {item_emb.shape[1]} dims, {data.spec.num_users} users -> "
@@ -105,16 +101,6 @@ def _manifest(out: Path, model: TwoTower | Ensemble, data: PreparedData, item_em
                        "bias": float(model.score_bias)} if model.score_scale is not None else None),
         "files": export_manifest.file_entries(out),
     }
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp``: the old export goes to ``<dir>.old`` and is then deleted."""
-    old = out_dir.with_name(f"{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _ann_section(cfg: ExportConfig, item_emb: np.ndarray, model: TwoTower | Ensemble, data: PreparedData,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from twotower_rec import atomic
 from twotower_rec.data.features import HISTORY, recent_position
 from twotower_rec.data.sequences import query_inputs, ranges_csr
 from twotower_rec.errors import ExportError, UnknownUserError
@@ -65,6 +66,7 @@ class ExportedModel:
     def load(cls, directory: str | Path) -> "ExportedModel":
         """Load and check the export at ``directory`` (see the module docstring)."""
         directory = Path(directory)
+        atomic.recover(directory)  # an export killed between its two renames
         manifest = export_manifest.read(directory)
         item_embeddings, item_ids, users = _read_arrays(directory, manifest)
         items = _read_items(directory, item_ids.shape[0])
@@ -102,6 +104,8 @@ class ExportedModel:
                 for row_s, row_i in zip(scores.tolist(), indices.tolist())]
 
     def _top_k_ann(self, query: torch.Tensor, k: int, seen_offsets: np.ndarray, seen_rows: np.ndarray):
+        """Top-``k`` from the ANN index; a query for which the index returns fewer than ``k``
+        unseen items (an HNSW search returns about ``ef`` at most) is answered exactly instead."""
         from twotower_rec.serving import ann
 
         most_seen = int(np.diff(seen_offsets).max()) if seen_offsets.size > 1 else 0
@@ -110,7 +114,11 @@ class ExportedModel:
         for q, (row_s, row_i) in enumerate(zip(scores.tolist(), rows.tolist())):
             seen = set(seen_rows[seen_offsets[q]:seen_offsets[q + 1]].tolist())
             kept = [(s, i) for s, i in zip(row_s, row_i) if i >= 0 and i not in seen][:k]
-            out.append([self._recommendation(i, s) for s, i in kept])
+            if len(kept) < min(k, self.item_embeddings.shape[0] - len(seen)):
+                exact = self._top_k(query[q:q + 1], k, np.asarray([0, len(seen)]), np.asarray(sorted(seen)), False)
+                out.append(exact[0])
+            else:
+                out.append([self._recommendation(i, s) for s, i in kept])
         return out
 
     def _recommendation(self, row: int, score: float) -> Recommendation:
@@ -158,14 +166,24 @@ class ExportedModel:
                 raise ExportError(f"unknown feature(s) {unknown}: this model's query features are {names}")
         return self.query_tower.encode_raw(features)
 
+    def unknown_items(self, raw_item_ids: list) -> list[str]:
+        """The ids of ``raw_item_ids`` that are not in this export's catalog, in their order."""
+        return [key for key in (_raw_key(i) for i in raw_item_ids) if key not in self.item_row]
+
     def recommend_new_user(self, liked: list | None = None, features: dict | None = None, k: int = 10,
                            exclude_liked: bool = True, ann: bool = False) -> list[Recommendation]:
         """Cold start: top-``k`` items for a user not in the export, from side features and the
-        raw ids of items they liked (oldest first); unknown item ids are ignored."""
+        raw ids of items they liked (oldest first). Liked ids not in the catalog count as the
+        unknown item (:meth:`unknown_items` names them); none of them known is an error."""
         liked = [_raw_key(i) for i in (liked or [])]
         if not liked and not features:
             raise ExportError("a new user needs liked items or side features (or both)")
         query = self.encode_new_users([{"liked": liked, "features": features or {}}])
+        unknown = self.unknown_items(liked)
+        if liked and len(unknown) == len(liked):
+            shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise ExportError(f"none of the liked item ids is in this export's catalog of "
+                              f"{len(self.item_row)} items: {shown}")
         rows = np.asarray(sorted({self.item_row[i] for i in liked if i in self.item_row}), dtype=np.int64)
         if not exclude_liked:
             rows = rows[:0]

@@ -8,9 +8,14 @@
                    -> 200 {"user": "42", "items": [{"item", "score", "title", "genres"}, ...]}
                       or {"results": [{"user": ..., "items": [...]}, ...]} for a batch
 
-Errors: 400 (malformed JSON, missing or ill-typed fields, bad k), 404 (unknown path or user),
-405 (wrong method), 411/413 (no or too large a body); the body is {"error": message}.
-Nothing here imports training code or TorchRec.
+A new user's reply also names the liked ids the catalog lacks: "unknown_liked": [...] (none
+of them known is a 400).
+
+Errors: 400 (malformed or too deeply nested JSON, missing or ill-typed fields, bad k, a
+Content-Length that is not a number), 404 (unknown path or user), 405 (wrong method, with
+Allow), 411/413 (no or too large a body), 500 (a fault on the server's side, logged there as
+one line); the body is always {"error": message}. A client that goes away before its answer is
+not an error. Nothing here imports training code or TorchRec.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from twotower_rec.errors import ExportError, UnknownUserError
+from twotower_rec.errors import ExportError, TwoTowerError, UnknownUserError
 from twotower_rec.serving.exported import ExportedModel
 
 MAX_BODY = 1 << 20
@@ -89,10 +94,10 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
             raise RequestError(HTTPStatus.BAD_REQUEST, "'features' must map feature names to single values")
         recs = model.recommend_new_user(liked=liked, features={n: str(v) for n, v in features.items()}, k=k,
                                         exclude_liked=not include_seen, ann=use_ann)
-        return {"user": None, "items": [r.to_dict() for r in recs]}
+        return {"user": None, "items": [r.to_dict() for r in recs], "unknown_liked": model.unknown_items(liked)}
     except UnknownUserError as err:
         raise RequestError(HTTPStatus.NOT_FOUND, str(err)) from None
-    except (ExportError, torch.jit.Error, RuntimeError) as err:
+    except (ExportError, torch.jit.Error) as err:  # the query tower's ValueErrors on raw values come as jit errors
         raise RequestError(HTTPStatus.BAD_REQUEST, str(err).strip().splitlines()[-1]) from None
 
 
@@ -104,6 +109,13 @@ class RecommendServer(ThreadingHTTPServer):
     def __init__(self, model: ExportedModel, host: str, port: int, ann: bool, max_k: int, quiet: bool) -> None:
         self.model, self.ann, self.max_k, self.quiet = model, ann, max_k, quiet
         super().__init__((host, port), _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        """One line, not a traceback; nothing when the client went away before its answer."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            return
+        print(f"serve: error answering {client_address[0]}: {error!r}", file=sys.stderr, flush=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -117,9 +129,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.server.quiet:
             super().log_message(format, *args)
 
-    def _send(self, status: HTTPStatus, payload: dict) -> None:
+    def _send(self, status: HTTPStatus, payload: dict, allow: str | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        if allow:
+            self.send_header("Allow", allow)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -137,10 +151,24 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}; use /health or /recommend"})
 
+    def _not_allowed(self):
+        self._drain()
+        allowed = "POST" if self.path == "/recommend" else "GET"
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.command} {self.path} is not served; use "
+                                                            f"{allowed} (GET /health, POST /recommend)"},
+                   allow=allowed)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815 - http.server's naming
+
+    def _drain(self) -> None:
+        """Read the body of a request not served, so the connection stays usable."""
+        length = self.headers.get("Content-Length") or "0"
+        if length.isdigit():
+            self.rfile.read(min(int(length), MAX_BODY))
+
     def do_POST(self):  # noqa: N802
         if self.path != "/recommend":
-            # drain the body so the connection stays usable
-            self.rfile.read(min(int(self.headers.get("Content-Length") or 0), MAX_BODY))
+            self._drain()
             status = HTTPStatus.METHOD_NOT_ALLOWED if self.path == "/health" else HTTPStatus.NOT_FOUND
             self._send(status, {"error": f"POST {self.path} is not served; POST /recommend"})
             return
@@ -148,7 +176,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None:
             self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
             return
-        if not length.isdigit() or int(length) > MAX_BODY:
+        if not length.strip().isdigit():
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"Content-Length must be a number of bytes, got {length!r}"})
+            return
+        if int(length) > MAX_BODY:
             self.close_connection = True
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"the body must be at most {MAX_BODY} bytes"})
             return
@@ -158,17 +190,32 @@ class _Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self._send(HTTPStatus.BAD_REQUEST, {"error": f"the body is not valid JSON: {err}"})
             return
+        except RecursionError:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": "the body is nested too deeply to read"})
+            return
+        self._answer(body)
+
+    def _answer(self, body) -> None:
         try:
-            self._send(HTTPStatus.OK, answer(self.server.model, body, max_k=self.server.max_k,
-                                             ann_default=self.server.ann))
+            payload = answer(self.server.model, body, max_k=self.server.max_k, ann_default=self.server.ann)
         except RequestError as err:
             self._send(err.status, {"error": str(err)})
+            return
+        except Exception as err:  # noqa: BLE001 - a fault on the server's side: 500, and one line in its log
+            print(f"serve: internal error answering {self.client_address[0]}: {err!r}", file=sys.stderr, flush=True)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(err).__name__}"})
+            return
+        self._send(HTTPStatus.OK, payload)
 
 
 def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, ann: bool = False,
                 max_k: int = 1000, quiet: bool = True) -> RecommendServer:
     """A bound, not yet serving, server (``port=0`` picks a free port: ``server.server_address``)."""
-    return RecommendServer(model, host, port, ann, max_k, quiet)
+    try:
+        return RecommendServer(model, host, port, ann, max_k, quiet)
+    except OSError as err:
+        raise TwoTowerError(f"cannot serve on {host}:{port}: {err.strerror or err} (another server may use the "
+                            "port: pick another with --port, or 0 for a free one)") from None
 
 
 def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: int = 1000, threads: int = 1) -> None:

@@ -5,27 +5,25 @@ step, trainer state, package and library versions) and, for a resumable checkpoi
 file per rank. DCP stores every table by its global offsets, so a checkpoint written by N
 processes loads into M (any sharding).
 
-Crash safety: everything is written to ``<dir>.tmp``; ``meta.json`` is written last; then the
-old directory is renamed to ``<dir>.old``, the new one into place, and ``<dir>.old`` removed.
-Killed at any moment (even SIGKILL), either ``<dir>`` or ``<dir>.old`` is complete, and
-:func:`resolve` finds it.
+Crash safety: every rank writes into one folder beside ``<dir>``; ``meta.json`` is written
+last; rank 0 then swaps it in (``twotower_rec/atomic.py``). Killed at any moment (even
+SIGKILL), :func:`resolve` finds a complete checkpoint: it finishes or rolls back a swap that
+was interrupted between its two renames.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.distributed import DistributedModelParallel
 
-from twotower_rec import versions
+from twotower_rec import atomic, versions
 from twotower_rec.config import Config, from_dict, to_dict
 from twotower_rec.data.features import FeatureSpec
 from twotower_rec.data.prepared import PreparedData
@@ -35,21 +33,6 @@ from twotower_rec.model.factory import build_model
 
 META = "meta.json"
 FORMAT_VERSION = 1
-
-
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def _fault(phase: str) -> None:
-    """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>[:<n>]`` SIGKILLs this process the
-    n-th time (default: first) a save reaches ``phase`` (shards_written, between_renames)."""
-    wanted = os.environ.get("TWOTOWER_KILL_DURING_SAVE", "")
-    name, _, nth = wanted.partition(":")
-    if name != phase:
-        return
-    _FAULT_COUNTS[phase] = _FAULT_COUNTS.get(phase, 0) + 1
-    if _FAULT_COUNTS[phase] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict:
@@ -76,11 +59,7 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
     it also holds the optimizer state, every rank's RNG state and ``trainer_state``."""
     path = Path(path)
     rank, world_size = world()
-    tmp = path.with_name(f"{path.name}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    tmp = _shared_folder(path, rank)
     state = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
@@ -90,31 +69,34 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
         torch.save({"rng": rng_state(), "extra": extra or {}}, tmp / "rng" / f"rank{rank}.pt")
     barrier()
     if rank == 0:
-        _fault("shards_written")
+        atomic.fault("shards_written")
         meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size, "config": to_dict(cfg),
                 "feature_spec_fingerprint": spec.fingerprint(), "versions": versions(), "metrics": metrics or {},
                 "resumable": optimizer is not None, "trainer": trainer_state or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2))
-        old = path.with_name(f"{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        _fault("between_renames")
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.swap_in(tmp, path)
     barrier()
     return path
 
 
+def _shared_folder(path: Path, rank: int) -> Path:
+    """The folder every rank writes the new checkpoint into: rank 0 makes it, all learn its name."""
+    name = [str(atomic.new_folder(path)) if rank == 0 else ""]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
 def resolve(path: str | Path) -> Path:
-    """The complete checkpoint at ``path``, or at ``path.old`` when a save was killed between
-    its two renames."""
+    """The complete checkpoint at ``path``, after finishing or rolling back a save killed
+    between its two renames; ``path.old`` for such a save by an earlier version."""
     path = Path(path)
+    atomic.recover(path)
     if (path / META).is_file():
         return path
-    old = path.with_name(f"{path.name}.old")
-    if (old / META).is_file():
-        return old
+    legacy = path.with_name(f"{path.name}.old")
+    if (legacy / META).is_file():
+        return legacy
     return path
 
 

@@ -130,9 +130,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.metric = cfg.train.select_metric
         self.validation_cfg = validation_config(cfg.eval, cfg.train)
+        shown = env.is_main and cfg.train.progress
         self.progress = tqdm(total=self.total_steps, initial=min(state.step, self.total_steps), desc="train",
-                             unit="step", disable=not (env.is_main and cfg.train.progress), file=sys.stderr,
+                             unit="step", disable=not (shown and sys.stderr.isatty()), file=sys.stderr,
                              mininterval=1.0, dynamic_ncols=True)
+        self.plain_progress = shown and not sys.stderr.isatty()  # a log file: plain lines, not a bar
+        self.last_line = time.monotonic()
         self.ctx = LossContext(cfg.loss, data.item_counts(),
                                positives_per_step(cfg.loss, cfg.train.batch_size, env.world_size), env.device)
         self.ctx.step = state.step
@@ -156,6 +159,7 @@ class Trainer:
             if state.step % cfg.train.log_every_steps == 0 or state.step == self.total_steps:
                 rate = examples_here / max(time.perf_counter() - started, 1e-9)
                 self.progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+                self._plain_line(loss, rate)
             self.progress.update(1)
             if state.step < self.total_steps:
                 self._between_steps(stepper, end_of_epoch)
@@ -174,6 +178,14 @@ class Trainer:
                          else loss.negative_ratio * self.cfg.train.batch_size if loss.name == "bce" else 0)
         return local_batches(self.batcher, self.train_rows, self.cfg.train.batch_size, self.cfg.train.epochs,
                              self.cfg.train.seed, num_negatives, self.env, self.state.epoch, self.state.batch)
+
+    def _plain_line(self, loss: float, rate: float) -> None:
+        """Progress as one plain line, every ``train.progress_every_seconds`` and at the end."""
+        now, step, total = time.monotonic(), self.state.step, self.total_steps
+        if self.plain_progress and (now - self.last_line >= self.cfg.train.progress_every_seconds or step == total):
+            print(f"train: step {step}/{total} ({100 * step // max(total, 1)}%), loss {loss:.4f}, "
+                  f"{rate:,.0f} examples/s", file=sys.stderr, flush=True)
+            self.last_line = now
 
     def _advance(self, loss: float) -> bool:
         """Count one step of ``loss``; whether it ended an epoch."""

@@ -1,0 +1,128 @@
+"""Replace a folder as a whole, and recover a replacement a kill interrupted.
+
+The prepared cache, the export and the checkpoints are folders that must never be seen half
+written. A writer makes :func:`new_folder` beside the final one (``.<name>.tmp-<host>-<pid>``),
+writes everything into it, and calls :func:`swap_in`, which
+
+1. marks the new folder complete (``.complete``),
+2. renames the final folder, if any, to ``.<name>.old-<host>-<pid>``,
+3. renames the new folder to the final name,
+4. deletes the old one.
+
+A kill between 2 and 3 leaves no folder under the final name. :func:`recover`, which every
+reader and writer calls before it opens the folder, finishes such a swap (the new folder is
+complete) or puts the old folder back, and deletes ``.tmp-*`` / ``.old-*`` folders whose
+writer has gone (a process of this host that no longer runs; folders of other hosts, or of
+live processes, are left alone).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+COMPLETE = ".complete"
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault(phase: str) -> None:
+    """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>[:<n>]`` SIGKILLs this process the
+    n-th time (default: the first) a save reaches ``phase``: ``between_renames`` here,
+    ``shards_written`` in checkpoints."""
+    wanted = os.environ.get("TWOTOWER_KILL_DURING_SAVE", "")
+    name, _, nth = wanted.partition(":")
+    if name != phase:
+        return
+    _FAULT_COUNTS[phase] = _FAULT_COUNTS.get(phase, 0) + 1
+    if _FAULT_COUNTS[phase] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def owner() -> str:
+    """``<host>-<pid>``: whose temporary folders these are."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def new_folder(final: Path, owner_tag: str | None = None) -> Path:
+    """An empty folder beside ``final`` to write its replacement into (after :func:`recover`).
+    ``owner_tag`` names another process's folder (a checkpoint's rank 0 for every rank)."""
+    final = Path(final)
+    recover(final)
+    tmp = final.parent / f".{final.name}.tmp-{owner_tag or owner()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Replace the folder ``final`` by the complete folder ``tmp`` (see the module docstring)."""
+    (tmp / COMPLETE).touch()
+    old = final.parent / f".{final.name}.old-{owner()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    fault("between_renames")
+    os.replace(tmp, final)
+    (final / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(final: Path, wait_seconds: float = 5.0) -> None:
+    """Finish or roll back an interrupted :func:`swap_in` of ``final``, and delete the
+    temporary folders of writers that have gone. A live writer in the middle of a swap is
+    given ``wait_seconds`` to finish it."""
+    final = Path(final)
+    deadline = time.monotonic() + wait_seconds
+    while not final.exists():
+        olds = _leftovers(final, "old")
+        if any(alive for _, alive in olds) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its writer is between the two renames right now
+            continue
+        complete = [p for p, alive in _leftovers(final, "tmp") if not alive and (p / COMPLETE).is_file()]
+        if complete:  # the new folder was written whole: finish the swap
+            _rename(max(complete, key=lambda p: p.stat().st_mtime), final)
+        elif olds:  # put the old folder back
+            _rename(max((p for p, _ in olds), key=lambda p: p.stat().st_mtime), final)
+        break
+    for path, alive in _leftovers(final, "tmp") + _leftovers(final, "old"):
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rename(source: Path, final: Path) -> None:
+    """``source`` to ``final``, unless another process got there first."""
+    try:
+        os.replace(source, final)
+    except OSError:
+        if not final.exists():
+            raise
+    (final / COMPLETE).unlink(missing_ok=True)
+
+
+def _leftovers(final: Path, kind: str) -> list[tuple[Path, bool]]:
+    """``(folder, writer alive)`` for every ``.<name>.<kind>-<host>-<pid>`` beside ``final``."""
+    out = []
+    prefix = f".{final.name}.{kind}-"
+    if not final.parent.is_dir():
+        return out
+    for path in final.parent.iterdir():
+        if path.is_dir() and path.name.startswith(prefix):
+            host, _, pid = path.name[len(prefix):].rpartition("-")
+            out.append((path, not pid.isdigit() or host != socket.gethostname() or _running(int(pid))))
+    return out
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
