@@ -6,15 +6,17 @@ it. ``twotower_rec/serving/`` reads it back (``serving/manifest.py`` defines the
 The export directory (written beside it and swapped in, ``twotower_rec/atomic.py``)::
 
     manifest.json          format version, versions, dims, metric, dtype, feature order, files
-                           and their sizes, ANN recall, data fingerprint, evaluation metrics
+                           with their sizes and SHA-256s, ANN recall, data fingerprint,
+                           evaluation metrics
     item_embeddings.npy    [N, D] float32 (or float16 with export.dtype), L2-normalised;
                            row r is raw item id item_ids[r]
     item_ids.npy           [N] raw item ids
     items.parquet          raw id, title, genres (where the data has them)
     items.faiss            ANN index over item_embeddings (export.ann: flat | hnsw | ivf)
     query_tower.pt         TorchScript QueryEncoder (no TorchRec needed to load or call it)
-    users.npz              known users: raw ids, side-feature codes, interaction history (item
-                           codes, time order, CSR) so `recommend --user` needs nothing else
+    users.npz              known users: raw ids, side-feature codes (feature_user_id: 0 for a
+                           user without training events), interaction history (item codes,
+                           time order, CSR) so `recommend --user` needs nothing else
     vocabularies.json      small categorical vocabularies (feature -> raw values; code = index + 1)
 
 Calling ``query_tower.pt`` (``torch.jit.load``; only torch is needed):

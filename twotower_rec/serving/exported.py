@@ -7,9 +7,10 @@ Example::
     model.recommend_new_user(liked=["1", "50"], features={"gender": "F"}, k=10)   # cold start
     model.recommend_user("42", k=10, ann=True)  # through the faiss index (items.faiss)
 
-Loading checks the export against its manifest: format version, metric, dims, dtype, every
-listed file present with the size it was written with (so a truncated copy is refused), and
-the ANN index's size and dimension.
+Loading first finishes or rolls back an export a kill interrupted (``atomic.py``), then checks
+it against its manifest: format version, metric, dims, dtype, every listed file present with
+the size and SHA-256 it was written with (so a truncated, changed or swapped file is refused,
+``manifest.py``), and the ANN index's size and dimension.
 """
 
 from __future__ import annotations
