@@ -47,12 +47,11 @@ def owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def new_folder(final: Path, owner_tag: str | None = None) -> Path:
-    """An empty folder beside ``final`` to write its replacement into (after :func:`recover`).
-    ``owner_tag`` names another process's folder (a checkpoint's rank 0 for every rank)."""
+def new_folder(final: Path) -> Path:
+    """An empty folder beside ``final`` to write its replacement into (after :func:`recover`)."""
     final = Path(final)
     recover(final)
-    tmp = final.parent / f".{final.name}.tmp-{owner_tag or owner()}"
+    tmp = final.parent / f".{final.name}.tmp-{owner()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -123,6 +122,6 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # someone else's process
+        pass
     return True

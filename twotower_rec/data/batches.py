@@ -12,6 +12,7 @@ Everything is vectorized over the batch with numpy; no Python loop touches a row
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +110,6 @@ class Batcher:
         self.rating = np.ascontiguousarray(data.rating)
         self.user_offsets = data.user_offsets
         self.item_sequence = readonly_tensor(self.item)  # the users' item sequences, back to back
-        self._training_view: tuple[torch.Tensor, np.ndarray] | None = None
 
     def query_features(self, user: np.ndarray, position: np.ndarray) -> KeyedJaggedTensor:
         """Query KJT for user codes ``[B]`` as of row ``position[b]`` of that user's sequence.
@@ -118,36 +118,35 @@ class Batcher:
         :func:`twotower_rec.data.sequences.query_inputs`); ``position`` = the user's end offset
         gives the query after all data.
         """
-        values, lengths = query_inputs(self.spec.query_keys, user, self.item_sequence, self.user_offsets[user - 1],
-                                       position, self.spec.history_length, self.data.user_features)
-        return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
-                                 lengths=torch.cat(lengths).int())
+        return self._query_kjt(user, self.item_sequence, self.user_offsets[user - 1], position)
 
     def training_query_features(self, rows: np.ndarray) -> KeyedJaggedTensor:
         """Query KJT for training rows ``[B]`` whose features hold only the user's earlier
         *training* events: under a random or temporal split a validation or test event can
         come before a training row, and a held-out item must not be a training input. Under
         leave-last-out (training events first) this is :meth:`query_features`."""
-        view = self._training_events()
         user = self.user[rows]
-        if view is None:
+        if self._training_events is None:
             return self.query_features(user, rows)
-        sequence, before = view
-        values, lengths = query_inputs(self.spec.query_keys, user, sequence, before[self.user_offsets[user - 1]],
-                                       before[rows], self.spec.history_length, self.data.user_features)
+        sequence, before = self._training_events
+        return self._query_kjt(user, sequence, before[self.user_offsets[user - 1]], before[rows])
+
+    def _query_kjt(self, user: np.ndarray, sequence: torch.Tensor, starts: np.ndarray,
+                   ends: np.ndarray) -> KeyedJaggedTensor:
+        values, lengths = query_inputs(self.spec.query_keys, user, sequence, starts, ends, self.spec.history_length,
+                                       self.data.user_features)
         return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
                                  lengths=torch.cat(lengths).int())
 
+    @functools.cached_property
     def _training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:
         """(the training events' items back to back, ``[R + 1]`` the number of training events
         before each row); None when every user's training events precede its other events."""
-        if self._training_view is None:
-            is_train = np.asarray(self.data.split) == TRAIN
-            before = np.concatenate([[0], np.cumsum(is_train)])
-            later = np.flatnonzero(is_train[1:] & ~is_train[:-1]) + 1  # a training row after a held-out one
-            same_user = self.user[later] == self.user[later - 1]
-            self._training_view = (torch.from_numpy(self.item[is_train]), before) if same_user.any() else ()
-        return self._training_view or None
+        is_train = np.asarray(self.data.split) == TRAIN
+        later = np.flatnonzero(is_train[1:] & ~is_train[:-1]) + 1  # a training row after a held-out one
+        if not (self.user[later] == self.user[later - 1]).any():
+            return None
+        return torch.from_numpy(self.item[is_train]), np.concatenate([[0], np.cumsum(is_train)])
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""

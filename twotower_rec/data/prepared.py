@@ -4,9 +4,11 @@ training memory-maps it.
 Layout of ``cache_dir``::
 
     feature_spec.json        FeatureSpec (vocab sizes, tables, small vocabularies)
+    prepared.json            how it was made: the split, whether the source had ratings
     interactions/*.npy       user, item, timestamp, rating, split: one row per event,
                              sorted by (user, time, file order); user_offsets [U + 1]
-    users/<feature>.npy      [U + 1] encoded side features by user code (row 0: unknown user)
+    users/<feature>.npy      [U + 1] encoded side features by user code (row 0: unknown user);
+                             users/user_id.npy: the code, or 0 for a user without training events
     items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV)
     items/<feature>.offsets.npy, items/<feature>.values.npy   multi-valued ones (CSR)
     items/dense.npy          [V + 1, Dd] float32 dense item features
@@ -18,6 +20,7 @@ Layout of ``cache_dir``::
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -147,12 +150,12 @@ def _new_cache_folder(final: Path) -> Path:
     """An empty folder beside ``final`` to write the cache into, swapped in at the end
     (``atomic.py``): a crash leaves the old cache whole, and a process still reading the old
     one (memory-mapped) keeps its files."""
-    atomic.recover(final)
+    out = atomic.new_folder(final)  # first finishes a swap a kill interrupted
     is_cache = (final / "feature_spec.json").is_file()
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not is_cache)):
+        shutil.rmtree(out)
         raise DataError(f"data.cache_dir {final} exists and is not a prepared cache: point it at a new or empty "
                         "folder (prepare replaces the whole folder)")
-    out = atomic.new_folder(final)
     for sub in ("interactions", "users", "items"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out

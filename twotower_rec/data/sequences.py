@@ -85,7 +85,7 @@ def query_inputs(names: list[str], user: np.ndarray, sequence: torch.Tensor, sta
     is the last ``history_length`` items, ``recent_m`` the m-th last item (0 when there are
     fewer), and any other name a side feature looked up by user code in ``side_features[name]``
     (an array over user codes, row 0 the unknown user; ``user_id`` too, 0 for a user without
-    training events). A ``user_id`` with no such array is the user code.
+    training events).
     """
     user = np.asarray(user, dtype=np.int64)
     starts_t = torch.from_numpy(np.asarray(starts, dtype=np.int64))
@@ -97,12 +97,8 @@ def query_inputs(names: list[str], user: np.ndarray, sequence: torch.Tensor, sta
             value, length = last_items(sequence, starts_t, ends_t, history_length)
         elif recent_position(name):
             value, length = item_before(sequence, starts_t, ends_t, recent_position(name)), ones
-        elif name in side_features:
-            value, length = torch.from_numpy(np.asarray(side_features[name])[user].astype(np.int64, copy=False)), ones
-        elif name == "user_id":  # exports written before the user-id vocabulary
-            value, length = torch.from_numpy(user.copy()), ones
         else:
-            raise KeyError(f"no values for the query feature '{name}'")
+            value, length = torch.from_numpy(np.asarray(side_features[name])[user].astype(np.int64, copy=False)), ones
         values.append(value)
         lengths.append(length)
     return values, lengths

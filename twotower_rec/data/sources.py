@@ -259,12 +259,17 @@ def _exact_id_column(frame: pd.DataFrame, column: str, path: Path, on_bad_rows: 
     ids, bad = _integer_ids(frame[column])
     if bad.any():
         if on_bad_rows == "error":
-            row = _first_bad(bad)
-            raise DataError(f"{path}: {_where(frame, row)}: {column} id '{_text(frame[column].iloc[row])}' is not "
-                            f"an integer ({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
+            _refuse(frame, column, bad, path, f"{column} id '{{}}' is not an integer")
         print(f"prepare: {path}: skipped {int(bad.sum())} rows whose {column} id is not an integer", file=sys.stderr)
     frame = frame.assign(**{column: ids})
     return frame[~bad]
+
+
+def _refuse(frame: pd.DataFrame, column: str, bad: np.ndarray, path: Path, problem: str) -> None:
+    """Raise for the first ``bad`` row: its line, its value (``problem`` formats it), how many."""
+    row = _first_bad(bad)
+    raise DataError(f"{path}: {_where(frame, row)}: {problem.format(_text(frame[column].iloc[row]))} "
+                    f"({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
 
 
 def _text(value) -> str:
@@ -286,9 +291,7 @@ def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd
             problem = f"{column} '{{}}' is not a number"
         if bad.any():
             if on_bad_rows == "error":
-                row = _first_bad(bad)
-                raise DataError(f"{path}: {_where(frame, row)}: {problem.format(_text(frame[column].iloc[row]))} "
-                                f"({int(bad.sum())} such rows; --on-bad-rows skip drops them)")
+                _refuse(frame, column, bad, path, problem)
             reasons.append(f"{int(bad.sum())} with a non-{'integer' if column in ('user', 'item') else 'numeric'} "
                            f"or missing {column}")
             bad_any |= bad

@@ -61,6 +61,8 @@ class ExportedModel:
         self.users = users
         self.user_row = {_raw_key(u): i for i, u in enumerate(users["raw_user_ids"])}
         self.history = torch.from_numpy(np.asarray(users["history_items"], dtype=np.int64))
+        self.side_features = {name[len("feature_"):]: column for name, column in users.items()
+                              if name.startswith("feature_")}
         self.index = index
 
     @classmethod
@@ -85,9 +87,8 @@ class ExportedModel:
         code = np.asarray(rows, dtype=np.int64) + 1
         offsets = self.users["history_offsets"]
         start, end = offsets[code - 1], offsets[code]
-        side = {name[len("feature_"):]: column for name, column in self.users.items() if name.startswith("feature_")}
         values, lengths = query_inputs(self.manifest["query_features"], code, self.history, start, end,
-                                       int(self.manifest["history_length"]), side)
+                                       int(self.manifest["history_length"]), self.side_features)
         seen_offsets, seen = ranges_csr(self.users["history_items"], start, end)
         return values, lengths, seen_offsets, seen
 

@@ -101,7 +101,11 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict:
-    path = resolve(path)
+    """meta.json of the (complete) checkpoint at ``path``."""
+    return _meta_at(resolve(path))
+
+
+def _meta_at(path: Path) -> dict:
     meta_path = path / META
     if not meta_path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (missing {META}): run `twotower-rec train` first")
@@ -128,36 +132,44 @@ def _check_spec(path: Path, meta: dict, spec: FeatureSpec) -> None:
 
 
 def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:
-    """Load model weights into the (sharded) ``model`` in place; returns meta.json."""
-    path = resolve(path)
-    meta = read_meta(path)
-    _check_spec(path, meta, spec)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    return meta
+    """Load model weights into the (sharded) ``model`` in place; returns meta.json (with
+    ``path``, the checkpoint folder read)."""
+    return _load(path, model, spec)
 
 
-def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: FeatureSpec) -> dict:
+def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: FeatureSpec, cfg: Config) -> dict:
     """Model, optimizer state and this rank's RNG state from a resumable checkpoint, written at
-    any world size. Returns meta.json (its ``trainer`` entry holds the step and data position)."""
-    path = resolve(path)
-    meta = read_meta(path)
-    _check_spec(path, meta, spec)
-    if not meta.get("resumable"):
-        raise CheckpointError(f"{path} holds weights only (no optimizer state): resume from <out_dir>/last")
-    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
+    any world size, after checking ``cfg`` may continue it (:func:`check_resumable`). Returns
+    meta.json (its ``trainer`` entry holds the step and data position)."""
+    meta = _load(path, model, spec, optimizer, cfg)
     # The same world size continues each rank's random stream; another gets rank 0's.
     rank, world_size = world()
-    rng = path / "rng" / f"rank{rank}.pt"
+    rng = Path(meta["path"]) / "rng" / f"rank{rank}.pt"
     if meta.get("world_size") != world_size or not rng.is_file():
-        rng = path / "rng" / "rank0.pt"
+        rng = Path(meta["path"]) / "rng" / "rank0.pt"
     saved = torch.load(rng, weights_only=False)
     set_rng_state(saved["rng"])
     meta["extra"] = saved.get("extra", {})
+    return meta
+
+
+def _load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec, optimizer=None,
+          cfg: Config | None = None) -> dict:
+    """Weights (and with ``optimizer`` its state) from the checkpoint at ``path``, in place."""
+    path = resolve(path)
+    meta = _meta_at(path)
+    _check_spec(path, meta, spec)
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        if not meta.get("resumable"):
+            raise CheckpointError(f"{path} holds weights only (no optimizer state): resume from <out_dir>/last")
+        check_resumable(meta["config"], cfg)
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    meta["path"] = str(path)
     return meta
 
 

@@ -92,8 +92,9 @@ def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
     if uniform % world:
         raise ConfigError(f"loss.uniform_negatives={uniform} must be divisible by the world size {world}: each "
                           f"process draws an equal share (e.g. {max(world, uniform - uniform % world)})")
-    if data.rows(TRAIN).size < world:
-        raise ConfigError(f"only {data.rows(TRAIN).size} training rows for {world} processes")
+    train_rows = data.rows(TRAIN).size
+    if train_rows < world:
+        raise ConfigError(f"only {train_rows} training rows for {world} processes")
     if cfg.loss.name in ("bce", "mse") and not data.has_ratings:
         raise ConfigError(f"loss.name={cfg.loss.name} learns from ratings, but {data.spec.source} has no rating "
                           f"column (data.rating_column), so every rating is 1.0: add one, or train with "
@@ -104,12 +105,10 @@ def _resume(resume: str | Path, cfg: Config, model: DistributedModelParallel, op
             env: DistEnv) -> tuple[TrainerState, dict | None]:
     """Weights, optimizer and RNG state from ``resume``, in place; the trainer state and the
     streaming frequency estimator's state to continue from."""
-    meta = checkpoint.read_meta(resume)
-    checkpoint.check_resumable(meta["config"], cfg)
     init_optimizer_state(optimizer, model)
-    meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec)
+    meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec, cfg)
     if env.is_main:
-        print(f"resumed from {checkpoint.resolve(resume)} at step {meta['trainer']['step']} (written by "
+        print(f"resumed from {meta['path']} at step {meta['trainer']['step']} (written by "
               f"{meta['world_size']} process(es), now {env.world_size})", file=sys.stderr, flush=True)
     return TrainerState(**meta["trainer"]), meta["extra"].get("streaming")
 
