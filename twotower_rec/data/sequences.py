@@ -32,19 +32,15 @@ from twotower_rec.data.features import HISTORY, recent_position
 
 def gather_ranges(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenate ``source[s:s + n]`` for each (s, n) without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=source.dtype)
-    ends = np.cumsum(lengths)
-    within = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
-    return source[np.repeat(starts, lengths) + within]
+    offsets = np.cumsum(lengths) - lengths  # where each range starts in the output
+    return source[np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))]
 
 
 def ranges_csr(sequence: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(offsets [B + 1], values)`` of every query's items ``sequence[start:end]`` (what it had seen)."""
     lengths = ends - starts
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    return offsets, gather_ranges(sequence, starts, lengths)
+    return offsets, sequence[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
 
 
 def last_items(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
