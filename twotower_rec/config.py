@@ -143,7 +143,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense layers
     warmup_steps: int = 0  # dense learning rate ramps linearly from 0 over these steps
     lr_schedule: str = "constant"  # constant | cosine (dense learning rate decays to 0 at the last step)
-    sparse_lr: float = 0.05
+    # The table learning rate; null: the table optimizer's own default (0.05 for the Adagrads
+    # and SGD, 0.001 for Adam: distributed/sharding.py SPARSE_LR_DEFAULTS).
+    sparse_lr: float | None = None
     # L2 weight decay per table, by table name (as the sharding plan prints it), applied by
     # fbgemm inside the fused row-wise Adagrad update to the rows a batch touches, e.g.
     # {t_history: 0.01}. On CPU fbgemm applies it only to a pooled table read by two or more
@@ -161,6 +163,9 @@ class TrainConfig:
     bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
     num_threads: int = 0  # 0: torch's default
+    # Batches built ahead by a background thread while the step runs (in pinned memory on
+    # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps.
+    prefetch_batches: int = 2
     progress: bool = True
     # Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often
     # and at every validation, instead of a carriage-return update every step.
@@ -172,7 +177,11 @@ class ShardingConfig:
     """How TorchRec's planner may place tables (see distributed/sharding.py)."""
 
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
+    # fused: tables in device memory (GPU or CPU RAM), updated inside the backward.
+    # fused_uvm_caching (CUDA only): tables in host memory, a cache of hot rows on the GPU,
+    # for tables larger than GPU memory; dense: plain autograd tables (for debugging).
     compute_kernel: str = "fused"
+    cache_load_factor: float = 0.2  # fused_uvm_caching: the share of each table's rows cached on the GPU
 
 
 @dataclass
@@ -233,7 +242,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.logq": ("counts", "streaming", "none"),
     "export.dtype": ("float32", "float16"),
     "export.ann": ("flat", "hnsw", "ivf", "none"),
-    "sharding.compute_kernel": ("fused", "dense"),
+    "sharding.compute_kernel": ("fused", "fused_uvm_caching", "dense"),
     "eval.split": ("test", "validation"),
     "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr", "auroc", "accuracy",
                             "neg_bce", "neg_rmse"),

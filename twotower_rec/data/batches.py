@@ -51,6 +51,16 @@ class Batch(Pipelineable):
             item_ids=self.item_ids.to(device, non_blocking=non_blocking),
         )
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked host memory, so its copy to a GPU can be asynchronous."""
+        return Batch(
+            query_features=self.query_features.pin_memory(),
+            item_features=self.item_features.pin_memory(),
+            item_dense=self.item_dense.pin_memory(),
+            labels=self.labels.pin_memory(),
+            item_ids=self.item_ids.pin_memory(),
+        )
+
     def record_stream(self, stream) -> None:
         """Keep the tensors alive for ``stream`` (TorchRec's train pipeline copies on a side stream)."""
         self.query_features.record_stream(stream)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twotower_rec.distributed.env import world
+from twotower_rec.distributed.env import collective_device, world
 
 
 def local_part(array: np.ndarray) -> np.ndarray:
@@ -29,10 +29,12 @@ def local_part(array: np.ndarray) -> np.ndarray:
 
 
 def gather_parts(local: torch.Tensor, total: int) -> torch.Tensor:
-    """Every rank's ``local`` (equal shapes), concatenated in rank order, cut to ``total`` rows."""
+    """Every rank's ``local`` (equal shapes), concatenated in rank order, cut to ``total`` rows,
+    on ``local``'s device (the gather itself runs on :func:`collective_device`)."""
     _, size = world()
     if size == 1:
         return local[:total]
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts)[:total]
+    moved = local.to(collective_device()).contiguous()
+    parts = [torch.empty_like(moved) for _ in range(size)]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts)[:total].to(local.device)

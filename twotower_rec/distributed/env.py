@@ -17,6 +17,11 @@ import torch
 import torch.distributed as dist
 
 
+# TWOTOWER_DEVICE=auto (default) | cuda | cpu: auto takes CUDA when torch sees a GPU; cuda
+# refuses to start without one (rather than training on the CPU unnoticed); cpu ignores GPUs.
+DEVICE_VARIABLE = "TWOTOWER_DEVICE"
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -24,10 +29,20 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str
+    local_world_size: int = 1  # processes on this host (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self) -> str:
+        """One line: the device, the backend and the world, for the log of every run."""
+        where = str(self.device)
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            where += f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+        return (f"device: {where}, backend {self.backend}, {self.world_size} process(es), "
+                f"{self.local_world_size} per host; torch {torch.__version__}")
 
 
 def _free_port() -> int:
@@ -36,25 +51,52 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _gpus_present() -> bool:
+    """Whether this host has NVIDIA GPUs, whatever torch's build can see."""
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def choose_device(local_rank: int) -> torch.device:
+    """The device ``TWOTOWER_DEVICE`` asks for (see :data:`DEVICE_VARIABLE`)."""
+    wanted = os.environ.get(DEVICE_VARIABLE, "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"{DEVICE_VARIABLE}={wanted!r}: expected auto, cuda or cpu")
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} but only {torch.cuda.device_count()} visible GPU(s): "
+                               "start at most one process per GPU (torchrun --nproc_per_node)")
+        return torch.device("cuda", local_rank)
+    why = (f"torch {torch.__version__} was built without CUDA" if torch.version.cuda is None
+           else "torch cannot use the GPU (driver or CUDA_VISIBLE_DEVICES)")
+    if wanted == "cuda":
+        raise RuntimeError(f"{DEVICE_VARIABLE}=cuda but {why}: re-run `DEVICE=cuda bash launch/setup.sh` on the "
+                           "GPU node, then `bash launch/gpu_check.sh`")
+    if _gpus_present():
+        print(f"warning: this host has NVIDIA GPUs but {why}; running on the CPU. For the GPUs: "
+              f"`DEVICE=cuda bash launch/setup.sh`; to silence this: {DEVICE_VARIABLE}=cpu", file=sys.stderr)
+    return torch.device("cpu")
+
+
 def init_distributed() -> DistEnv:
     """Join (or create) the default process group: nccl on CUDA, gloo on CPU."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = choose_device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistEnv(rank, local_rank, world_size, device, backend)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return DistEnv(rank, local_rank, world_size, device, backend, local_world_size)
 
 
 def shutdown() -> None:
@@ -77,6 +119,26 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for a collective of the default process group: the current CUDA
+    device under nccl (NCCL takes no CPU tensors), the CPU under gloo.
+
+    We keep one backend and move the few CPU-side tensors we gather (evaluation's rankings,
+    export's unsharded tables) to the device, rather than running a second backend beside
+    NCCL (``cpu:gloo,cuda:nccl``): one transport across nodes, no gloo network interface to
+    configure on a multi-node job, and what TorchRec's own collectives need anyway.
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for without a process group)."""
     if dist.is_initialized():
@@ -84,8 +146,17 @@ def barrier() -> None:
 
 
 def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:
-    """Seed torch, numpy and random; model init uses ``seed`` on every rank so tables agree."""
+    """Seed torch, numpy and random; model init uses ``seed`` on every rank so tables agree
+    (call :func:`seed_rank_streams` after building the model)."""
     random.seed(seed + rank)
     torch.manual_seed(seed)
     np.random.seed(seed + rank)
     return np.random.default_rng(seed)
+
+
+def seed_rank_streams(seed: int, rank: int) -> None:
+    """After the (identical) model init: give every rank but 0 its own torch stream, so dropout
+    masks differ across ranks as they differ across the rows of one process's batch. Rank 0
+    continues the init stream, so a world of one draws what it always drew."""
+    if rank:
+        torch.manual_seed(seed * 1_000_003 + rank)

@@ -20,12 +20,13 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import CacheParams
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from twotower_rec.config import ShardingConfig, TrainConfig, closest
-from twotower_rec.distributed.env import DistEnv
+from twotower_rec.distributed.env import DistEnv, collective_device
 from twotower_rec.errors import ConfigError
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
@@ -98,18 +99,26 @@ def _check_table_weight_decay(collections: dict[str, nn.Module], train: TrainCon
                 "by two or more (e.g. t_history with features.recent_items > 0) and to every table on CUDA")
 
 
-def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig,
-                train: TrainConfig) -> DistributedModelParallel:
-    """Fused table optimizer + planned sharding + DMP; rank 0 logs the plan."""
+# Per optimizer, the table learning rate ``train.sparse_lr: null`` (the default) stands for: Adagrad's step
+# shrinks with the accumulated squared gradients and wants a large base rate; Adam's does not.
+SPARSE_LR_DEFAULTS = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "adam": 1e-3}
+
+
+def sparse_lr(train: TrainConfig) -> float:
+    """The table learning rate: ``train.sparse_lr``, or the optimizer's default when it is null."""
+    return SPARSE_LR_DEFAULTS[train.sparse_optimizer] if train.sparse_lr is None else train.sparse_lr
+
+
+def _attach_table_optimizer(collections: dict[str, nn.Module], train: TrainConfig, env: DistEnv) -> None:
+    """The fused (in-backward) optimizer of every table, as ``train`` configures it."""
     if train.sparse_optimizer == "adam" and env.device.type != "cuda":
         raise ConfigError("train.sparse_optimizer=adam: fbgemm runs fused Adam for tables on CUDA only; "
-                         "on CPU use rowwise_adagrad (the default), adagrad or sgd")
+                          "on CPU use rowwise_adagrad (the default), adagrad or sgd")
     optimizer_cls, defaults = _TABLE_OPTIMIZERS[train.sparse_optimizer]
-    collections = _embedding_collections(model)
     _check_table_weight_decay(collections, train, env)
     for collection in collections.values():
         for config in _table_configs(collection):
-            kwargs = {"lr": train.sparse_lr, **defaults}
+            kwargs = {"lr": sparse_lr(train), **defaults}
             decay = train.table_weight_decay.get(config.name, 0.0)
             if decay > 0:
                 # fbgemm's fused parameters: L2 adds decay * row to the row's gradient, and to
@@ -117,15 +126,41 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig,
                 kwargs.update(weight_decay=decay, weight_decay_mode=WeightDecayMode.L2)
             apply_optimizer_in_backward(optimizer_cls, [_table_weight(collection, config.name)], kwargs)
 
-    kernel = (EmbeddingComputeKernel.FUSED if sharding.compute_kernel == "fused" else EmbeddingComputeKernel.DENSE)
-    constraints = {
-        config.name: ParameterConstraints(sharding_types=list(sharding.sharding_types), compute_kernels=[kernel.value])
-        for collection in collections.values()
-        for config in _table_configs(collection)
-    }
-    topology = Topology(world_size=env.world_size, compute_device=env.device.type)
+
+def _topology(env: DistEnv) -> Topology:
+    """The machine as the planner should see it: ranks per host (so ``table_row_wise`` keeps a
+    table's shards within a host) and, on CUDA, the GPU's real memory (TorchRec assumes 32 GB)."""
+    kwargs: dict[str, Any] = {"local_world_size": env.local_world_size}
+    if env.device.type == "cuda":
+        kwargs["hbm_cap"] = torch.cuda.get_device_properties(env.device).total_memory
+    return Topology(world_size=env.world_size, compute_device=env.device.type, **kwargs)
+
+
+def _constraints(collections: dict[str, nn.Module], sharding: ShardingConfig) -> dict[str, ParameterConstraints]:
+    kernel = EmbeddingComputeKernel(sharding.compute_kernel)
+    # fused_uvm_caching keeps the whole table in host memory (UVM) and a cache of its hottest
+    # rows, cache_load_factor of the rows, on the GPU: for tables larger than GPU memory.
+    cache = CacheParams(load_factor=sharding.cache_load_factor) if kernel.value == "fused_uvm_caching" else None
+    return {config.name: ParameterConstraints(sharding_types=list(sharding.sharding_types),
+                                              compute_kernels=[kernel.value], cache_params=cache)
+            for collection in collections.values() for config in _table_configs(collection)}
+
+
+def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train: TrainConfig,
+                training: bool = True) -> DistributedModelParallel:
+    """Fused table optimizer + planned sharding + DMP.
+
+    ``training=False`` (evaluation, export) attaches plain SGD instead of the configured table
+    optimizer: its state is never used there, and a checkpoint trained with a CUDA-only
+    optimizer setting (fused Adam, decay on a one-feature table) loads on any machine.
+    """
+    if sharding.compute_kernel == "fused_uvm_caching" and env.device.type != "cuda":
+        raise ConfigError("sharding.compute_kernel=fused_uvm_caching keeps tables in CUDA unified memory: "
+                          "CUDA only; on CPU use fused (the default)")
+    collections = _embedding_collections(model)
+    _attach_table_optimizer(collections, train if training else TrainConfig(sparse_optimizer="sgd"), env)
     sharders = [ConfiguredBagSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=_topology(env), constraints=_constraints(collections, sharding))
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     # TorchRec divides table gradients by the world size on their way back to the shards
     # (comm_ops.GRADIENT_DIVISION, on by default) as DDP averages dense ones: with the global
@@ -189,14 +224,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     out: dict[str, torch.Tensor] = {}
+    device = collective_device()  # NCCL gathers and broadcasts CUDA tensors only
     for key, value in model.state_dict().items():
         if isinstance(value, ShardedTensor):
-            full = torch.empty(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
+            full = torch.empty(value.size(), dtype=value.dtype, device=device) if dist.get_rank() == 0 else None
             value.gather(dst=0, out=full)
             if dist.get_world_size() > 1:
-                full = full if full is not None else torch.empty(value.size(), dtype=value.dtype)
+                full = full if full is not None else torch.empty(value.size(), dtype=value.dtype, device=device)
                 dist.broadcast(full, src=0)
-            out[key] = full
+            out[key] = full.cpu()
         elif isinstance(value, DTensor):
             out[key] = value.full_tensor().cpu()
         else:

@@ -43,7 +43,9 @@ def in_batch_softmax(
     logits = (query / temperature) @ item.t()  # [B, N]
     if log_q is not None:
         logits.sub_(log_q.unsqueeze(0))
-    if item_ids is not None and torch.unique(item_ids).numel() < item_ids.numel():  # any accidental hit at all?
+    # On the CPU, skip the mask when no id repeats; on a GPU that test would be a host sync
+    # every step, and masking with no hit changes nothing.
+    if item_ids is not None and (item_ids.is_cuda or torch.unique(item_ids).numel() < item_ids.numel()):
         same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
         same[rows, targets] = False
         logits.masked_fill_(same, torch.finfo(logits.dtype).min)
@@ -96,17 +98,19 @@ class StreamingFrequency:
     sees every rank's ids (the gathered global batch), so all ranks hold the same estimate.
     """
 
-    def __init__(self, hash_size: int, alpha: float) -> None:
+    def __init__(self, hash_size: int, alpha: float, device: torch.device | None = None) -> None:
+        # On the ids' device: reading or updating it costs no copy to the host and no sync.
         self.hash_size, self.alpha = hash_size, alpha
-        self.last_step = torch.zeros(hash_size, dtype=torch.float64)
-        self.gap = torch.full((hash_size,), float("nan"), dtype=torch.float64)
+        self.last_step = torch.zeros(hash_size, dtype=torch.float64, device=device)
+        self.gap = torch.full((hash_size,), float("nan"), dtype=torch.float64, device=device)
 
     def _slots(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids.long() * 2654435761) % self.hash_size  # Knuth's multiplicative hash
 
     def update(self, ids: torch.Tensor, step: int) -> None:
-        """Record the ids of global step ``step`` (>= 1)."""
-        slots = torch.unique(self._slots(ids.cpu()))
+        """Record the ids of global step ``step`` (>= 1). A slot hit twice is written twice with
+        the same value (both writes read the same old state), so no deduplication is needed."""
+        slots = self._slots(ids)
         seen = self.last_step[slots] > 0
         gap = step - self.last_step[slots]
         old = self.gap[slots]
@@ -116,14 +120,15 @@ class StreamingFrequency:
 
     def probability(self, ids: torch.Tensor) -> torch.Tensor:
         """Estimated probability that each id appears in a step's batch (1 until a gap is known)."""
-        gap = self.gap[self._slots(ids.cpu())]
-        return torch.where(torch.isnan(gap), torch.ones_like(gap), 1.0 / gap.clamp_min(1.0)).to(ids.device)
+        gap = self.gap[self._slots(ids)]
+        return torch.where(torch.isnan(gap), torch.ones_like(gap), 1.0 / gap.clamp_min(1.0))
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "gap": self.gap}
+        return {"last_step": self.last_step.cpu(), "gap": self.gap.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step, self.gap = state["last_step"].clone(), state["gap"].clone()
+        device = self.gap.device
+        self.last_step, self.gap = state["last_step"].to(device).clone(), state["gap"].to(device).clone()
 
 
 class LossContext:
@@ -142,7 +147,7 @@ class LossContext:
         q = counts / max(counts.sum(), 1.0)
         q[q == 0] = 1.0 / max(counts.sum(), 1.0)  # never a positive; keep the log finite
         self.log_q = torch.from_numpy(np.log(q * batch_size)).float().to(device)
-        self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha)
+        self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha, device)
                           if cfg.logq == "streaming" else None)
 
     def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from twotower_rec.data.features import FeatureSpec
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN
 from twotower_rec.distributed import sharding
-from twotower_rec.distributed.env import DistEnv, seed_everything
+from twotower_rec.distributed.env import DistEnv, seed_everything, seed_rank_streams
 from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 
@@ -39,15 +39,18 @@ def new_model(model_cfg: ModelConfig, loss_cfg: LossConfig, spec: FeatureSpec,
     return member()
 
 
-def build_model(cfg: Config, data: PreparedData, env: DistEnv) -> DistributedModelParallel:
-    """The model of ``cfg`` with tables on meta, sharded and materialised; same seed on every rank."""
+def build_model(cfg: Config, data: PreparedData, env: DistEnv, training: bool = True) -> DistributedModelParallel:
+    """The model of ``cfg`` with tables on meta, sharded and materialised; same seed on every rank.
+    ``training=False`` (evaluation, export) leaves out the configured table optimizer."""
     seed_everything(cfg.train.seed, env.rank)
     model = new_model(cfg.model, cfg.loss, data.spec)
     if cfg.loss.name == "mse":  # start from the mean training rating, not from 0
         with torch.no_grad():
             model.score_bias.fill_(float(np.asarray(data.rating)[data.rows(TRAIN)].mean()))
             model.score_scale.fill_(1.0)
-    return sharding.shard_model(model, env, cfg.sharding, cfg.train)
+    wrapped = sharding.shard_model(model, env, cfg.sharding, cfg.train, training=training)
+    seed_rank_streams(cfg.train.seed, env.rank)
+    return wrapped
 
 
 def towers(model: DistributedModelParallel) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:

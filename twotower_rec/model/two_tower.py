@@ -24,6 +24,12 @@ from twotower_rec.errors import ConfigError
 from twotower_rec.model.sequence import SequenceEncoder
 from twotower_rec.model.towers import Tower
 
+# TorchRec's train pipeline traces ``forward`` with torch.fx to find each sharded collection's
+# input; re-keying a KJT iterates its keys, which a trace cannot do. As a leaf call the
+# re-keyed KJT is computed when the forward runs, and a collection fed by it is simply not
+# pipelined (its ids are distributed inside the forward) instead of failing the trace.
+torch.fx.wrap("with_keys")
+
 
 class TwoTower(nn.Module):
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None,

@@ -9,6 +9,8 @@ the same way.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,3 +46,56 @@ def local_batches(batcher: Batcher, train_rows: np.ndarray, batch_size: int, epo
                 negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
             yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives, training=True)
         index = 0
+
+
+class BatchesAhead:
+    """Builds the next ``depth`` batches of ``batches`` in a background thread (in pinned memory
+    with ``pin_memory``, for asynchronous copies to a GPU) while the current step runs.
+
+    Yields exactly what ``batches`` yields, in order; an exception raised while building a
+    batch is raised again here, at the batch it would have been. ``close()`` stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Batch], depth: int, pin_memory: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches, pin_memory), daemon=True,
+                                        name="twotower-batches")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, batches: Iterator[Batch], pin_memory: bool) -> None:
+        try:
+            for batch in batches:
+                if not self._put(batch.pin_memory() if pin_memory else batch):
+                    return
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(err)
+            return
+        self._put(self._END)
+
+    def __iter__(self) -> "BatchesAhead":
+        return self
+
+    def __next__(self) -> Batch:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

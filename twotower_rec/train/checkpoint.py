@@ -27,7 +27,7 @@ from twotower_rec import atomic, versions
 from twotower_rec.config import Config, from_dict, to_dict
 from twotower_rec.data.features import FeatureSpec
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.distributed.env import DistEnv, barrier, world
+from twotower_rec.distributed.env import DistEnv, barrier, seed_rank_streams, world
 from twotower_rec.errors import CheckpointError, ConfigError
 from twotower_rec.model.factory import build_model
 
@@ -39,7 +39,7 @@ def rng_state() -> dict:
     import random
 
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -48,8 +48,11 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # This rank's own GPU only (saved by the rank that used it): a node with fewer GPUs, or a
+    # resume onto another number of them, has no "every GPU" to restore.
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(cuda)
 
 
 def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpec, step: int,
@@ -145,10 +148,13 @@ def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: F
     # The same world size continues each rank's random stream; another gets rank 0's.
     rank, world_size = world()
     rng = Path(meta["path"]) / "rng" / f"rank{rank}.pt"
-    if meta.get("world_size") != world_size or not rng.is_file():
+    own = meta.get("world_size") == world_size and rng.is_file()
+    if not own:
         rng = Path(meta["path"]) / "rng" / "rank0.pt"
     saved = torch.load(rng, weights_only=False)
     set_rng_state(saved["rng"])
+    if not own:  # rank 0's stream, continued by every rank: fork it, as at the start of a run
+        seed_rank_streams(cfg.train.seed + meta["step"], rank)
     meta["extra"] = saved.get("extra", {})
     return meta
 
@@ -188,7 +194,7 @@ def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Train
     trained_cfg = config_of(path)
     trained_cfg.data.cache_dir = str(cache_dir)
     data = PreparedData(cache_dir)
-    model = build_model(trained_cfg, data, env)
+    model = build_model(trained_cfg, data, env, training=False)
     meta = load(path, model, data.spec)
     model.eval()
     return Trained(model, data, meta, trained_cfg)

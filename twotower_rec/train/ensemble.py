@@ -92,7 +92,7 @@ def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResu
         results.append({"steps": result.steps, "examples_per_second": result.examples_per_second,
                         "best_step": best["step"], f"best_validation_{metric}": best[metric]})
 
-    model = build_model(cfg, data, env)
+    model = build_model(cfg, data, env, training=False)  # loaded, validated and saved: never stepped
     for k in range(members):
         _load_member(model, k, Path(member_config(cfg, k).train.out_dir) / "checkpoint")
     validation = validate(model, data, Batcher(data), validation_config(cfg.eval, cfg.train), cfg.loss,

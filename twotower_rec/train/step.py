@@ -40,18 +40,35 @@ def forward_loss(model: DistributedModelParallel, batch: Batch, loss_cfg: LossCo
     return loss, loss.detach()
 
 
-def global_loss(local: torch.Tensor) -> float:
-    """The mean over ranks of each rank's loss: the global batch's loss."""
-    value = local.detach().float().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+class LossLog:
+    """Per-step losses kept on the device until they are read: reading one means a host sync
+    (and, at N ranks, an all-reduce), which would stall TorchRec's pipeline every step. So the
+    trainer reads them every ``train.log_every_steps`` steps and before each validation or
+    checkpoint: one all-reduce and one sync for all the steps since the last read."""
+
+    def __init__(self) -> None:
+        self.pending: list[torch.Tensor] = []
+
+    def add(self, local: torch.Tensor) -> None:
+        """This rank's loss of one step (a detached scalar, on the device)."""
+        self.pending.append(local.detach().float().reshape(()))
+
+    def read(self) -> list[float]:
+        """The global batch's mean loss of each step added since the last read (a collective)."""
+        if not self.pending:
+            return []
+        values = torch.stack(self.pending)
+        self.pending = []
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        return values.tolist()
 
 
 def train_step(model: DistributedModelParallel, optimizer, batch: Batch, loss_cfg: LossConfig, ctx: LossContext,
-               bf16: bool = False) -> float:
-    """One step on this rank's slice of a global batch; returns the global batch's mean loss."""
+               bf16: bool = False) -> torch.Tensor:
+    """One step on this rank's slice of a global batch; returns this rank's loss, detached and
+    on the device (no host sync: :class:`LossLog` reads it later)."""
     with record_function("## forward + loss ##"):
         loss, value = forward_loss(model, batch, loss_cfg, ctx, bf16)
     with record_function("## backward (fused table update) ##"):
@@ -59,7 +76,7 @@ def train_step(model: DistributedModelParallel, optimizer, batch: Batch, loss_cf
     with record_function("## dense optimizer ##"):
         optimizer.step()
         optimizer.zero_grad()
-    return global_loss(value)
+    return value
 
 
 class Stepper:
@@ -80,12 +97,12 @@ class Stepper:
                 model, optimizer, env.device, execute_all_batches=True,
                 custom_model_fwd=lambda b: forward_loss(model, b, loss_cfg, ctx, bf16))
 
-    def step(self) -> float:
-        """One training step on the next batch; the global batch's mean loss."""
+    def step(self) -> torch.Tensor:
+        """One training step on the next batch; this rank's loss on the device (see :class:`LossLog`)."""
         if self.pipeline is None:
-            return train_step(self.model, self.optimizer, next(self.batches).to(self.device), self.loss_cfg,
-                              self.ctx, self.bf16)
-        return global_loss(self.pipeline.progress(self.batches))
+            batch = next(self.batches).to(self.device, non_blocking=True)
+            return train_step(self.model, self.optimizer, batch, self.loss_cfg, self.ctx, self.bf16)
+        return self.pipeline.progress(self.batches)
 
     def pause(self) -> None:
         """Before the model is used outside the pipeline (validation, checkpoints, the end)."""

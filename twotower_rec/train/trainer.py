@@ -34,9 +34,9 @@ from twotower_rec.errors import ConfigError
 from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
-from twotower_rec.train.batch_order import global_batches, local_batches
+from twotower_rec.train.batch_order import BatchesAhead, global_batches, local_batches
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
-from twotower_rec.train.step import Stepper
+from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
 
 
@@ -75,6 +75,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     model = build_model(cfg, data, env)
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
+        print(env.describe(), file=sys.stderr, flush=True)
         print(sharding.describe_plan(model), file=sys.stderr, flush=True)
     state, streaming = TrainerState(), None
     if resume is not None:
@@ -138,6 +139,7 @@ class Trainer:
         self.ctx = LossContext(cfg.loss, data.item_counts(),
                                positives_per_step(cfg.loss, cfg.train.batch_size, env.world_size), env.device)
         self.ctx.step = state.step
+        self.loss_log = LossLog()
         if streaming is not None and self.ctx.streaming is not None:
             self.ctx.streaming.load_state_dict(streaming)
 
@@ -146,23 +148,30 @@ class Trainer:
         validation (unless the last step just had one), ``last`` and ``train_metrics.json``."""
         cfg, state = self.cfg, self.state
         started, examples_here = time.perf_counter(), 0
-        stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, self._batches(), self.env,
+        batches = self._batches()
+        stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, batches, self.env,
                           cfg.train.pipeline, cfg.train.bf16)
         self.model.train()
-        while state.step < self.total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
-            set_dense_lr(self.optimizer, self.model,
-                         cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train))
-            loss = stepper.step()
-            end_of_epoch = self._advance(loss)
-            examples_here += cfg.train.batch_size
-            if state.step % cfg.train.log_every_steps == 0 or state.step == self.total_steps:
-                rate = examples_here / max(time.perf_counter() - started, 1e-9)
-                self.progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-                self._plain_line(loss, rate)
-            self.progress.update(1)
-            if state.step < self.total_steps:
-                self._between_steps(stepper, end_of_epoch)
-        stepper.pause()
+        try:
+            while state.step < self.total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
+                set_dense_lr(self.optimizer, self.model,
+                             cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train))
+                self.loss_log.add(stepper.step())
+                end_of_epoch = self._advance()
+                examples_here += cfg.train.batch_size
+                if state.step % cfg.train.log_every_steps == 0 or state.step == self.total_steps:
+                    self._read_losses()
+                    rate = examples_here / max(time.perf_counter() - started, 1e-9)
+                    self.progress.set_postfix(loss=f"{state.losses[-1]:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+                    self._plain_line(state.losses[-1], rate)
+                self.progress.update(1)
+                if state.step < self.total_steps:
+                    self._between_steps(stepper, end_of_epoch)
+            stepper.pause()
+        finally:
+            if isinstance(batches, BatchesAhead):
+                batches.close()
+        self._read_losses()
         self.progress.close()
         rate = examples_here / max(time.perf_counter() - started, 1e-9)
         if not state.validation or state.validation[-1]["step"] != state.step:
@@ -171,12 +180,20 @@ class Trainer:
         return self._finish(rate)
 
     def _batches(self):
-        """This rank's batches from the saved data position on (see ``batch_order.py``)."""
-        loss = self.cfg.loss
+        """This rank's batches from the saved data position on (see ``batch_order.py``), built
+        ``train.prefetch_batches`` ahead in a background thread."""
+        loss, train = self.cfg.loss, self.cfg.train
         num_negatives = (loss.uniform_negatives if loss.name == "in_batch_softmax"
-                         else loss.negative_ratio * self.cfg.train.batch_size if loss.name == "bce" else 0)
-        return local_batches(self.batcher, self.train_rows, self.cfg.train.batch_size, self.cfg.train.epochs,
-                             self.cfg.train.seed, num_negatives, self.env, self.state.epoch, self.state.batch)
+                         else loss.negative_ratio * train.batch_size if loss.name == "bce" else 0)
+        batches = local_batches(self.batcher, self.train_rows, train.batch_size, train.epochs, train.seed,
+                                num_negatives, self.env, self.state.epoch, self.state.batch)
+        if not train.prefetch_batches:
+            return batches
+        return BatchesAhead(batches, train.prefetch_batches, pin_memory=self.env.device.type == "cuda")
+
+    def _read_losses(self) -> None:
+        """Move the losses of the steps since the last read from the device into the state."""
+        self.state.losses.extend(self.loss_log.read())
 
     def _plain_line(self, loss: float, rate: float) -> None:
         """Progress as one plain line, every ``train.progress_every_seconds`` and at the end."""
@@ -186,12 +203,11 @@ class Trainer:
                   f"{rate:,.0f} examples/s", file=sys.stderr, flush=True)
             self.last_line = now
 
-    def _advance(self, loss: float) -> bool:
-        """Count one step of ``loss``; whether it ended an epoch."""
+    def _advance(self) -> bool:
+        """Count one step; whether it ended an epoch."""
         state = self.state
         state.step += 1
         state.examples += self.cfg.train.batch_size
-        state.losses.append(loss)
         state.batch += 1
         end_of_epoch = state.batch == self.batches_per_epoch
         if end_of_epoch:
@@ -206,6 +222,7 @@ class Trainer:
         saving = train.checkpoint_every_steps and step % train.checkpoint_every_steps == 0
         if validating or saving:
             stepper.pause()
+            self._read_losses()
         if validating:
             self._validate_and_keep_best()
         if saving:
