@@ -38,7 +38,7 @@ def worker(args) -> None:
     from twotower_rec.data.batches import Batch
     from twotower_rec.data.features import HISTORY, Feature, FeatureSpec
     from twotower_rec.distributed import sharding
-    from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.distributed.env import init_distributed, shutdown, synchronize
     from twotower_rec.model.two_tower import TwoTower
     from twotower_rec.cli import quiet_library_warnings
     from twotower_rec.losses.softmax import LossContext
@@ -86,9 +86,11 @@ def worker(args) -> None:
 
     times = []
     for step in range(args.warmup + args.steps):
-        b = batch()
+        b = batch().to(env.device)
+        synchronize(env.device)
         started = time.perf_counter()
         train_step(model, optimizer, b, cfg.loss, ctx)
+        synchronize(env.device)  # CUDA returns before the step is done
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
     # the slowest rank sets the pace

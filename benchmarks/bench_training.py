@@ -135,7 +135,7 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     cfg.model = ModelConfig(embedding_dim=dim, mlp_dims=[128], output_dim=64)
     cfg.train = TrainConfig(batch_size=len(batches[0]["user"]), seed=0)
     cfg.loss.temperature, cfg.loss.logq = 0.1, "none"
-    from twotower_rec.distributed.env import init_distributed
+    from twotower_rec.distributed.env import init_distributed, synchronize
 
     env = init_distributed()
     model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
@@ -149,11 +149,13 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
                                   lengths=torch.cat([ones, b["hist_lengths"]]))
         item = KeyedJaggedTensor(keys=["item_id", "genres"], values=torch.cat([b["item"], b["genre_values"]]),
                                  lengths=torch.cat([ones, b["genre_lengths"]]))
-        converted.append(Batch(query, item, torch.zeros(n, 0), torch.ones(n), b["item"]))
+        converted.append(Batch(query, item, torch.zeros(n, 0), torch.ones(n), b["item"]).to(env.device))
     times, started = [], time.perf_counter()
     for step, b in enumerate(converted):
+        synchronize(env.device)
         t = time.perf_counter()
         train_step(model, optimizer, b, cfg.loss, ctx)
+        synchronize(env.device)  # CUDA returns before the step is done
         if step >= warmup:
             times.append(time.perf_counter() - t)
         if time.perf_counter() - started > max_seconds and len(times) >= 3:

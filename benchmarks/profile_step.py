@@ -52,7 +52,7 @@ def main() -> None:
     from twotower_rec.data.prepared import prepare
     from twotower_rec.data.sources import load_raw
     from twotower_rec.data.splits import TRAIN
-    from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.distributed.env import init_distributed, shutdown, synchronize
     from twotower_rec.losses.softmax import LossContext
     from twotower_rec.model.factory import build_model
     from twotower_rec.train.batch_order import global_batches
@@ -74,17 +74,20 @@ def main() -> None:
 
         def one(i: int) -> None:
             t = time.perf_counter()
-            batch = batcher.batch(rows[order[i % len(order)]])
+            batch = batcher.batch(rows[order[i % len(order)]]).to(env.device)
+            synchronize(env.device)
             build_times.append(time.perf_counter() - t)
             t = time.perf_counter()
             train_step(model, optimizer, batch, cfg.loss, ctx, cfg.train.bf16)
+            synchronize(env.device)  # CUDA returns before the step is done
             step_times.append(time.perf_counter() - t)
 
         for i in range(args.warmup):
             one(i)
         build_times.clear()
         step_times.clear()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             for i in range(args.warmup, args.warmup + args.steps):
                 one(i)
         shutdown()
