@@ -7,7 +7,9 @@ Prepares the config's data (into a temporary directory), builds the sharded mode
 ``train`` does, warms up, then profiles ``--steps`` steps. Batch building (``Batcher.batch``)
 is timed around each step; the step itself is split by the ``record_function`` labels in
 ``train_step`` (forward + loss, backward with the fused table update, dense optimizer) and
-by operator families (embedding lookup, matrix products, the loss). Prints a table and writes
+by operator families (embedding lookup, matrix products, the loss). The roofline line counts
+one step's FLOPs (``torch.utils.flop_counter``) and compares the rate they are done at with
+the best float32 matmul rate of the same threads, measured in the same run. Prints a table and writes
 benchmarks/results/profile.json; ``--trace`` also writes a Chrome trace.
 """
 
@@ -34,6 +36,36 @@ FAMILIES = [
     ("gathers / collectives", ("all_gather", "all_reduce", "c10d::", "alltoall", "all_to_all")),
     ("KJT / jagged permutes", ("permute_", "jagged", "KeyedJaggedTensor")),
 ]
+
+
+def counted_flops(step) -> float:
+    """FLOPs of one call of ``step`` as torch's FlopCounterMode counts them (matmuls, convolutions,
+    attention: the operators with a known formula; others, e.g. fbgemm's lookups, count 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int = 5) -> float:
+    """The best float32 matmul rate (FLOP/s) of this process's threads on ``device``: the limit
+    a step is compared against, measured in the same run as the step so both see the same load."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - started))
+    return best
 
 
 def main() -> None:
@@ -90,6 +122,8 @@ def main() -> None:
         with profile(activities=activities) as prof:
             for i in range(args.warmup, args.warmup + args.steps):
                 one(i)
+        flops = counted_flops(lambda: one(args.warmup + args.steps))
+        peak = matmul_peak(env.device)
         shutdown()
     if args.trace:
         prof.export_chrome_trace(args.trace)
@@ -121,6 +155,11 @@ def main() -> None:
     top = sorted((e for e in events if not e.key.startswith("## ")), key=lambda e: -e.self_cpu_time_total)[:12]
     for e in top:
         print(f"  {e.key[:60]:<60}{e.self_cpu_time_total / 1000 / args.steps:>9.2f} ms/step")
+    achieved = flops / (step_ms / 1000)
+    print(f"\nroofline: {flops / 1e9:.3f} GFLOP per step (FlopCounterMode; the tables' lookups count 0), "
+          f"{achieved / 1e9:.1f} GFLOP/s achieved at the median step; the best float32 matmul of "
+          f"{torch.get_num_threads()} threads in this run: {peak / 1e9:.1f} GFLOP/s; "
+          f"share of the limit {100 * achieved / peak:.0f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -130,6 +169,8 @@ def main() -> None:
         "phases_ms_per_step": {k: v / args.steps for k, v in labels.items()},
         "families_ms_per_step": {k: v / args.steps for k, v in families.items()},
         "top_operators_ms_per_step": {e.key: e.self_cpu_time_total / 1000 / args.steps for e in top},
+        "flops_per_step": flops, "achieved_flops_per_s": achieved, "matmul_peak_flops_per_s": peak,
+        "share_of_peak": achieved / peak,
     }, indent=2))
     print(f"written to {out}", file=sys.stderr)
 
