@@ -179,3 +179,15 @@ def test_fused_adam_for_tables_is_refused_on_cpu(pipeline, cli, tmp_path):
                  "--set", f"train.out_dir={tmp_path}", cwd=pipeline.root)
     assert result.returncode == 2, result.describe()
     assert "CUDA only" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_recommend_into_a_closed_pipe_ends_quietly(pipeline, tmp_path):
+    """`twotower-rec recommend ... | head -1`: the reader leaves early; no traceback, no error."""
+    from twotower_rec.data.prepared import PreparedData
+
+    user = str(PreparedData(pipeline.cache_dir).raw_user_ids[0])
+    command = (f"{sys.executable} -m twotower_rec recommend --export {pipeline.export_dir} --user {user} -k 50 "
+               "| head -c 1 > /dev/null; echo \"exit ${PIPESTATUS[0]}\"")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "exit 0"
