@@ -231,10 +231,15 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     log_q = ctx.target_log_q(target_ids, negatives.shape[0], global_positions)
     if log_q is not None:
         logits.sub_(log_q.unsqueeze(0))
-    never = torch.finfo(logits.dtype).min
-    logits[:, :num_all_targets].masked_fill_((target_ids == 0).unsqueeze(0), never)  # padding
+    # One masked fill over the whole [P, U + M] matrix, in place (a fill of a column slice would
+    # make autograd copy the whole matrix back in the backward).
+    padding = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
     if cfg.mask_accidental_hits and negatives.shape[0]:
         own = target_ids[target_index]
-        logits[:, num_all_targets:].masked_fill_(own.unsqueeze(1) == negative_ids.unsqueeze(0), never)
+        hits = torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool, device=query.device),
+                          own.unsqueeze(1) == negative_ids.unsqueeze(0)], dim=1)
+        logits.masked_fill_(hits | padding, torch.finfo(logits.dtype).min)
+    else:
+        logits.masked_fill_(padding, torch.finfo(logits.dtype).min)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return F.cross_entropy(logits, target_index, reduction="sum") * (world / max(global_positions, 1))
