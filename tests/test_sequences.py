@@ -257,3 +257,25 @@ def test_planted_signal_leaves_the_default_draws_unchanged():
     planted = synthetic(SyntheticConfig(num_users=50, num_items=60, seed=4, transition_probability=0.8)).interactions
     assert base.equals(again)
     assert len(base) != len(planted) or not base["item"].equals(planted["item"])
+
+
+def test_without_user_features_the_causal_state_is_the_whole_query(tmp_path):
+    """features.user_features=[] (the ablation): no query-side collection; training positions,
+    evaluation queries and the scripted tower still agree."""
+    from twotower_rec.export.query_encoder import build_query_encoder
+
+    synthetic_cfg = SyntheticConfig(num_users=40, num_items=50, interactions_per_user=10, num_clusters=4, seed=5)
+    data = prepare(synthetic(synthetic_cfg), DataConfig(cache_dir=str(tmp_path / "data"), synthetic=synthetic_cfg),
+                   FeaturesConfig(user_features=[], history_length=HISTORY))
+    model = _model(data)
+    assert model.query_tower.embedding_bags is None and model.query_feature_order == ["history"]
+    batcher = Batcher(data)
+    windows = batcher.training_windows(HISTORY, "tiled")[:6]
+    users = np.arange(1, data.spec.num_users + 1)
+    kjt = batcher.query_features(users, data.user_offsets[users])
+    with torch.no_grad():
+        assert model.encode_positions(batcher.sequence_batch(windows, 0, 1).query_features).shape[1] == 8
+        expected = model.encode_query(kjt)
+        scripted = torch.jit.script(build_query_encoder(model, data.spec.query_features, data))
+        got = scripted([kjt["history"].values()], [kjt["history"].lengths().long()])
+    assert torch.equal(got, expected)

@@ -183,7 +183,8 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
     ``model.query_feature_order``, and a history that shares the item tower's item-id table
     takes its weights from there."""
     by_name = {f.name: f for f in features}
-    tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
+    tables = {**model.item_tower.embedding_bags.embedding_bags,
+              **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags else {})}
     names = list(model.query_feature_order)
     reads_sequence = model.sequence is not None or model.causal is not None
     ordered = [by_name[name] for name in (names[:-1] if reads_sequence else names)]

@@ -87,8 +87,7 @@ class TwoTower(nn.Module):
         """Query KJT (B rows) -> ``[B, D]``."""
         if self.causal is not None:
             states, lengths = self._causal_states(features)
-            own = with_keys(features, self.query_tower.collection_feature_names)
-            return self.query_tower(own, self.causal.last(states, lengths))
+            return self.query_tower(self._own(features), self.causal.last(states, lengths))
         if not self.borrowed and self.sequence is None:
             return self.query_tower(features, features.values().new_zeros(features.stride(), 0).float())
         extra = []
@@ -105,10 +104,15 @@ class TwoTower(nn.Module):
         ``[P, D]``: the query at every position, windows in order, positions oldest first."""
         states, lengths = self._causal_states(features)
         valid = torch.arange(states.shape[1], device=states.device).unsqueeze(0) < lengths.unsqueeze(1)
-        own = with_keys(features, self.query_tower.collection_feature_names)
-        pooled = self.query_tower.pool(own, self.query_tower.feature_names)  # F x [B, E]
-        user = torch.cat(pooled, dim=1).repeat_interleave(lengths, dim=0)  # [P, F * E]
+        pooled = self.query_tower.pool(self._own(features), self.query_tower.feature_names)  # F x [B, E]
+        user = torch.cat([*pooled, states.new_zeros(lengths.shape[0], 0)], dim=1)
+        user = user.repeat_interleave(lengths, dim=0)  # [P, F * E]
         return F.normalize(self.query_tower.mlp(torch.cat([user, states[valid]], dim=1)), dim=-1)
+
+    def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
+        """The query tower's own features of ``features`` (None when it has none)."""
+        names = self.query_tower.collection_feature_names
+        return with_keys(features, names) if names else None
 
     def _causal_states(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(``[B, T, E]`` the causal encoder's state at every slot, ``[B]`` history lengths)."""
