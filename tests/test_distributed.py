@@ -250,3 +250,13 @@ def test_sequence_mode_two_processes_equal_one(sequence_runs, table, sharding):
     assert_close_relative(losses(one), losses(two), f"sequence mode ({table} table, {sharding}) per-step losses")
     metrics = json.loads((two / "train_metrics.json").read_text())
     assert metrics["world_size"] == 2
+
+
+def test_sequence_mode_resumes_exactly(sequence_runs):
+    """Stopped after 2 of 4 steps and resumed at two processes, the sequence mode continues
+    from the same window batch: the losses equal the uninterrupted one-process run's."""
+    root, config, options, references = sequence_runs
+    out = train(root, config, "seq-resume", 1, *options["own"], "--set", "train.max_steps=2",
+                "--set", "train.checkpoint_every_steps=2")
+    train(root, config, "seq-resume", 2, *options["own"], "--resume")
+    assert_close_relative(losses(references["own"]), losses(out), "sequence mode losses after resuming")

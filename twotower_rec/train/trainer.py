@@ -4,7 +4,9 @@ validation, early-stopping and checkpoint schedule around it.
 Each global batch of ``train.batch_size`` rows is cut into ``world_size`` contiguous slices,
 one per rank (``batch_order.py``), so the examples and their order do not depend on the number
 of processes; with ``loss.global_negatives`` every rank scores its queries against the whole
-global batch's items, so N processes compute what one process computes.
+global batch's items, so N processes compute what one process computes. With
+``train.examples: sequences`` the rows are windows of users' training sequences and each
+step's examples are their positions (``Batcher.training_windows``, ``SequenceBatch``).
 
 Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and export),
 ``<out_dir>/last`` (weights, optimizer state, RNG, step and data position, every
