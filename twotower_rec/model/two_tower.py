@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_rec.config import ModelConfig
-import torch.nn.functional as F
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
-
 from twotower_rec.data.batches import Batch, SequenceBatch, slot_kjt, with_keys
 from twotower_rec.data.features import HISTORY, FeatureSpec
 from twotower_rec.errors import ConfigError
