@@ -221,3 +221,42 @@ def test_ensemble_two_processes_equal_one(setup):
     assert sorted(a) == sorted(b)
     for key in a:
         assert_close_relative(a[key], b[key], key)
+
+
+@pytest.fixture(scope="module")
+def sequence_runs(setup):
+    """train.examples=sequences: one-process references over a table of its own and over the
+    item tower's shared item-id table (data prepared with features.share_item_table)."""
+    root, config, _ = setup
+    shared_data = ["--set", f"data.cache_dir={root / 'data-shared'}", "--set", "features.share_item_table=true"]
+    result = run_cli("prepare", "--config", config, *shared_data, cwd=root)
+    assert result.returncode == 0, result.describe()
+    base = ["--set", "model.user_encoder=causal", "--set", "train.examples=sequences", "--set", "train.batch_size=16",
+            "--set", "loss.uniform_negatives=8", "--set", "model.sequence_dropout=0.0", "--set", "train.max_steps=4"]
+    options = {"own": base, "shared": [*base, *shared_data]}
+    references = {name: train(root, config, f"seq-{name}-ws1", 1, *extra) for name, extra in options.items()}
+    return root, config, options, references
+
+
+@pytest.mark.parametrize("table, sharding", [("own", "row_wise"), ("own", "table_wise"), ("shared", "row_wise")])
+def test_sequence_mode_two_processes_equal_one(sequence_runs, table, sharding):
+    """Every position a query, the global batch's deduplicated targets and uniform negatives
+    gathered from both ranks: the per-step losses of two processes equal one's."""
+    root, config, options, references = sequence_runs
+    two = train(root, config, f"seq-{table}-{sharding}-ws2", 2, *options[table],
+                "--set", f"sharding.sharding_types=[{sharding}]")
+    one = references[table]
+    assert len(losses(one)) == 4
+    assert_close_relative(losses(one), losses(two), f"sequence mode ({table} table, {sharding}) per-step losses")
+    metrics = json.loads((two / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2
+
+
+def test_sequence_mode_resumes_exactly(sequence_runs):
+    """Stopped after 2 of 4 steps and resumed at two processes, the sequence mode continues
+    from the same window batch: the losses equal the uninterrupted one-process run's."""
+    root, config, options, references = sequence_runs
+    out = train(root, config, "seq-resume", 1, *options["own"], "--set", "train.max_steps=2",
+                "--set", "train.checkpoint_every_steps=2")
+    train(root, config, "seq-resume", 2, *options["own"], "--resume")
+    assert_close_relative(losses(references["own"]), losses(out), "sequence mode losses after resuming")

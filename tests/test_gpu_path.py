@@ -45,7 +45,7 @@ def test_gpu_check_cpu_mode_passes_every_check(tmp_path):
     rows = {(r["check"], r["world"]): r["result"] for r in report["rows"]}
     for variant in gpu_check.VARIANTS:
         for world in ("1", "2"):
-            assert rows[(f"{variant} (pipeline)", world)] == "PASS"
+            assert rows[(gpu_check.label(variant), world)] == "PASS"
     for check in ("row-wise plan (pipeline)", "evaluate (vs 1 CPU process)", "export"):
         assert rows[(check, "2")] == "PASS"
     assert rows[("recommend", "1")] == rows[("--resume from 2 to 1", "1")] == "PASS"

@@ -3,7 +3,9 @@
 ``shared``: features.share_item_table, the history bag and the item tower look items up in
 ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + transformer over
 the history) with features.recent_items=3. ``ensemble``: model.members=3 with
-features.recent_items=2 (three runs, loaded side by side). For each, the exported TorchScript query tower and `recommend` must
+features.recent_items=2 (three runs, loaded side by side). ``causal`` / ``causal_shared``:
+train.examples=sequences with the causal encoder over a table of its own / the item tower's
+item-id table. For each, the exported TorchScript query tower and `recommend` must
 reproduce the training model.
 """
 
@@ -23,6 +25,11 @@ VARIANTS = {
     "shared": {"features": {"share_item_table": True}},
     "sequence": {"features": {"recent_items": 3}, "model": {"user_encoder": "sequence"}},
     "ensemble": {"features": {"recent_items": 2}, "model": {"members": 3}},
+    # train.examples=sequences, its causal encoder reading a table of its own / the item tower's
+    "causal": {"model": {"user_encoder": "causal"}, "train": {"examples": "sequences", "batch_size": 32},
+               "loss": {"uniform_negatives": 16}},
+    "causal_shared": {"features": {"share_item_table": True}, "model": {"user_encoder": "causal"},
+                      "train": {"examples": "sequences", "batch_size": 32}},
 }
 
 
@@ -35,7 +42,7 @@ def _build(tmp_path_factory, cli, name: str) -> Path:
     root = tmp_path_factory.mktemp(name)
     cfg = tiny_config(root)
     for section, values in VARIANTS[name].items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     cfg["train"]["epochs"] = 1
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -79,6 +86,11 @@ def sequence(tmp_path_factory, cli):
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory, cli):
     yield from _variant(tmp_path_factory, cli, "ensemble")
+
+
+@pytest.fixture(scope="module", params=["causal", "causal_shared"])
+def causal(request, tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, request.param)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -241,3 +253,42 @@ def test_ensemble_resume_keeps_finished_members_and_retrains_changed_ones(cli, t
     assert "finished earlier" not in result.stderr
     result = cli("train", "--config", path, "--resume", tmp_path / "run" / "last", cwd=tmp_path)
     assert result.returncode == 2 and "give --resume without a path" in result.stderr, result.describe()
+
+
+def test_scripted_causal_tower_reproduces_evaluates_queries_exactly(causal):
+    """The exported TorchScript tower runs the same causal encoder over the user's last events
+    and takes the last position: bit for bit the query embeddings ``evaluate`` ranks with, for
+    each test event (history strictly before it, given as raw values) and for known users
+    served after all their events."""
+    from twotower_rec.data.batches import Batcher
+    from twotower_rec.data.splits import TEST
+    from twotower_rec.evaluation.ranking import query_embeddings
+    from twotower_rec.model.factory import towers
+
+    model, data, exported, trained_cfg = causal
+    assert trained_cfg.train.examples == "sequences" and model.module.causal is not None
+    assert model.module.causal_shared == trained_cfg.features.share_item_table
+    encode_query, _ = towers(model)
+    batcher = Batcher(data)
+    rows = data.rows(TEST)
+    user = np.asarray(data.user)[rows]
+    raw = {}
+    for name in exported.manifest["query_features"]:
+        if name == "user_id":
+            raw[name] = [[str(data.raw_user_ids[u - 1])] for u in user.tolist()]
+        elif name == "history":
+            # raw ids of the events before the test one (a validation item unseen in training too)
+            raw[name] = [[str(i) for i in data.raw_items_of_rows(np.arange(start, row)).tolist()]
+                         for start, row in zip(data.user_offsets[user - 1], rows)]
+        else:
+            vocabulary = data.spec.vocabularies[name]
+            raw[name] = [[str(vocabulary[c - 1])] if c > 0 else [] for c in data.user_features[name][user].tolist()]
+    codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
+    with torch.no_grad():
+        evaluated = query_embeddings(encode_query, batcher, user, rows)
+        scripted = exported.query_tower.encode_raw(raw)
+        known = query_embeddings(encode_query, batcher, codes, data.user_offsets[codes])
+        values, lengths, _, _ = exported.user_query([data.raw_user_ids[c - 1] for c in codes.tolist()])
+        served = exported.query_tower(values, lengths)
+    assert torch.equal(scripted, evaluated), float((scripted - evaluated).abs().max())
+    assert torch.equal(served, known), float((served - known).abs().max())

@@ -36,6 +36,12 @@ class SyntheticConfig:
     num_genres: int = 18
     clusters_per_user: int = 2
     stay_probability: float = 0.7  # chance the next item comes from the same cluster as the last
+    # A planted sequential signal: this share of the steps that do not draw a fresh cluster
+    # moves to the successor of the previous step's cluster (a fixed random permutation of the
+    # clusters, a Markov chain) instead of staying. Order then matters: the last item's
+    # cluster tells the next one, which a pooled bag of the history blurs. 0 keeps the draws
+    # of earlier versions exactly.
+    transition_probability: float = 0.0
     seed: int = 0
 
 
@@ -93,7 +99,10 @@ class ModelConfig:
     output_dim: int = 64
     dropout: float = 0.0
     # How the query side reads the history: bag (pooled mean) | sequence (transformer over the
-    # unpooled items, see twotower_rec/model/sequence.py)
+    # unpooled items, output at the most recent one; see twotower_rec/model/sequence.py) |
+    # causal (a causal transformer over the items oldest first, positions counted from the
+    # window's start: its output at position t depends on items 0..t only, so one pass gives a
+    # query at every position; needed by train.examples=sequences, see model/causal.py)
     user_encoder: str = "bag"
     sequence_layers: int = 1
     sequence_heads: int = 2
@@ -136,6 +145,17 @@ class TrainConfig:
     """The training loop: batch, epochs, optimizers and their schedule, the validation and
     checkpoint schedule, early stopping, and how steps run (pipeline, bf16, threads)."""
 
+    # What one training example is. events: one interaction with the history before it (one
+    # query per row of the batch). sequences: a window of a user's training sequence read by
+    # the causal encoder in one pass (model.user_encoder=causal); the output at each position
+    # is the query that scores the next item, so every position is an example. With sequences
+    # train.batch_size counts windows, not events.
+    examples: str = "events"
+    # sequences: which windows of a user with more than features.history_length + 1 training
+    # events are trained on. last: the last history_length + 1 events only (one window per
+    # user). tiled: windows of history_length + 1 events cut back from the end, overlapping by
+    # one event, so every training event after a user's first is a target once per epoch.
+    windows: str = "tiled"
     batch_size: int = 1024
     epochs: int = 3
     max_steps: int = 0  # 0: run all epochs
@@ -238,7 +258,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
     "train.lr_schedule": ("constant", "cosine"),
-    "model.user_encoder": ("bag", "sequence"),
+    "model.user_encoder": ("bag", "sequence", "causal"),
+    "train.examples": ("events", "sequences"),
+    "train.windows": ("last", "tiled"),
     "loss.logq": ("counts", "streaming", "none"),
     "export.dtype": ("float32", "float16"),
     "export.ann": ("flat", "hnsw", "ivf", "none"),
@@ -368,6 +390,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"train.table_weight_decay.{table}: must be >= 0, got {decay}")
     if not 0.0 <= cfg.data.synthetic.stay_probability <= 1.0:
         raise ConfigError("data.synthetic.stay_probability: must lie in [0, 1]")
+    if not 0.0 <= cfg.data.synthetic.transition_probability <= 1.0:
+        raise ConfigError("data.synthetic.transition_probability: must lie in [0, 1]")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
@@ -393,8 +417,34 @@ def _check_combinations(cfg: Config) -> None:
                           f"rowwise_adagrad only, not {cfg.train.sparse_optimizer}")
     if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
         raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
+    _check_causal(cfg)
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
+
+
+def _check_causal(cfg: Config) -> None:
+    """The causal encoder and the sequence training mode: what they need and cannot combine with."""
+    model, features, train, loss = cfg.model, cfg.features, cfg.train, cfg.loss
+    if train.examples == "sequences" and model.user_encoder != "causal":
+        raise ConfigError(f"train.examples=sequences reads every position of a window in one causal pass: it "
+                          f"needs model.user_encoder=causal, not {model.user_encoder}")
+    if model.user_encoder == "causal":
+        if features.history_length <= 0:
+            raise ConfigError("model.user_encoder=causal reads the history: set features.history_length > 0")
+        if features.recent_items:
+            raise ConfigError("model.user_encoder=causal already reads the last items in order: set "
+                              f"features.recent_items=0, not {features.recent_items}")
+    if train.examples != "sequences":
+        return
+    if loss.name != "in_batch_softmax":
+        raise ConfigError(f"train.examples=sequences trains with loss.name=in_batch_softmax only, not {loss.name}")
+    if not loss.global_negatives:
+        raise ConfigError("train.examples=sequences scores every position against the global batch's targets: "
+                          "it needs loss.global_negatives=true")
+    if loss.logq == "streaming":
+        raise ConfigError("train.examples=sequences: loss.logq=streaming is not supported (use counts or none)")
+    if train.pipeline == "always":
+        raise ConfigError("train.examples=sequences runs its steps one by one: set train.pipeline to auto or never")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from twotower_rec.data.prepared import CSR, PreparedData
@@ -72,6 +72,67 @@ class Batch(Pipelineable):
         return int(self.labels.shape[0])
 
 
+@dataclass
+class SequenceBatch(Pipelineable):
+    """One training batch of windows (``train.examples: sequences``): this rank's share.
+
+    ``B`` windows on this rank, ``P`` their positions (targets), ``C`` = ``U' + M'`` this rank's
+    candidates: its slice of the global batch's deduplicated targets (``U'``, padded with the
+    OOV code 0 so every rank holds as many), then its share of the uniform negatives (``M'``).
+
+    query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows; ``history`` holds each
+                    window's input items, oldest first.
+    item_features:  KJT over ``FeatureSpec.item_keys``, ``C`` rows (the candidates).
+    item_dense:     ``[C, Dd]`` float32.
+    item_ids:       ``[C]`` int64 item codes of the candidates.
+    target_index:   ``[P]`` int64: each position's target among the global batch's deduplicated
+                    targets (every rank's slices in rank order), windows in order, positions
+                    oldest first.
+    num_targets:    ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
+    global_positions: ``P`` summed over every rank: the loss is a mean over them.
+    """
+
+    query_features: KeyedJaggedTensor
+    item_features: KeyedJaggedTensor
+    item_dense: torch.Tensor
+    item_ids: torch.Tensor
+    target_index: torch.Tensor
+    num_targets: int
+    global_positions: int
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
+        return SequenceBatch(
+            query_features=self.query_features.to(device, non_blocking=non_blocking),
+            item_features=self.item_features.to(device, non_blocking=non_blocking),
+            item_dense=self.item_dense.to(device, non_blocking=non_blocking),
+            item_ids=self.item_ids.to(device, non_blocking=non_blocking),
+            target_index=self.target_index.to(device, non_blocking=non_blocking),
+            num_targets=self.num_targets,
+            global_positions=self.global_positions,
+        )
+
+    def pin_memory(self) -> "SequenceBatch":
+        """The same batch in page-locked host memory, so its copy to a GPU can be asynchronous."""
+        return SequenceBatch(
+            query_features=self.query_features.pin_memory(),
+            item_features=self.item_features.pin_memory(),
+            item_dense=self.item_dense.pin_memory(),
+            item_ids=self.item_ids.pin_memory(),
+            target_index=self.target_index.pin_memory(),
+            num_targets=self.num_targets,
+            global_positions=self.global_positions,
+        )
+
+    def record_stream(self, stream) -> None:
+        self.query_features.record_stream(stream)
+        self.item_features.record_stream(stream)
+        for tensor in (self.item_dense, self.item_ids, self.target_index):
+            tensor.record_stream(stream)
+
+    def __len__(self) -> int:
+        return int(self.target_index.shape[0])
+
+
 def _gather_csr(column: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = column.offsets[rows]
     lengths = column.offsets[rows + 1] - starts
@@ -106,6 +167,21 @@ def with_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor
         values=torch.cat(values) if values else features.values().new_zeros(0),
         lengths=torch.cat(lengths),
     )
+
+
+def slot_kjt(history: JaggedTensor, slots: int, keys: list[str], key: str) -> KeyedJaggedTensor:
+    """``B`` jagged rows of at most ``slots`` ids -> a KJT of ``B * slots`` bags of one id or
+    none (row b's t-th id in bag ``b * slots + t``) under ``key``, the other ``keys`` empty.
+
+    Lets a pooled EmbeddingBagCollection look ids up one by one in a fixed layout: with every
+    rank's rows of the same count, every rank passes the same number of bags.
+    """
+    lengths = history.lengths()
+    rows = lengths.shape[0]
+    per_slot = (torch.arange(slots, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1)
+    empty = torch.zeros(rows * slots, dtype=lengths.dtype, device=lengths.device)
+    return KeyedJaggedTensor(keys=keys, values=history.values(),
+                             lengths=torch.cat([per_slot.to(lengths.dtype) if k == key else empty for k in keys]))
 
 
 class Batcher:
@@ -157,6 +233,62 @@ class Batcher:
         if not (self.user[later] == self.user[later - 1]).any():
             return None
         return torch.from_numpy(self.item[is_train]), np.concatenate([[0], np.cumsum(is_train)])
+
+    @functools.cached_property
+    def training_sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """(every user's *training* events' items back to back, oldest first ``[S]``; ``[U + 1]``
+        offsets of each user's run in it). Validation and test events are left out, wherever
+        the split put them."""
+        is_train = np.asarray(self.data.split) == TRAIN
+        counts = np.bincount(self.user[is_train] - 1, minlength=self.spec.num_users)
+        return self.item[is_train], np.concatenate([[0], np.cumsum(counts)])
+
+    def training_windows(self, length: int, kind: str) -> np.ndarray:
+        """``[W, 3]`` windows ``(user, start, end)`` over :attr:`training_sequences`: window items
+        ``[start, end)``, at most ``length + 1`` of them and at least 2; the first ``end - start
+        - 1`` are the inputs and the last ``end - start - 1`` the targets (position t's target
+        is item t + 1). ``kind`` last: each user's last window; tiled: windows cut back from the
+        end overlapping by one item, so every item after a user's first is a target once."""
+        _, offsets = self.training_sequences
+        begin, end = offsets[:-1], offsets[1:]
+        user = np.arange(1, self.spec.num_users + 1)
+        targets = np.maximum(end - begin - 1, 0)
+        count = (np.minimum(targets, 1) if kind == "last" else -(-targets // length)).astype(np.int64)
+        window_user = np.repeat(user, count)
+        back = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)  # 0 = the last window
+        window_end = np.repeat(end, count) - back * length
+        window_start = np.maximum(np.repeat(begin, count), window_end - length - 1)
+        return np.stack([window_user, window_start, window_end], axis=1).astype(np.int64)
+
+    def sequence_batch(self, windows: np.ndarray, rank: int, world_size: int,
+                       negatives: np.ndarray | None = None) -> SequenceBatch:
+        """Rank ``rank``'s :class:`SequenceBatch` of the global batch's ``windows`` ``[G, 3]``
+        (its contiguous slice of ``G / world_size`` windows) with its share ``negatives`` of
+        the uniform negatives. Every rank computes the global batch's deduplicated targets, so
+        the candidates gathered from all ranks are the same at any world size."""
+        sequence, _ = self.training_sequences
+        start, end = windows[:, 1], windows[:, 2]
+        targets = gather_ranges(sequence, start + 1, end - start - 1)
+        unique = np.unique(targets)
+        per_rank = -(-unique.size // world_size)
+        padded = np.concatenate([unique, np.zeros(per_rank * world_size - unique.size, dtype=unique.dtype)])
+        per_window = windows.shape[0] // world_size
+        local = windows[rank * per_window:(rank + 1) * per_window]
+        local_start, local_end = local[:, 1], local[:, 2]
+        local_targets = gather_ranges(sequence, local_start + 1, local_end - local_start - 1)
+        candidates = padded[rank * per_rank:(rank + 1) * per_rank]
+        if negatives is not None and len(negatives):
+            candidates = np.concatenate([candidates, np.asarray(negatives, dtype=candidates.dtype)])
+        item_kjt, dense = self.item_features(candidates)
+        return SequenceBatch(
+            query_features=self._query_kjt(local[:, 0], torch.from_numpy(sequence), local_start, local_end - 1),
+            item_features=item_kjt,
+            item_dense=dense,
+            item_ids=torch.from_numpy(candidates.astype(np.int64)),
+            target_index=torch.from_numpy(np.searchsorted(unique, local_targets).astype(np.int64)),
+            num_targets=per_rank,
+            global_positions=int(targets.size),
+        )
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""

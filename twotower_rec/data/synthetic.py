@@ -1,7 +1,10 @@
 """The built-in synthetic data set: structure a model can learn and a popularity list cannot.
 
 Items belong to latent clusters, each user likes a few clusters, and consecutive interactions
-tend to stay in the cluster of the previous one (so recent history matters). Everything is
+tend to stay in the cluster of the previous one (so recent history matters). With
+``transition_probability`` > 0 some of those steps move instead to the successor of the
+previous cluster in a fixed cycle over the clusters (a planted Markov chain), so the order of
+the history matters too: a pooled bag of it cannot tell which cluster came last. Everything is
 drawn from one generator seeded by ``data.synthetic.seed``, in a fixed order, vectorized (20M
 rows fit in a few GiB).
 """
@@ -104,7 +107,26 @@ def _cluster_walks(rng: np.random.Generator, cfg: SyntheticConfig, liked: np.nda
     pick = (rng.random(total)[:, None] > cum_weight).sum(axis=1).clip(max=cfg.clusters_per_user - 1)
     drawn_cluster = liked[user_of, pick]
     last_switch = np.maximum.accumulate(np.where(switch, np.arange(total), 0))
-    return user_of, drawn_cluster[last_switch]
+    cluster = drawn_cluster[last_switch]
+    if cfg.transition_probability > 0:
+        cluster = _planted_transitions(cfg, switch, last_switch, cluster)
+    return user_of, cluster
+
+
+def _planted_transitions(cfg: SyntheticConfig, switch: np.ndarray, last_switch: np.ndarray,
+                         cluster: np.ndarray) -> np.ndarray:
+    """Steps that did not switch move, with ``transition_probability``, to the successor of the
+    step before's cluster in one random cycle over the clusters: a step ``m`` moves after its
+    last switch sits ``m`` places further along the cycle. A generator of its own keeps every
+    other draw of the data set as it is without the signal."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    cycle = rng.permutation(cfg.num_clusters)  # cycle[i] is followed by cycle[i + 1]
+    place = np.empty_like(cycle)
+    place[cycle] = np.arange(cfg.num_clusters)
+    move = ~switch & (rng.random(switch.size) < cfg.transition_probability)
+    moves = np.cumsum(move)
+    moved = moves - moves[last_switch]  # moves since the last switch (a switch is never a move)
+    return cycle[(place[cluster] + moved) % cfg.num_clusters]
 
 
 def _items_in_clusters(rng: np.random.Generator, cluster: np.ndarray, item_cluster: np.ndarray,

@@ -188,7 +188,7 @@ def init_tables(model: nn.Module, seed: int) -> None:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     for key, value in model.state_dict().items():
-        is_table = "embedding_bags." in key or ".embeddings.embeddings." in key
+        is_table = "embedding_bags." in key or ".embeddings." in key  # an EmbeddingBagCollection or EmbeddingCollection
         if not is_table or not key.endswith(".weight"):
             continue
         rows, cols = value.size(0), value.size(1)

@@ -41,8 +41,8 @@ class MemberQueryEncoder(nn.Module):
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
-        # model.user_encoder=sequence: the last input is the history, read by the sequence encoder
-        # (a list of zero or one, which TorchScript can loop over).
+        # model.user_encoder=sequence or causal: the last input is the history, read by the
+        # sequence encoder (a list of zero or one, which TorchScript can loop over).
         self.sequence_tables = nn.ModuleList(
             [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
         self.sequence_pooling = nn.ModuleList([sequence_pooling] if sequence_pooling is not None else [])
@@ -183,14 +183,20 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
     ``model.query_feature_order``, and a history that shares the item tower's item-id table
     takes its weights from there."""
     by_name = {f.name: f for f in features}
-    tables = {**model.item_tower.embedding_bags.embedding_bags, **model.query_tower.embedding_bags.embedding_bags}
+    tables = {**model.item_tower.embedding_bags.embedding_bags,
+              **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags else {})}
     names = list(model.query_feature_order)
-    ordered = [by_name[name] for name in (names[:-1] if model.sequence is not None else names)]
+    reads_sequence = model.sequence is not None or model.causal is not None
+    ordered = [by_name[name] for name in (names[:-1] if reads_sequence else names)]
     weights = [tables[f.table].weight.detach() for f in ordered]
     sequence_table = sequence_pooling = None
     if model.sequence is not None:
         sequence_table = model.sequence.embeddings.embeddings[SEQUENCE_TABLE].weight.detach()
         sequence_pooling = copy.deepcopy(model.sequence.pooling).eval()
+    elif model.causal is not None:  # the causal encoder's output at the most recent item
+        sequence_table = (tables[by_name[HISTORY].table].weight.detach() if model.causal_shared
+                          else model.causal_items.embeddings[SEQUENCE_TABLE].weight.detach())
+        sequence_pooling = copy.deepcopy(model.causal).eval()
     return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
                               sequence_pooling)
 

@@ -147,6 +147,7 @@ class LossContext:
         q = counts / max(counts.sum(), 1.0)
         q[q == 0] = 1.0 / max(counts.sum(), 1.0)  # never a positive; keep the log finite
         self.log_q = torch.from_numpy(np.log(q * batch_size)).float().to(device)
+        self.q = torch.from_numpy(q).to(device)  # float64: (1 - q)^P below needs the precision
         self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha, device)
                           if cfg.logq == "streaming" else None)
 
@@ -165,6 +166,20 @@ class LossContext:
         log_q = torch.cat([in_batch, uniform])
         weight = self.cfg.logq_weight
         return log_q if weight == 1.0 else log_q * weight
+
+
+    def target_log_q(self, target_ids: torch.Tensor, num_uniform: int, positions: int) -> torch.Tensor | None:
+        """``[U + M]`` logQ of a sequence batch's deduplicated targets ``[U]`` then ``M`` uniform
+        negatives. A target is a candidate when any of the batch's ``positions`` draws it: with
+        each drawn with training frequency q, that happens with probability ``1 - (1 - q)^P``;
+        a uniform negative is expected ``M / V`` times. Each source keeps its own term."""
+        if self.cfg.logq == "none":
+            return None
+        q = self.q[target_ids]
+        in_batch = torch.log(-torch.expm1(positions * torch.log1p(-q.clamp(max=1 - 1e-12)))).float()
+        uniform = torch.full((num_uniform,), float(np.log(max(num_uniform, 1) / self.num_items)),
+                             device=in_batch.device)
+        return torch.cat([in_batch, uniform]) * self.cfg.logq_weight
 
 
 def positives_per_step(cfg: LossConfig, batch_size: int, world_size: int) -> int:
@@ -192,3 +207,44 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
     return in_batch_softmax(query, candidates, temperature, candidate_ids if cfg.mask_accidental_hits else None,
                             offset, log_q)
+
+
+def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, num_targets: int,
+                  target_index: torch.Tensor, global_positions: int, temperature, cfg: LossConfig,
+                  ctx: LossContext) -> torch.Tensor:
+    """The loss of this rank's positions (``train.examples: sequences``): sampled softmax of each
+    position's query ``[P, D]`` over the global batch's deduplicated targets and uniform negatives.
+
+    ``item`` ``[C, D]`` / ``item_ids`` ``[C]``: this rank's ``num_targets`` target candidates
+    (padded with code 0), then its uniform negatives; every rank's are gathered, in rank order,
+    so ``target_index`` ``[P]`` indexes the gathered targets. Padding candidates are never
+    scored; a uniform negative equal to the position's own target (an accidental hit) is
+    masked for that position (``loss.mask_accidental_hits``). Returns this rank's share of the
+    mean over the global batch's ``global_positions``: summed over positions and scaled by
+    ``world_size / global_positions``, so the ranks' mean (what the gradients average to) is
+    the global mean.
+    """
+    import torch.distributed as dist
+
+    ctx.step += 1
+    targets, target_ids, _ = gather_candidates(item[:num_targets], item_ids[:num_targets])
+    negatives, negative_ids = item[num_targets:], item_ids[num_targets:]
+    if negatives.shape[0]:
+        negatives, negative_ids, _ = gather_candidates(negatives, negative_ids)
+    num_all_targets = targets.shape[0]
+    logits = (query / temperature) @ torch.cat([targets, negatives]).t()  # [P, U + M]
+    log_q = ctx.target_log_q(target_ids, negatives.shape[0], global_positions)
+    if log_q is not None:
+        logits.sub_(log_q.unsqueeze(0))
+    # One masked fill over the whole [P, U + M] matrix, in place (a fill of a column slice would
+    # make autograd copy the whole matrix back in the backward).
+    padding = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
+    if cfg.mask_accidental_hits and negatives.shape[0]:
+        own = target_ids[target_index]
+        hits = torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool, device=query.device),
+                          own.unsqueeze(1) == negative_ids.unsqueeze(0)], dim=1)
+        logits.masked_fill_(hits | padding, torch.finfo(logits.dtype).min)
+    else:
+        logits.masked_fill_(padding, torch.finfo(logits.dtype).min)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return F.cross_entropy(logits, target_index, reduction="sum") * (world / max(global_positions, 1))

@@ -83,19 +83,24 @@ class Tower(nn.Module):
         self.feature_names = [f.name for f in features]
         configs = table_configs(features + list(lent_features or []), embedding_dim)
         self.collection_feature_names = [name for c in configs for name in c.feature_names]
-        self.embedding_bags = EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
+        # A query tower without features of its own (the causal encoder's state is its whole input,
+        # features.user_features=[]) has no collection.
+        self.embedding_bags = (EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
+                               if configs else None)
         self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
 
-    def pool(self, features: KeyedJaggedTensor, names: list[str]) -> list[torch.Tensor]:
+    def pool(self, features: KeyedJaggedTensor | None, names: list[str]) -> list[torch.Tensor]:
         """Pooled ``[B, E]`` embeddings of ``names``, in that order.
 
         A sharded collection may return features grouped differently (e.g. by pooling type)
         from an unsharded one: columns are picked by name so every placement agrees.
         """
+        if not names:
+            return []
         by_name = self.embedding_bags(features).to_dict()
         return [by_name[name] for name in names]
 
-    def forward(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: KeyedJaggedTensor | None, dense: torch.Tensor) -> torch.Tensor:
         """KJT (B rows, the collection's features) + ``[B, Dd]`` dense -> ``[B, D]``, rows of norm 1."""
         pooled = self.pool(features, self.feature_names)  # F x [B, E]
         return F.normalize(self.mlp(torch.cat([*pooled, dense], dim=1)), dim=-1)

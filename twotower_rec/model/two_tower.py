@@ -8,20 +8,31 @@ evaluation and the exported index all use.
 With ``features.share_item_table`` the history feature names the item tower's item-id
 table: it is looked up in the item tower's collection and its pooled vector joins the query
 tower's MLP input after the query tower's own features.
+
+With ``model.user_encoder: causal`` the history's items, oldest first, are read by the causal
+encoder (``model/causal.py``) from a table of their own (an EmbeddingCollection, sharded like
+the others) or, with ``features.share_item_table``, from the item tower's item-id table (one
+id per slot of a pooled bag); its state at the most recent item joins the query MLP's input
+after the user features. ``encode_positions`` gives the query at every position of a window
+(``train.examples: sequences``): ``P`` = the number of positions of the batch's windows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_rec.config import ModelConfig
-from twotower_rec.data.batches import Batch, with_keys
+from twotower_rec.data.batches import Batch, SequenceBatch, slot_kjt, with_keys
 from twotower_rec.data.features import HISTORY, FeatureSpec
 from twotower_rec.errors import ConfigError
-from twotower_rec.model.sequence import SequenceEncoder
+from twotower_rec.model.causal import CausalEncoder
+from twotower_rec.model.sequence import SEQUENCE_TABLE, SequenceEncoder
 from twotower_rec.model.towers import Tower
 
 # TorchRec's train pipeline traces ``forward`` with torch.fx to find each sharded collection's
@@ -43,7 +54,8 @@ class TwoTower(nn.Module):
         self.score_bias = nn.Parameter(torch.tensor(0.0)) if pointwise_head else None
         item_tables = {f.table for f in spec.item_features}
         sequence = cfg.user_encoder == "sequence" and HISTORY in spec.query_keys
-        query = [f for f in spec.query_features if not (sequence and f.name == HISTORY)]
+        causal = cfg.user_encoder == "causal" and HISTORY in spec.query_keys
+        query = [f for f in spec.query_features if not ((sequence or causal) and f.name == HISTORY)]
         own = [f for f in query if f.table not in item_tables]
         self.borrowed = [f.name for f in query if f.table in item_tables]
         self.sequence = None
@@ -54,9 +66,23 @@ class TwoTower(nn.Module):
                                   "it cannot be combined with features.share_item_table")
             self.sequence = SequenceEncoder(spec.num_items + 1, cfg.embedding_dim, spec.history_length,
                                             cfg.sequence_layers, cfg.sequence_heads, cfg.sequence_dropout, device)
+        self.causal = None
+        self.causal_shared = False  # the causal encoder reads the item tower's item-id table
+        self.causal_items = None  # else this table of its own
+        if causal:
+            history = next(f for f in spec.query_features if f.name == HISTORY)
+            self.causal_shared = history.table in item_tables
+            if not self.causal_shared:
+                self.causal_items = EmbeddingCollection(
+                    tables=[EmbeddingConfig(name=SEQUENCE_TABLE, embedding_dim=cfg.embedding_dim,
+                                            num_embeddings=spec.num_items + 1, feature_names=[HISTORY])],
+                    device=device or torch.device("meta"))
+            self.causal = CausalEncoder(cfg.embedding_dim, spec.history_length, cfg.sequence_layers,
+                                        cfg.sequence_heads, cfg.sequence_dropout)
+        reads_history = sequence or causal
         # The order the query MLP sees its inputs: its own features, borrowed ones, the sequence.
-        self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if sequence else [])
-        extra = cfg.embedding_dim * (len(self.borrowed) + (1 if sequence else 0))
+        self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if reads_history else [])
+        extra = cfg.embedding_dim * (len(self.borrowed) + (1 if reads_history else 0))
         self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device)
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
                                 cfg.output_dim, cfg.dropout, device,
@@ -64,6 +90,9 @@ class TwoTower(nn.Module):
 
     def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Query KJT (B rows) -> ``[B, D]``."""
+        if self.causal is not None:
+            states, lengths = self._causal_states(features)
+            return self.query_tower(self._own(features), self.causal.last(states, lengths))
         if not self.borrowed and self.sequence is None:
             return self.query_tower(features, features.values().new_zeros(features.stride(), 0).float())
         extra = []
@@ -75,9 +104,39 @@ class TwoTower(nn.Module):
         own = with_keys(features, self.query_tower.collection_feature_names)
         return self.query_tower(own, torch.cat(extra, dim=1))
 
+    def encode_positions(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Query KJT of B windows (``history``: each window's input items, oldest first) ->
+        ``[P, D]``: the query at every position, windows in order, positions oldest first."""
+        states, lengths = self._causal_states(features)
+        valid = torch.arange(states.shape[1], device=states.device).unsqueeze(0) < lengths.unsqueeze(1)
+        pooled = self.query_tower.pool(self._own(features), self.query_tower.feature_names)  # F x [B, E]
+        user = torch.cat([*pooled, states.new_zeros(lengths.shape[0], 0)], dim=1)
+        user = user.repeat_interleave(lengths, dim=0)  # [P, F * E]
+        return F.normalize(self.query_tower.mlp(torch.cat([user, states[valid]], dim=1)), dim=-1)
+
+    def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
+        """The query tower's own features of ``features`` (None when it has none)."""
+        names = self.query_tower.collection_feature_names
+        return with_keys(features, names) if names else None
+
+    def _causal_states(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[B, T, E]`` the causal encoder's state at every slot, ``[B]`` history lengths)."""
+        history = features[HISTORY]
+        lengths = history.lengths().long()
+        if self.causal_shared:
+            slots = slot_kjt(history, self.causal.max_length, self.item_tower.collection_feature_names, HISTORY)
+            looked_up = self.item_tower.pool(slots, [HISTORY])[0]  # [B * T, E], zeros in empty slots
+            padded = looked_up.view(lengths.shape[0], self.causal.max_length, -1)
+        else:
+            out = self.causal_items(with_keys(features, [HISTORY]))
+            if hasattr(out, "wait"):  # a sharded collection returns an awaitable
+                out = out.wait()
+            padded = self.causal.pad(out[HISTORY].values(), lengths)
+        return self.causal.encode(padded, lengths), lengths
+
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""
-        if self.borrowed:
+        if self.borrowed or self.causal_shared:  # the collection also holds features lent to the query side
             features = with_keys(features, self.item_tower.collection_feature_names)
         return self.item_tower(features, dense)
 
@@ -90,7 +149,11 @@ class TwoTower(nn.Module):
         of each (query row, item row) pair."""
         return self.score_scale * (query * item).sum(dim=-1) + self.score_bias
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch | SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of B queries and N items (B positives, then any sampled negatives) ->
-        (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1."""
+        (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1. A :class:`SequenceBatch` of
+        windows gives ``[P, D]`` queries, one per position, and its ``[C, D]`` candidates."""
+        if isinstance(batch, SequenceBatch):
+            return self.encode_positions(batch.query_features), self.encode_items(batch.item_features,
+                                                                                  batch.item_dense)
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

@@ -4,7 +4,8 @@ Each epoch shuffles the training rows with a generator seeded by (``train.seed``
 cuts them into full global batches; each global batch is cut into ``world_size`` contiguous
 slices, one per rank, so the examples and their order do not depend on the number of
 processes. Uniform negatives of a global batch are drawn from (seed, epoch, batch) and sliced
-the same way.
+the same way. With ``train.examples: sequences`` the rows are windows of users' training
+sequences (``Batcher.training_windows``), shuffled and cut the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from twotower_rec.data.batches import Batch, Batcher
+from twotower_rec.data.batches import Batch, Batcher, SequenceBatch
 from twotower_rec.distributed.env import DistEnv
 
 
@@ -45,6 +46,22 @@ def local_batches(batcher: Batcher, train_rows: np.ndarray, batch_size: int, epo
                 draw = np.random.default_rng([seed, e, i, 7])
                 negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
             yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives, training=True)
+        index = 0
+
+
+def local_sequence_batches(batcher: Batcher, windows: np.ndarray, batch_size: int, epochs: int, seed: int,
+                           num_negatives: int, env: DistEnv, epoch: int = 0,
+                           index: int = 0) -> Iterator[SequenceBatch]:
+    """This rank's :class:`SequenceBatch` of each global batch of ``windows`` ``[W, 3]`` (and its
+    share of the batch's ``num_negatives`` uniform negatives), from batch ``index`` of ``epoch`` on."""
+    for e in range(epoch, epochs):
+        batches = global_batches(windows.shape[0], batch_size, seed, e)
+        for i in range(index, len(batches)):
+            negatives = None
+            if num_negatives:
+                draw = np.random.default_rng([seed, e, i, 7])
+                negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
+            yield batcher.sequence_batch(windows[batches[i]], env.rank, env.world_size, negatives)
         index = 0
 
 

@@ -15,13 +15,13 @@ from torch.profiler import record_function
 from torchrec.distributed import DistributedModelParallel
 
 from twotower_rec.config import LossConfig
-from twotower_rec.data.batches import Batch
+from twotower_rec.data.batches import Batch, SequenceBatch
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.losses.pointwise import pointwise_loss
-from twotower_rec.losses.softmax import LossContext, retrieval_loss
+from twotower_rec.losses.softmax import LossContext, retrieval_loss, sequence_loss
 
 
-def forward_loss(model: DistributedModelParallel, batch: Batch, loss_cfg: LossConfig, ctx: LossContext,
+def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, loss_cfg: LossConfig, ctx: LossContext,
                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to back-propagate, its detached value) for this rank's slice of a global batch;
     the ``(losses, output)`` pair TorchRec's train pipelines expect from a forward.
@@ -32,7 +32,11 @@ def forward_loss(model: DistributedModelParallel, batch: Batch, loss_cfg: LossCo
     with autocast:
         query, item = model(batch)  # [B, D], [B + negatives, D]
     query, item = query.float(), item.float()
-    if loss_cfg.name != "in_batch_softmax":
+    if isinstance(batch, SequenceBatch):  # [P, D] queries, one per position; [C, D] candidates
+        temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
+        loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
+                             batch.global_positions, temperature, loss_cfg, ctx)
+    elif loss_cfg.name != "in_batch_softmax":
         loss = pointwise_loss(model, query, item, batch.labels, loss_cfg)
     else:
         temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
@@ -89,6 +93,8 @@ class Stepper:
                  batches: Iterator[Batch], env: DistEnv, pipeline: str = "auto", bf16: bool = False) -> None:
         self.model, self.optimizer, self.loss_cfg, self.ctx, self.bf16 = model, optimizer, loss_cfg, ctx, bf16
         self.batches, self.device = batches, env.device
+        # positions in the global batch of the last step (train.examples=sequences); 0 otherwise
+        self.last_examples = 0
         self.pipeline = None
         if pipeline == "always" or (pipeline == "auto" and env.device.type == "cuda"):
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -100,8 +106,10 @@ class Stepper:
     def step(self) -> torch.Tensor:
         """One training step on the next batch; this rank's loss on the device (see :class:`LossLog`)."""
         if self.pipeline is None:
-            batch = next(self.batches).to(self.device, non_blocking=True)
-            return train_step(self.model, self.optimizer, batch, self.loss_cfg, self.ctx, self.bf16)
+            batch = next(self.batches)
+            self.last_examples = batch.global_positions if isinstance(batch, SequenceBatch) else 0
+            return train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True), self.loss_cfg,
+                              self.ctx, self.bf16)
         return self.pipeline.progress(self.batches)
 
     def pause(self) -> None:

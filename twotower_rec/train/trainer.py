@@ -4,7 +4,9 @@ validation, early-stopping and checkpoint schedule around it.
 Each global batch of ``train.batch_size`` rows is cut into ``world_size`` contiguous slices,
 one per rank (``batch_order.py``), so the examples and their order do not depend on the number
 of processes; with ``loss.global_negatives`` every rank scores its queries against the whole
-global batch's items, so N processes compute what one process computes.
+global batch's items, so N processes compute what one process computes. With
+``train.examples: sequences`` the rows are windows of users' training sequences and each
+step's examples are their positions (``Batcher.training_windows``, ``SequenceBatch``).
 
 Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and export),
 ``<out_dir>/last`` (weights, optimizer state, RNG, step and data position, every
@@ -34,7 +36,7 @@ from twotower_rec.errors import ConfigError
 from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
-from twotower_rec.train.batch_order import BatchesAhead, global_batches, local_batches
+from twotower_rec.train.batch_order import BatchesAhead, global_batches, local_batches, local_sequence_batches
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
@@ -96,6 +98,11 @@ def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
     train_rows = data.rows(TRAIN).size
     if train_rows < world:
         raise ConfigError(f"only {train_rows} training rows for {world} processes")
+    if cfg.train.examples == "sequences":
+        windows = Batcher(data).training_windows(data.spec.history_length, cfg.train.windows).shape[0]
+        if windows < world:
+            raise ConfigError(f"only {windows} training windows (users with two or more training events) for "
+                              f"{world} processes")
     if cfg.loss.name in ("bce", "mse") and not data.has_ratings:
         raise ConfigError(f"loss.name={cfg.loss.name} learns from ratings, but {data.spec.source} has no rating "
                           f"column (data.rating_column), so every rating is 1.0: add one, or train with "
@@ -122,9 +129,13 @@ class Trainer:
         self.cfg, self.env, self.data, self.model, self.optimizer, self.state = cfg, env, data, model, optimizer, state
         self.batcher = Batcher(data)
         self.train_rows = data.rows(TRAIN)
+        # train.examples=sequences: the rows shuffled into batches are windows of users' sequences
+        self.windows = (self.batcher.training_windows(data.spec.history_length, cfg.train.windows)
+                        if cfg.train.examples == "sequences" else None)
+        num_rows = self.windows.shape[0] if self.windows is not None else self.train_rows.size
         self.out_dir = Path(cfg.train.out_dir)
         self.best_path, self.last_path = self.out_dir / "checkpoint", self.out_dir / "last"
-        self.batches_per_epoch = len(global_batches(self.train_rows.size, cfg.train.batch_size, cfg.train.seed, 0))
+        self.batches_per_epoch = len(global_batches(num_rows, cfg.train.batch_size, cfg.train.seed, 0))
         self.total_steps = self.batches_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -149,16 +160,18 @@ class Trainer:
         cfg, state = self.cfg, self.state
         started, examples_here = time.perf_counter(), 0
         batches = self._batches()
+        # sequence windows are not pipelined (see README, "GPU")
         stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, batches, self.env,
-                          cfg.train.pipeline, cfg.train.bf16)
+                          "never" if self.windows is not None else cfg.train.pipeline, cfg.train.bf16)
         self.model.train()
         try:
             while state.step < self.total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
                 set_dense_lr(self.optimizer, self.model,
                              cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train))
                 self.loss_log.add(stepper.step())
-                end_of_epoch = self._advance()
-                examples_here += cfg.train.batch_size
+                examples = stepper.last_examples or cfg.train.batch_size  # sequences: the positions
+                end_of_epoch = self._advance(examples)
+                examples_here += examples
                 if state.step % cfg.train.log_every_steps == 0 or state.step == self.total_steps:
                     self._read_losses()
                     rate = examples_here / max(time.perf_counter() - started, 1e-9)
@@ -185,8 +198,12 @@ class Trainer:
         loss, train = self.cfg.loss, self.cfg.train
         num_negatives = (loss.uniform_negatives if loss.name == "in_batch_softmax"
                          else loss.negative_ratio * train.batch_size if loss.name == "bce" else 0)
-        batches = local_batches(self.batcher, self.train_rows, train.batch_size, train.epochs, train.seed,
-                                num_negatives, self.env, self.state.epoch, self.state.batch)
+        if self.windows is not None:
+            batches = local_sequence_batches(self.batcher, self.windows, train.batch_size, train.epochs, train.seed,
+                                             num_negatives, self.env, self.state.epoch, self.state.batch)
+        else:
+            batches = local_batches(self.batcher, self.train_rows, train.batch_size, train.epochs, train.seed,
+                                    num_negatives, self.env, self.state.epoch, self.state.batch)
         if not train.prefetch_batches:
             return batches
         return BatchesAhead(batches, train.prefetch_batches, pin_memory=self.env.device.type == "cuda")
@@ -203,11 +220,11 @@ class Trainer:
                   f"{rate:,.0f} examples/s", file=sys.stderr, flush=True)
             self.last_line = now
 
-    def _advance(self) -> bool:
-        """Count one step; whether it ended an epoch."""
+    def _advance(self, examples: int) -> bool:
+        """Count one step over ``examples``; whether it ended an epoch."""
         state = self.state
         state.step += 1
-        state.examples += self.cfg.train.batch_size
+        state.examples += examples
         state.batch += 1
         end_of_epoch = state.batch == self.batches_per_epoch
         if end_of_epoch:
