@@ -206,7 +206,8 @@ class Check:
         for world in worlds:
             for variant in VARIANTS:
                 started = time.monotonic()
-                run = self.train(f"{variant}-pipeline-ws{world}", variant, world, "--set", "train.pipeline=always")
+                pipeline = "never" if variant in UNPIPELINED else "always"
+                run = self.train(f"{variant}-pipeline-ws{world}", variant, world, "--set", f"train.pipeline={pipeline}")
                 self.compare(label(variant), str(world), run, references[variant], tolerance, started)
         self.plans_and_kernels(nproc, references["default"])
         self.after_training(nproc, references["default"])

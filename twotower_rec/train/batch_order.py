@@ -114,5 +114,14 @@ class BatchesAhead:
         return item
 
     def close(self) -> None:
+        """Stop the thread and wait for it: a daemon thread still inside torch when the
+        interpreter exits can abort the process."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        while True:  # the batch being built, if any, finishes first
+            try:
+                self._queue.get_nowait()  # make room, so a put in progress returns
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.1)
+            if not self._thread.is_alive():
+                return
