@@ -24,7 +24,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   FBGEMM_PACKAGE="fbgemm-gpu-cpu==${FBGEMM_VERSION}"
 fi
-RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2"
+RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2 duckdb==2.0.0"
 TEST_DEPS="pytest hypothesis"
 BENCH_DEPS="matplotlib"  # benchmarks/ plots
 

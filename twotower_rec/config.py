@@ -67,6 +67,14 @@ class DataConfig:
     test_fraction: float = 0.1  # temporal and random splits
     seed: int = 42  # random split
     min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
+    # How prepare sorts, deduplicates, splits and encodes the interactions. pandas: in memory
+    # (about 300 bytes a row at its peak: 6.9 GiB for 25M rows); duckdb: out of core, within data.memory_limit,
+    # spilling to data.spill_dir; the cache it writes is the same, byte for byte. auto: duckdb
+    # when data.interactions_path is a directory of Parquet files, pandas otherwise.
+    engine: str = "auto"
+    memory_limit: str = "4GB"  # duckdb: its memory_limit (e.g. 500MB, 4GB); past it, it spills to disk
+    threads: int = 0  # duckdb: worker threads (0: one per core); each needs some of data.memory_limit
+    spill_dir: str = ""  # duckdb: where it spills; empty: a temporary folder beside data.cache_dir
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -225,6 +233,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
                     "movielens-20m", "movielens-25m", "movielens-32m"),
     "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out", "temporal", "random"),
+    "data.engine": ("auto", "pandas", "duckdb"),
     "loss.name": ("in_batch_softmax", "bce", "mse"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
@@ -346,7 +355,7 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
-                     "train.progress_every_seconds": ""}
+                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)"}
     for key, meaning in at_least_zero.items():
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")

@@ -31,8 +31,9 @@ import pandas as pd
 
 from twotower_rec import atomic
 from twotower_rec.config import DataConfig, FeaturesConfig
-from twotower_rec.data import splits
+from twotower_rec.data import out_of_core, splits
 from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
+from twotower_rec.data.out_of_core import Interactions
 from twotower_rec.data.raw import RawData
 from twotower_rec.errors import DataError
 
@@ -70,22 +71,31 @@ class _Events:
 
 
 def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) -> "PreparedData":
-    """Sort, filter, split, build vocabularies on training rows, encode, and write the cache."""
+    """Sort, filter, split, build vocabularies on training rows, encode, and write the cache
+    (in memory, or out of core with ``data.engine: duckdb``: the same files)."""
     started = time.perf_counter()
-    inter = raw.interactions
-    _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
-    if len(inter) == 0:
-        raise DataError(f"{raw.name}: the interactions table is empty")
-    events = _order_events(inter, raw.name, data_cfg.min_interactions)
-    split = _split(events, data_cfg)
-    item_raw = inter["item"].to_numpy()[events.order]
-    item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
-    item = encode(item_raw, item_vocab)
     final = Path(data_cfg.cache_dir)
-    out = _new_cache_folder(final)
-    _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+    if _engine(raw, data_cfg) == "duckdb":
+        out = _new_cache_folder(final)
+        interactions = _interactions_out_of_core(raw, data_cfg, out, final)
+    else:
+        inter = raw.interactions
+        _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
+        if len(inter) == 0:
+            raise DataError(f"{raw.name}: the interactions table is empty")
+        events = _order_events(inter, raw.name, data_cfg.min_interactions)
+        split = _split(events, data_cfg)
+        item_raw = inter["item"].to_numpy()[events.order]
+        item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
+        item = encode(item_raw, item_vocab)
+        out = _new_cache_folder(final)
+        _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+        interactions = Interactions(len(events.user), events.num_users, events.raw_user_ids,
+                                    trained_user_ids(events.user, split, events.num_users), item_vocab)
+        del events, split, item, item_raw
+    item_vocab = interactions.item_vocab
     vocabularies: dict[str, list] = {}
-    query_features = _write_user_features(out, raw, events, split, features_cfg, vocabularies)
+    query_features = _write_user_features(out, raw, interactions, features_cfg, vocabularies)
     query_features += _history_features(features_cfg, len(item_vocab), bool(query_features))
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
@@ -95,15 +105,49 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     _write_item_metadata(out, raw, items, item_vocab)
     spec = FeatureSpec(
         query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
-        history_length=features_cfg.history_length, num_users=events.num_users, num_items=len(item_vocab),
+        history_length=features_cfg.history_length, num_users=interactions.num_users, num_items=len(item_vocab),
         vocabularies=vocabularies, source=raw.name,
     )
     (out / "feature_spec.json").write_text(spec.to_json())
     (out / INFO).write_text(json.dumps({"split": data_cfg.split, "ratings": raw.has_ratings}, indent=2))
     atomic.swap_in(out, final)
-    _log(f"{len(events.user)} interactions, {events.num_users} users, {len(item_vocab)} items -> {final} "
+    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
     return PreparedData(final)
+
+
+def _engine(raw: RawData, data_cfg: DataConfig) -> str:
+    """``data.engine``, with ``auto`` resolved: duckdb for a directory of Parquet files."""
+    if data_cfg.engine == "auto":
+        return "duckdb" if raw.interactions_files else "pandas"
+    if data_cfg.engine == "pandas" and raw.interactions_files:
+        raise DataError(f"{raw.name}: a directory of Parquet files is prepared out of core: set data.engine=duckdb")
+    return data_cfg.engine
+
+
+def _interactions_out_of_core(raw: RawData, data_cfg: DataConfig, out: Path, final: Path) -> Interactions:
+    """``interactions/*.npy`` and the raw ids through DuckDB within ``data.memory_limit``."""
+    spill = out_of_core.spill_folder(data_cfg, final)
+    try:
+        con = out_of_core.connect(data_cfg, spill)
+        if raw.interactions_files:
+            out_of_core.register_parquet(con, raw.interactions_files, data_cfg)
+        else:
+            _require_columns(raw.interactions, INTERACTION_COLUMNS, f"{raw.name} interactions")
+            out_of_core.register_frame(con, raw.interactions, raw.name)
+        try:
+            result = out_of_core.write_interactions(con, out, spill, raw.name, data_cfg)
+        except out_of_core.duckdb_out_of_memory() as err:
+            raise DataError(f"{raw.name}: data.memory_limit={data_cfg.memory_limit} is too small for DuckDB to "
+                            f"prepare this data even when spilling to disk: raise it or lower data.threads "
+                            f"({str(err).splitlines()[0]})") from None
+        con.close()
+        return result
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        out_of_core.remove_spill(spill)
 
 
 def _order_events(inter: pd.DataFrame, name: str, min_interactions: int) -> _Events:
@@ -178,7 +222,7 @@ def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.
     np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
 
 
-def _write_user_features(out: Path, raw: RawData, events: _Events, split: np.ndarray, features_cfg: FeaturesConfig,
+def _write_user_features(out: Path, raw: RawData, interactions: Interactions, features_cfg: FeaturesConfig,
                          vocabularies: dict[str, list]) -> list[Feature]:
     """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``).
 
@@ -187,14 +231,14 @@ def _write_user_features(out: Path, raw: RawData, events: _Events, split: np.nda
     """
     query_features = []
     if "user_id" in features_cfg.user_features:
-        np.save(out / "users" / "user_id.npy", trained_user_ids(events.user, split, events.num_users))
-        query_features.append(Feature("user_id", "query", events.num_users + 1))
+        np.save(out / "users" / "user_id.npy", interactions.user_id_codes)
+        query_features.append(Feature("user_id", "query", interactions.num_users + 1))
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
     for name in features_cfg.user_features:
         if name == "user_id":
             continue
         _require_columns(raw.users, [name], f"{raw.users_name} (features.user_features)")
-        values = users[name].reindex(events.raw_user_ids).to_numpy()
+        values = users[name].reindex(interactions.raw_user_ids).to_numpy()
         vocab = build_vocabulary(pd.Series(values))
         np.save(out / "users" / f"{name}.npy", np.concatenate([[0], encode(values, vocab)]))
         vocabularies[name] = vocab.tolist()
