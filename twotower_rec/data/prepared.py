@@ -40,6 +40,7 @@ from twotower_rec.errors import DataError
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INFO = "prepared.json"  # how the cache was made: {"split": ..., "ratings": whether the source had any}
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
+CHUNK = 1 << 22  # rows of a memory-mapped column read at once by the whole-column statistics
 
 
 def _require_columns(frame: pd.DataFrame, columns, table: str) -> None:
@@ -351,7 +352,9 @@ def trained_user_ids(user: np.ndarray, split: np.ndarray, num_users: int) -> np.
 
 
 class PreparedData:
-    """Read-only, memory-mapped view of a prepared cache."""
+    """Read-only, memory-mapped view of a prepared cache. Nothing of the interaction columns
+    is copied whole: batches gather their rows from the maps, and the statistics below read
+    them a chunk at a time, so a process holds the pages it touches, not the columns."""
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.dir = Path(cache_dir)
@@ -361,6 +364,7 @@ class PreparedData:
             raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` "
                             "first")
         self.spec = FeatureSpec.from_json(spec_path.read_text())
+        self._rows: dict[int, np.ndarray] = {}
         info = self.dir / INFO
         self.info = json.loads(info.read_text()) if info.is_file() else {}  # caches written before it: {}
 
@@ -419,23 +423,36 @@ class PreparedData:
         return raw
 
     def rows(self, split: int) -> np.ndarray:
-        """Row indices of one split, in (user, time) order."""
-        return np.flatnonzero(np.asarray(self.split) == split)
+        """Row indices of one split, in (user, time) order; computed once, a chunk of the
+        memory-mapped split column at a time (no whole-column copy)."""
+        if split not in self._rows:
+            split_column = self.split
+            self._rows[split] = np.concatenate(
+                [np.flatnonzero(np.asarray(split_column[lo:lo + CHUNK]) == split) + lo
+                 for lo in range(0, self.num_rows, CHUNK)] or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+            self._rows[split].flags.writeable = False  # shared by every caller
+        return self._rows[split]
 
     def item_metadata(self) -> pd.DataFrame:
         return pd.read_parquet(self.dir / "items.parquet")
 
     def item_counts(self) -> np.ndarray:
-        """``[V + 1]`` training interaction counts by item code (row 0: OOV)."""
-        train = np.asarray(self.split) == splits.TRAIN
-        return np.bincount(np.asarray(self.item)[train], minlength=self.spec.num_items + 1)
+        """``[V + 1]`` training interaction counts by item code (row 0: OOV), counted a chunk at a time."""
+        counts = np.zeros(self.spec.num_items + 1, dtype=np.int64)
+        for lo in range(0, self.num_rows, CHUNK):
+            item = np.asarray(self.item[lo:lo + CHUNK])
+            counts += np.bincount(item[np.asarray(self.split[lo:lo + CHUNK]) == splits.TRAIN],
+                                  minlength=counts.size)
+        return counts
 
     def summary(self) -> dict:
-        split = np.asarray(self.split)
+        counts = np.zeros(3, dtype=np.int64)
+        for lo in range(0, self.num_rows, CHUNK):
+            counts += np.bincount(np.asarray(self.split[lo:lo + CHUNK]), minlength=3)
         return {
             "rows": self.num_rows, "users": self.spec.num_users, "items": self.spec.num_items,
-            "train": int((split == splits.TRAIN).sum()), "validation": int((split == splits.VALIDATION).sum()),
-            "test": int((split == splits.TEST).sum()), "source": self.spec.source,
+            "train": int(counts[splits.TRAIN]), "validation": int(counts[splits.VALIDATION]),
+            "test": int(counts[splits.TEST]), "source": self.spec.source,
         }
 
 
