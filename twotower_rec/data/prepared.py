@@ -4,12 +4,15 @@ training memory-maps it.
 Layout of ``cache_dir``::
 
     feature_spec.json        FeatureSpec (vocab sizes, tables, small vocabularies)
-    prepared.json            how it was made: the split, whether the source had ratings
+    prepared.json            how it was made: the split, whether the source had ratings, and
+                             the collisions of hashed ids (data.hash_buckets)
     interactions/*.npy       user, item, timestamp, rating, split: one row per event,
                              sorted by (user, time, file order); user_offsets [U + 1]
     users/<feature>.npy      [U + 1] encoded side features by user code (row 0: unknown user);
                              users/user_id.npy: the code, or 0 for a user without training events
-    items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV)
+                             (hashed user_id: every user's hashed row)
+    items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV);
+                             items/item_id.npy only when item_id is hashed: its row by item code
     items/<feature>.offsets.npy, items/<feature>.values.npy   multi-valued ones (CSR)
     items/dense.npy          [V + 1, Dd] float32 dense item features
     raw_user_ids.npy         [U] raw id of user code c at c - 1
@@ -32,7 +35,8 @@ import pandas as pd
 from twotower_rec import atomic
 from twotower_rec.config import DataConfig, FeaturesConfig
 from twotower_rec.data import out_of_core, splits
-from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
+from twotower_rec.data.features import (HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, collisions, encode,
+                                        hash_rows, year_bucket)
 from twotower_rec.data.out_of_core import Interactions
 from twotower_rec.data.raw import RawData
 from twotower_rec.errors import DataError
@@ -96,21 +100,25 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         del events, split, item, item_raw
     item_vocab = interactions.item_vocab
     vocabularies: dict[str, list] = {}
-    query_features = _write_user_features(out, raw, interactions, features_cfg, vocabularies)
+    hashing: dict[str, dict] = {}  # collision report per hashed id feature
+    query_features = _write_user_features(out, raw, interactions, features_cfg, vocabularies,
+                                          data_cfg.hash_buckets, hashing)
     query_features += _history_features(features_cfg, len(item_vocab), bool(query_features))
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
         items["title_tokens"] = title_tokens(items["title"])
-    item_features = _write_item_features(out, raw, items, features_cfg, vocabularies, len(item_vocab))
+    item_features = _write_item_features(out, raw, items, features_cfg, vocabularies, len(item_vocab),
+                                         data_cfg.hash_buckets, hashing)
     _write_item_dense(out, raw, items, features_cfg, len(item_vocab))
     _write_item_metadata(out, raw, items, item_vocab)
     spec = FeatureSpec(
         query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
         history_length=features_cfg.history_length, num_users=interactions.num_users, num_items=len(item_vocab),
-        vocabularies=vocabularies, source=raw.name,
+        vocabularies=vocabularies, source=raw.name, hashed={n: r["buckets"] for n, r in hashing.items()},
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    (out / INFO).write_text(json.dumps({"split": data_cfg.split, "ratings": raw.has_ratings}, indent=2))
+    info = {"split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {})}
+    (out / INFO).write_text(json.dumps(info, indent=2))
     atomic.swap_in(out, final)
     _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
@@ -224,14 +232,22 @@ def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.
 
 
 def _write_user_features(out: Path, raw: RawData, interactions: Interactions, features_cfg: FeaturesConfig,
-                         vocabularies: dict[str, list]) -> list[Feature]:
+                         vocabularies: dict[str, list], hash_buckets: dict[str, int],
+                         hashing: dict[str, dict]) -> list[Feature]:
     """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``).
 
     The user-id vocabulary is the users with training events: a user first seen in validation
     or test (temporal split) is the OOV code 0, not an untrained row of the table.
     """
     query_features = []
-    if "user_id" in features_cfg.user_features:
+    if "user_id" in features_cfg.user_features and "user_id" in hash_buckets:
+        # Every user gets its hashed row, also one without training events.
+        buckets = hash_buckets["user_id"]
+        rows = hash_rows(interactions.raw_user_ids, buckets)
+        _report_hashing(hashing, "user_id", rows, buckets)
+        np.save(out / "users" / "user_id.npy", np.concatenate([[0], rows]))
+        query_features.append(Feature("user_id", "query", buckets + 1))
+    elif "user_id" in features_cfg.user_features:
         np.save(out / "users" / "user_id.npy", interactions.user_id_codes)
         query_features.append(Feature("user_id", "query", interactions.num_users + 1))
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
@@ -263,8 +279,16 @@ def _history_features(features_cfg: FeaturesConfig, num_items: int, has_user_fea
     return features
 
 
+def _report_hashing(hashing: dict[str, dict], name: str, rows: np.ndarray, buckets: int) -> None:
+    report = collisions(rows, buckets)
+    hashing[name] = report
+    _log(f"{name}: {report['ids']} ids hashed into {buckets} rows, {report['rows_used']} used; "
+         f"{report['colliding_ids']} ids ({100 * report['collision_rate']:.2f}%) share their row with another id")
+
+
 def _write_item_features(out: Path, raw: RawData, items: pd.DataFrame, features_cfg: FeaturesConfig,
-                         vocabularies: dict[str, list], num_items: int) -> list[Feature]:
+                         vocabularies: dict[str, list], num_items: int, hash_buckets: dict[str, int],
+                         hashing: dict[str, dict]) -> list[Feature]:
     """``item_id`` and each feature of ``features.item_features`` (``items/<name>.npy``, or a
     CSR pair for the multi-valued ones)."""
     # A table has one pooling: shared with the (mean-pooled) history, the single-valued item id
@@ -272,6 +296,15 @@ def _write_item_features(out: Path, raw: RawData, items: pd.DataFrame, features_
     shared_pooling = "mean" if features_cfg.share_item_table and features_cfg.history_length > 0 else "sum"
     item_features = ([Feature("item_id", "item", num_items + 1, pooling=shared_pooling)]
                      if "item_id" in features_cfg.item_features else [])
+    if item_features and "item_id" in hash_buckets:
+        if features_cfg.share_item_table and features_cfg.history_length > 0:
+            raise DataError("data.hash_buckets.item_id cannot be combined with features.share_item_table")
+        # The catalog row (item code) stays; the item_id feature reads a hashed row by code.
+        buckets = hash_buckets["item_id"]
+        rows = hash_rows(np.asarray(items.index), buckets)
+        _report_hashing(hashing, "item_id", rows, buckets)
+        np.save(out / "items" / "item_id.npy", np.concatenate([[0], rows]))
+        item_features = [Feature("item_id", "item", buckets + 1)]
     for name in features_cfg.item_features:
         if name == "item_id":
             continue
@@ -393,7 +426,9 @@ class PreparedData:
         self.item_single: dict[str, np.ndarray] = {}
         self.item_multi: dict[str, CSR] = {}
         for f in self.spec.item_features:
-            if f.name == "item_id":
+            if f.name == "item_id":  # the item code itself, unless hashed (items/item_id.npy)
+                if f.name in self.spec.hashed:
+                    self.item_single[f.name] = np.asarray(load("items", "item_id.npy"))
                 continue
             if (self.dir / "items" / f"{f.name}.offsets.npy").is_file():
                 self.item_multi[f.name] = CSR(np.asarray(load("items", f"{f.name}.offsets.npy")),

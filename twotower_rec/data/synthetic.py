@@ -158,6 +158,9 @@ def write_parquet(cfg: SyntheticConfig, out_dir, users_per_file: int = 500_000, 
         users, liked, liked_weight = _users(rng, block_cfg)
         user_of, cluster = _cluster_walks(rng, block_cfg, liked, liked_weight)
         item = _items_in_clusters(rng, cluster, item_cluster, item_weight, cfg.num_clusters)
+        _, first_of_pair = np.unique(user_of.astype(np.int64) * cfg.num_items + item, return_index=True)
+        keep = np.sort(first_of_pair)  # each (user, item) pair's first event, as synthetic() keeps
+        user_of, item = user_of[keep], item[keep]
         timestamp = _timestamps(rng, user_of, count)
         rating = np.clip(np.round(3.4 + rng.normal(0, 0.8, user_of.size)), 1, 5)
         table = pa.table({
