@@ -38,17 +38,20 @@ STAGES = ("prepare", "train", "evaluate", "export")
 
 
 def timed(argv: list[str], log: Path) -> dict:
-    """Run ``argv`` under /usr/bin/time; wall seconds and peak RSS (GiB). Output goes to ``log``."""
+    """Run ``argv`` under /usr/bin/time; wall seconds, CPU seconds (user + system: what a
+    busy shared machine does not inflate) and peak RSS (GiB). Output goes to ``log``."""
     started = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M", *argv], stdout=out, stderr=subprocess.STDOUT,
+        done = subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M cpu=%U+%S", *argv], stdout=out, stderr=subprocess.STDOUT,
                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - started
     text = log.read_text()
     if done.returncode:
         raise SystemExit(f"{' '.join(argv)} failed (exit {done.returncode}); its output:\n{text[-4000:]}")
     peak_kb = int(text.rsplit("peak_rss_kb=", 1)[1].split()[0])
-    return {"seconds": round(wall, 2), "peak_rss_gib": round(peak_kb / 2**20, 3)}
+    user, system = text.rsplit("cpu=", 1)[1].split()[0].split("+")
+    return {"seconds": round(wall, 2), "cpu_seconds": round(float(user) + float(system), 1),
+            "peak_rss_gib": round(peak_kb / 2**20, 3)}
 
 
 def run_size(size: int, args, work: Path) -> dict:
@@ -58,7 +61,8 @@ def run_size(size: int, args, work: Path) -> dict:
     folder = work / f"scale_{size:.0e}".replace("+", "")
     raw, runs = folder / "raw", folder / "runs"
     users, items = size // 10, size // 100
-    row = {"size": size, "users": users, "items": items}
+    row = {"size": size, "users": users, "items": items, "command": " ".join(sys.argv),
+           "date": time.strftime("%Y-%m-%d %H:%M")}
     if not (raw / "users.parquet").is_file():
         started = time.perf_counter()
         cfg = SyntheticConfig(num_users=users, num_items=items, interactions_per_user=args.per_user,
@@ -130,7 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="folder for the data and runs (outside the repository)")
-    parser.add_argument("--sizes", nargs="+", default=["1e6", "1e7", "1e8"])
+    parser.add_argument("--sizes", nargs="*", default=["1e6", "1e7", "1e8"], help="none: only the table and plot")
     parser.add_argument("--stages", nargs="+", default=list(STAGES))
     parser.add_argument("--per-user", type=int, default=11, help="synthetic interactions_per_user")
     parser.add_argument("--memory-limit", default="4GB", help="data.memory_limit for prepare")
@@ -139,11 +143,16 @@ def main() -> None:
     parser.add_argument("--val-users", type=int, default=2000)
     parser.add_argument("--eval-users", type=int, default=10_000)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="JSON files of other runs (e.g. sizes run separately) whose rows join --out's")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
     args = parser.parse_args()
     work = Path(args.work)
     out = Path(args.out)
     previous = {r["size"]: r for r in json.loads(out.read_text())["results"]} if out.is_file() else {}
+    for other in args.merge:
+        previous.update({r["size"]: r for r in json.loads(Path(other).read_text())["results"]})
+    rows = [previous[s] for s in sorted(previous)]
     for text in args.sizes:
         row = run_size(int(float(text)), args, work)
         previous[row["size"]] = row  # a run of some sizes keeps the others' rows
@@ -152,6 +161,10 @@ def main() -> None:
         out.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(sys.argv), "results": rows}, indent=2))
+    if args.merge:
+        out.write_text(json.dumps({**json.loads(out.read_text()), "results": rows} if out.is_file() else {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+            "results": rows}, indent=2))
     print("\n| interactions | users | items | stage | wall s | peak RSS GiB | notes |\n|---|---|---|---|---|---|---|")
     for r in rows:
         for stage in STAGES:

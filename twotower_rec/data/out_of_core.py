@@ -157,12 +157,14 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
     total = con.execute("SELECT count(*) FROM raw").fetchone()[0]
     if total == 0:
         raise DataError(f"{name}: the interactions table is empty")
+    _log(f"duckdb: {total} events; keeping each (user, item) pair's first (memory limit {data_cfg.memory_limit})")
     # A user meets an item once: the pair's first event by time, then file order (a struct
     # compares field by field; pos is unique, so rating never decides).
     con.execute("""CREATE TEMP TABLE first AS SELECT user, item, min({'t': timestamp, 'p': pos, 'r': rating}) AS f
                    FROM raw GROUP BY user, item""")
     spilled = _spilled_bytes(con)
     kept_pairs = con.execute("SELECT count(*) FROM first").fetchone()[0]
+    _log(f"duckdb: {kept_pairs} distinct (user, item) pairs ({time.perf_counter() - started:.1f}s); counting users")
     if kept_pairs < total:
         _log(f"dropped {total - kept_pairs} repeated (user, item) events, keeping each pair's first")
     counts = con.execute("SELECT user, count(*) AS n FROM first GROUP BY user ORDER BY user").fetchnumpy()
