@@ -200,11 +200,12 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
                              ORDER BY first.user, f.t, f.p""")
 
     folder = out / "interactions"
-    column = {
-        name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(num_rows,))
-        for name, dtype in (("user", np.int64), ("timestamp", np.int64), ("rating", np.float32), ("split", np.int8))
-    }
-    item_idx = np.lib.format.open_memmap(spill / "item_idx.npy", mode="w+", dtype=np.int64, shape=(num_rows,))
+    # Plain appends, not memory maps: dirty pages of a written map count in the process's RSS
+    # until the kernel writes them back (3 GB at 1e8 rows); appended pages are the page cache's.
+    column = {name: _ColumnWriter(folder / f"{name}.npy", dtype, num_rows)
+              for name, dtype in (("user", np.int64), ("timestamp", np.int64), ("rating", np.float32),
+                                  ("split", np.int8))}
+    item_idx = _ColumnWriter(spill / "item_idx.npy", np.int64, num_rows)
     trained_user = np.zeros(num_users + 1, dtype=bool)
     trained_item = np.zeros(len(items), dtype=bool)
     split_of = _chunk_splitter(data_cfg, user_offsets, num_rows)
@@ -218,11 +219,11 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
         timestamp = batch.column("timestamp").to_numpy()
         if (np.diff(timestamp)[user[1:] == user[:-1]] < 0).any():  # the stream must follow the ORDER BY
             raise RuntimeError("duckdb returned the events out of (user, time) order")
-        column["user"][row:row + n] = user
-        column["timestamp"][row:row + n] = timestamp
-        column["rating"][row:row + n] = batch.column("rating").to_numpy()
-        column["split"][row:row + n] = split
-        item_idx[row:row + n] = idx
+        column["user"].append(user)
+        column["timestamp"].append(timestamp)
+        column["rating"].append(batch.column("rating").to_numpy())
+        column["split"].append(split)
+        item_idx.append(idx)
         train = split == splits.TRAIN
         trained_user[user[train]] = True
         trained_item[idx[train]] = True
@@ -230,33 +231,58 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
         if time.monotonic() - last_log > 30:
             _log(f"wrote {row} of {num_rows} rows ({time.perf_counter() - started:.0f}s)")
             last_log = time.monotonic()
-    if row != num_rows:
-        raise RuntimeError(f"duckdb returned {row} rows, expected {num_rows}")
+    for writer in (*column.values(), item_idx):
+        writer.close()
     if spilled:
         _log(f"duckdb spilled up to {spilled / 2**20:.1f} MiB to {spill}")
-    for array in column.values():
-        array.flush()
-    del column
     np.save(folder / "user_offsets.npy", user_offsets)
 
     code_of_idx = np.where(trained_item, np.cumsum(trained_item), 0).astype(np.int64)
-    item = np.lib.format.open_memmap(folder / "item.npy", mode="w+", dtype=np.int64, shape=(num_rows,))
-    oov_rows = []
-    for lo in range(0, num_rows, CHUNK_ROWS):
-        codes = code_of_idx[item_idx[lo:lo + CHUNK_ROWS]]
-        item[lo:lo + codes.size] = codes
-        oov_rows.append(np.flatnonzero(codes == 0) + lo)
-    item.flush()
-    oov_rows = np.concatenate(oov_rows).astype(np.int64)
-    np.save(folder / "oov_rows.npy", oov_rows)
-    np.save(folder / "oov_raw_items.npy", np.asarray(items[item_idx[oov_rows]]))
-    del item, item_idx
+    item = _ColumnWriter(folder / "item.npy", np.int64, num_rows)
+    oov_rows, oov_idx = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for lo, idx in item_idx.chunks():
+        codes = code_of_idx[idx]
+        item.append(codes)
+        oov = np.flatnonzero(codes == 0)
+        oov_rows.append(oov + lo)
+        oov_idx.append(idx[oov])
+    item.close()
+    np.save(folder / "oov_rows.npy", np.concatenate(oov_rows).astype(np.int64))
+    np.save(folder / "oov_raw_items.npy", np.asarray(items[np.concatenate(oov_idx)]))
     item_vocab = pd.Index(np.asarray(items)[trained_item])
     np.save(out / "raw_user_ids.npy", raw_user_ids)
     np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
     user_id_codes = np.where(trained_user, np.arange(num_users + 1), 0).astype(np.int64)
     _log(f"duckdb: interactions written ({time.perf_counter() - started:.1f}s)")
     return Interactions(num_rows, num_users, raw_user_ids, user_id_codes, item_vocab)
+
+
+class _ColumnWriter:
+    """A 1-D ``.npy`` file of ``n`` values written by appending chunks (the header ``np.save``
+    writes, so the file is the same byte for byte); :meth:`chunks` reads it back in chunks."""
+
+    def __init__(self, path: Path, dtype, n: int) -> None:
+        self.path, self.dtype, self.n, self.written = path, np.dtype(dtype), n, 0
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": (n,)})
+        self.offset = self.file.tell()
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.written += len(values)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.n:
+            raise RuntimeError(f"duckdb returned {self.written} rows for {self.path.name}, expected {self.n}")
+
+    def chunks(self):
+        """``(first_row, values)`` of the written file, ``CHUNK_ROWS`` at a time."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for lo in range(0, self.n, CHUNK_ROWS):
+                yield lo, np.fromfile(f, dtype=self.dtype, count=min(CHUNK_ROWS, self.n - lo))
 
 
 def _spilled_bytes(con) -> int:
