@@ -111,10 +111,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     sizes = [r["rows"] for r in rows]
     fig, (wall, rss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for stage in STAGES:
-        if all(stage in r for r in rows):
-            wall.plot(sizes, [r[stage]["seconds"] for r in rows], "o-", label=stage)
-            rss.plot(sizes, [r[stage]["peak_rss_gib"] for r in rows], "o-", label=stage)
+    for stage in STAGES:  # a stage not run (or stopped) at some size is drawn where it was measured
+        measured = [r for r in rows if stage in r]
+        wall.plot([r["rows"] for r in measured], [r[stage]["seconds"] for r in measured], "o-", label=stage)
+        rss.plot([r["rows"] for r in measured], [r[stage]["peak_rss_gib"] for r in measured], "o-", label=stage)
     for axis in (wall, rss):
         first = min(rows, key=lambda r: r["rows"])
         top = max(first[s]["seconds" if axis is wall else "peak_rss_gib"] for s in STAGES if s in first)
