@@ -38,7 +38,7 @@ case "$DEVICE" in
   cpu)  FBGEMM_PACKAGE="fbgemm-gpu-cpu==${FBGEMM_VERSION}"; TORCH_INDEX="" ;;
   *)    echo "setup: DEVICE=$DEVICE: expected auto, cuda or cpu" >&2; exit 2 ;;
 esac
-RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2"
+RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2 duckdb==2.0.0"
 TEST_DEPS="pytest hypothesis"
 BENCH_DEPS="matplotlib"  # benchmarks/ plots
 

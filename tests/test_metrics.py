@@ -74,8 +74,10 @@ def _random_exclusions(rng: np.random.Generator, q: int, n: int, max_per_query: 
     return per_query, offsets, values
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 5, 13, 1000])
-def test_chunked_topk_equals_brute_force(chunk):
+@pytest.mark.parametrize("chunk, max_scores", [(1, 1 << 26), (2, 1 << 26), (5, 1 << 26), (13, 1 << 26),
+                                               (1000, 1 << 26), (1000, 29 * 3), (1000, 1)])
+def test_chunked_topk_equals_brute_force(chunk, max_scores):
+    """max_scores caps the block of queries (29 * 3: 3 queries at a time; 1: one) whatever the chunk."""
     rng = np.random.default_rng(chunk)
     q, n, d, k = 13, 29, 6, 7
     queries = torch.from_numpy(rng.normal(size=(q, d)).astype(np.float32))
@@ -84,7 +86,8 @@ def test_chunked_topk_equals_brute_force(chunk):
     invalid = torch.zeros(n, dtype=torch.bool)
     invalid[0] = True
 
-    scores, indices = chunked_topk(queries, items, k, offsets, values, chunk=chunk, invalid_columns=invalid)
+    scores, indices = chunked_topk(queries, items, k, offsets, values, chunk=chunk, invalid_columns=invalid,
+                                   max_scores=max_scores)
 
     brute = queries @ items.t()
     brute[:, 0] = float("-inf")

@@ -73,6 +73,19 @@ class DataConfig:
     test_fraction: float = 0.1  # temporal and random splits
     seed: int = 42  # random split
     min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
+    # How prepare sorts, deduplicates, splits and encodes the interactions. pandas: in memory
+    # (about 300 bytes a row at its peak: 6.9 GiB for 25M rows); duckdb: out of core, within data.memory_limit,
+    # spilling to data.spill_dir; the cache it writes is the same, byte for byte. auto: duckdb
+    # when data.interactions_path is a directory of Parquet files, pandas otherwise.
+    engine: str = "auto"
+    memory_limit: str = "4GB"  # duckdb: its memory_limit (e.g. 500MB, 4GB); past it, it spills to disk
+    threads: int = 0  # duckdb: worker threads (0: one per core); each needs some of data.memory_limit
+    spill_dir: str = ""  # duckdb: where it spills; empty: a temporary folder beside data.cache_dir
+    # Hashed ids, per id feature: {user_id: 1000000} maps each raw user id to row
+    # 1 + hash(id) % 1000000 instead of a vocabulary built on training rows (data/features.py):
+    # no vocabulary to build, store or serve, and an id never seen in training still gets a
+    # row; distinct ids may share one (prepare reports the collision rate). user_id | item_id.
+    hash_buckets: dict[str, int] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -254,6 +267,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
                     "movielens-20m", "movielens-25m", "movielens-32m"),
     "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out", "temporal", "random"),
+    "data.engine": ("auto", "pandas", "duckdb"),
     "loss.name": ("in_batch_softmax", "bce", "mse"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
@@ -271,6 +285,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 # data_parallel is left out: it replicates whole tables on every rank and cannot use the fused
 # kernel, which is what this package is for.
+HASHABLE_FEATURES = ("user_id", "item_id")  # the id features whose spaces can be too large or open-ended
 _SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise")
 _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
@@ -377,7 +392,7 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
-                     "train.progress_every_seconds": ""}
+                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)"}
     for key, meaning in at_least_zero.items():
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")
@@ -396,6 +411,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"eval.ks: give positive cut-offs, got {cfg.eval.ks}")
+    for name, buckets in cfg.data.hash_buckets.items():
+        if name not in HASHABLE_FEATURES:
+            raise ConfigError(f"data.hash_buckets: '{name}' cannot be hashed (only {list(HASHABLE_FEATURES)})"
+                              f"{closest(name, list(HASHABLE_FEATURES))}")
+        if buckets < 1:
+            raise ConfigError(f"data.hash_buckets.{name}: must be at least 1, got {buckets}")
     if cfg.data.min_interactions < 1:
         raise ConfigError("data.min_interactions: must be at least 1")
     fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
@@ -418,6 +439,10 @@ def _check_combinations(cfg: Config) -> None:
     if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
         raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
     _check_causal(cfg)
+    if "item_id" in cfg.data.hash_buckets and cfg.features.share_item_table:
+        raise ConfigError("data.hash_buckets.item_id: the history looks items up by their code in a shared "
+                          "table (features.share_item_table), which a hashed item_id table does not have; turn "
+                          "one of them off")
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
 

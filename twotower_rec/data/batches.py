@@ -295,7 +295,7 @@ class Batcher:
         ones = np.ones(item.shape[0], dtype=np.int64)
         values, lengths = [], []
         for name in self.spec.item_keys:
-            if name == "item_id":
+            if name == "item_id" and name not in self.data.item_single:  # hashed: a row by item code
                 values.append(item)
                 lengths.append(ones)
             elif name in self.data.item_multi:

@@ -8,6 +8,12 @@ Query tower features: the user's side features (``user_id``, ``gender``, ...) an
 ``history``, a bag of the item ids the user interacted with strictly before the event.
 Item tower features: ``item_id``, ``genres`` (multi-hot), ``year`` (5-year bucket), plus dense
 ``year_norm``.
+
+Hashed ids (``data.hash_buckets``): ``user_id`` or ``item_id`` may instead map a raw id to
+row ``1 + hash(id) % n`` of an ``n + 1``-row table (:func:`hash_rows`), with no vocabulary:
+an id never seen in training still gets a row, and distinct ids may share one. The hash is
+of the id's text (``str(id)``), so the served TorchScript tower computes the same row from
+the raw string.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class FeatureSpec:
     # Small categorical vocabularies: feature -> raw values in index order (index = position + 1).
     vocabularies: dict[str, list] = field(default_factory=dict)
     source: str = ""
+    hashed: dict[str, int] = field(default_factory=dict)  # hashed id features -> buckets (``data.hash_buckets``)
 
     @property
     def query_keys(self) -> list[str]:
@@ -67,7 +74,10 @@ class FeatureSpec:
         return [f.name for f in self.item_features]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=_json_default)
+        data = asdict(self)
+        if not data["hashed"]:  # specs without hashed ids read (and fingerprint) as before
+            del data["hashed"]
+        return json.dumps(data, indent=2, default=_json_default)
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSpec":
@@ -101,3 +111,58 @@ def year_bucket(year: np.ndarray) -> np.ndarray:
     """5-year buckets (1993 -> 1990); unknown years (< 0) stay -1."""
     year = np.asarray(year, dtype=np.int64)
     return np.where(year >= 0, (year // 5) * 5, -1)
+
+
+def _mul32(a: int, b: int) -> int:
+    """``a * b mod 2**32`` for ``a, b < 2**32`` without passing 2**63 (TorchScript ints are int64)."""
+    return (a * (b & 0xFFFF) + (((a * (b >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def fnv1a_finish(h: int) -> int:
+    """MurmurHash3's finaliser on a 32-bit FNV-1a state: consecutive ids spread over all rows."""
+    h ^= h >> 16
+    h = _mul32(h, 0x85EBCA6B)
+    h ^= h >> 13
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_rows(ids, buckets: int, chunk: int = 1 << 20) -> np.ndarray:
+    """``[N]`` int64 rows ``1 + hash(str(id)) % buckets`` of raw ids (row 0 stays the unknown
+    value): 32-bit FNV-1a over the UTF-8 bytes of the id's text, then :func:`fnv1a_finish`,
+    vectorized over chunks of ids. The served tower computes the same per id
+    (``export/query_encoder.py``, ``hash_row``)."""
+    ids = np.asarray(ids)
+    out = np.empty(ids.size, dtype=np.int64)
+    for lo in range(0, ids.size, chunk):
+        part = ids[lo:lo + chunk]
+        text = (part.astype("S") if part.dtype.kind in "iu"
+                else np.array([str(v).encode("utf-8") for v in part], dtype="S"))
+        text = np.ascontiguousarray(text.astype(f"S{max(1, text.dtype.itemsize)}"))
+        width = text.dtype.itemsize
+        points = text.view(np.uint8).reshape(part.size, width).astype(np.uint64)
+        length = np.char.str_len(text)
+        h = np.full(part.size, 2166136261, dtype=np.uint64)
+        for j in range(width):
+            active = j < length
+            h = np.where(active, ((h ^ points[:, j]) * np.uint64(16777619)) & np.uint64(0xFFFFFFFF), h)
+        h ^= h >> np.uint64(16)
+        h = _mul32_array(h, 0x85EBCA6B)
+        h ^= h >> np.uint64(13)
+        h = _mul32_array(h, 0xC2B2AE35)
+        h ^= h >> np.uint64(16)
+        out[lo:lo + part.size] = (h % np.uint64(buckets)).astype(np.int64) + 1
+    return out
+
+
+def _mul32_array(a: np.ndarray, b: int) -> np.ndarray:
+    low, high = np.uint64(b & 0xFFFF), np.uint64(b >> 16)
+    return (a * low + (((a * high) & np.uint64(0xFFFF)) << np.uint64(16))) & np.uint64(0xFFFFFFFF)
+
+
+def collisions(rows: np.ndarray, buckets: int) -> dict:
+    """How hashing ``ids`` into ``rows`` went: ids, buckets, ids sharing their row with another, and that rate."""
+    counts = np.bincount(rows, minlength=buckets + 1)
+    colliding = int(counts[counts > 1].sum())
+    return {"buckets": int(buckets), "ids": int(rows.size), "rows_used": int((counts > 0).sum()),
+            "colliding_ids": colliding, "collision_rate": round(colliding / max(rows.size, 1), 6)}

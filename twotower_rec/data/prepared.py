@@ -4,12 +4,15 @@ training memory-maps it.
 Layout of ``cache_dir``::
 
     feature_spec.json        FeatureSpec (vocab sizes, tables, small vocabularies)
-    prepared.json            how it was made: the split, whether the source had ratings
+    prepared.json            how it was made: the split, whether the source had ratings, and
+                             the collisions of hashed ids (data.hash_buckets)
     interactions/*.npy       user, item, timestamp, rating, split: one row per event,
                              sorted by (user, time, file order); user_offsets [U + 1]
     users/<feature>.npy      [U + 1] encoded side features by user code (row 0: unknown user);
                              users/user_id.npy: the code, or 0 for a user without training events
-    items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV)
+                             (hashed user_id: every user's hashed row)
+    items/<feature>.npy      [V + 1] single-valued item features by item code (row 0: OOV);
+                             items/item_id.npy only when item_id is hashed: its row by item code
     items/<feature>.offsets.npy, items/<feature>.values.npy   multi-valued ones (CSR)
     items/dense.npy          [V + 1, Dd] float32 dense item features
     raw_user_ids.npy         [U] raw id of user code c at c - 1
@@ -31,14 +34,17 @@ import pandas as pd
 
 from twotower_rec import atomic
 from twotower_rec.config import DataConfig, FeaturesConfig
-from twotower_rec.data import splits
-from twotower_rec.data.features import HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, encode, year_bucket
+from twotower_rec.data import out_of_core, splits
+from twotower_rec.data.features import (HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, collisions, encode,
+                                        hash_rows, year_bucket)
+from twotower_rec.data.out_of_core import Interactions
 from twotower_rec.data.raw import RawData
 from twotower_rec.errors import DataError
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INFO = "prepared.json"  # how the cache was made: {"split": ..., "ratings": whether the source had any}
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
+CHUNK = 1 << 22  # rows of a memory-mapped column read at once by the whole-column statistics
 
 
 def _require_columns(frame: pd.DataFrame, columns, table: str) -> None:
@@ -70,40 +76,87 @@ class _Events:
 
 
 def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) -> "PreparedData":
-    """Sort, filter, split, build vocabularies on training rows, encode, and write the cache."""
+    """Sort, filter, split, build vocabularies on training rows, encode, and write the cache
+    (in memory, or out of core with ``data.engine: duckdb``: the same files)."""
     started = time.perf_counter()
-    inter = raw.interactions
-    _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
-    if len(inter) == 0:
-        raise DataError(f"{raw.name}: the interactions table is empty")
-    events = _order_events(inter, raw.name, data_cfg.min_interactions)
-    split = _split(events, data_cfg)
-    item_raw = inter["item"].to_numpy()[events.order]
-    item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
-    item = encode(item_raw, item_vocab)
     final = Path(data_cfg.cache_dir)
-    out = _new_cache_folder(final)
-    _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+    if _engine(raw, data_cfg) == "duckdb":
+        out = _new_cache_folder(final)
+        interactions = _interactions_out_of_core(raw, data_cfg, out, final)
+    else:
+        inter = raw.interactions
+        _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
+        if len(inter) == 0:
+            raise DataError(f"{raw.name}: the interactions table is empty")
+        events = _order_events(inter, raw.name, data_cfg.min_interactions)
+        split = _split(events, data_cfg)
+        item_raw = inter["item"].to_numpy()[events.order]
+        item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
+        item = encode(item_raw, item_vocab)
+        out = _new_cache_folder(final)
+        _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+        interactions = Interactions(len(events.user), events.num_users, events.raw_user_ids,
+                                    trained_user_ids(events.user, split, events.num_users), item_vocab)
+        del events, split, item, item_raw
+    item_vocab = interactions.item_vocab
     vocabularies: dict[str, list] = {}
-    query_features = _write_user_features(out, raw, events, split, features_cfg, vocabularies)
+    hashing: dict[str, dict] = {}  # collision report per hashed id feature
+    query_features = _write_user_features(out, raw, interactions, features_cfg, vocabularies,
+                                          data_cfg.hash_buckets, hashing)
     query_features += _history_features(features_cfg, len(item_vocab), bool(query_features))
     items = raw.items.drop_duplicates("item", keep="first").set_index("item").reindex(item_vocab)
     if "title_tokens" in features_cfg.item_features and "title" in items.columns:
         items["title_tokens"] = title_tokens(items["title"])
-    item_features = _write_item_features(out, raw, items, features_cfg, vocabularies, len(item_vocab))
+    item_features = _write_item_features(out, raw, items, features_cfg, vocabularies, len(item_vocab),
+                                         data_cfg.hash_buckets, hashing)
     _write_item_dense(out, raw, items, features_cfg, len(item_vocab))
     _write_item_metadata(out, raw, items, item_vocab)
     spec = FeatureSpec(
         query_features=query_features, item_features=item_features, item_dense=list(features_cfg.item_dense),
-        history_length=features_cfg.history_length, num_users=events.num_users, num_items=len(item_vocab),
-        vocabularies=vocabularies, source=raw.name,
+        history_length=features_cfg.history_length, num_users=interactions.num_users, num_items=len(item_vocab),
+        vocabularies=vocabularies, source=raw.name, hashed={n: r["buckets"] for n, r in hashing.items()},
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    (out / INFO).write_text(json.dumps({"split": data_cfg.split, "ratings": raw.has_ratings}, indent=2))
+    info = {"split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {})}
+    (out / INFO).write_text(json.dumps(info, indent=2))
     atomic.swap_in(out, final)
-    _log(f"{len(events.user)} interactions, {events.num_users} users, {len(item_vocab)} items -> {final} "
+    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
     return PreparedData(final)
+
+
+def _engine(raw: RawData, data_cfg: DataConfig) -> str:
+    """``data.engine``, with ``auto`` resolved: duckdb for a directory of Parquet files."""
+    if data_cfg.engine == "auto":
+        return "duckdb" if raw.interactions_files else "pandas"
+    if data_cfg.engine == "pandas" and raw.interactions_files:
+        raise DataError(f"{raw.name}: a directory of Parquet files is prepared out of core: set data.engine=duckdb")
+    return data_cfg.engine
+
+
+def _interactions_out_of_core(raw: RawData, data_cfg: DataConfig, out: Path, final: Path) -> Interactions:
+    """``interactions/*.npy`` and the raw ids through DuckDB within ``data.memory_limit``."""
+    spill = out_of_core.spill_folder(data_cfg, final)
+    try:
+        con = out_of_core.connect(data_cfg, spill)
+        if raw.interactions_files:
+            out_of_core.register_parquet(con, raw.interactions_files, data_cfg)
+        else:
+            _require_columns(raw.interactions, INTERACTION_COLUMNS, f"{raw.name} interactions")
+            out_of_core.register_frame(con, raw.interactions, raw.name)
+        try:
+            result = out_of_core.write_interactions(con, out, spill, raw.name, data_cfg)
+        except out_of_core.duckdb_out_of_memory() as err:
+            raise DataError(f"{raw.name}: data.memory_limit={data_cfg.memory_limit} is too small for DuckDB to "
+                            f"prepare this data even when spilling to disk: raise it or lower data.threads "
+                            f"({str(err).splitlines()[0]})") from None
+        con.close()
+        return result
+    except Exception:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        out_of_core.remove_spill(spill)
 
 
 def _order_events(inter: pd.DataFrame, name: str, min_interactions: int) -> _Events:
@@ -178,23 +231,31 @@ def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.
     np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
 
 
-def _write_user_features(out: Path, raw: RawData, events: _Events, split: np.ndarray, features_cfg: FeaturesConfig,
-                         vocabularies: dict[str, list]) -> list[Feature]:
+def _write_user_features(out: Path, raw: RawData, interactions: Interactions, features_cfg: FeaturesConfig,
+                         vocabularies: dict[str, list], hash_buckets: dict[str, int],
+                         hashing: dict[str, dict]) -> list[Feature]:
     """``user_id`` and each side feature of ``features.user_features`` (``users/<name>.npy``).
 
     The user-id vocabulary is the users with training events: a user first seen in validation
     or test (temporal split) is the OOV code 0, not an untrained row of the table.
     """
     query_features = []
-    if "user_id" in features_cfg.user_features:
-        np.save(out / "users" / "user_id.npy", trained_user_ids(events.user, split, events.num_users))
-        query_features.append(Feature("user_id", "query", events.num_users + 1))
+    if "user_id" in features_cfg.user_features and "user_id" in hash_buckets:
+        # Every user gets its hashed row, also one without training events.
+        buckets = hash_buckets["user_id"]
+        rows = hash_rows(interactions.raw_user_ids, buckets)
+        _report_hashing(hashing, "user_id", rows, buckets)
+        np.save(out / "users" / "user_id.npy", np.concatenate([[0], rows]))
+        query_features.append(Feature("user_id", "query", buckets + 1))
+    elif "user_id" in features_cfg.user_features:
+        np.save(out / "users" / "user_id.npy", interactions.user_id_codes)
+        query_features.append(Feature("user_id", "query", interactions.num_users + 1))
     users = raw.users.drop_duplicates("user", keep="first").set_index("user")
     for name in features_cfg.user_features:
         if name == "user_id":
             continue
         _require_columns(raw.users, [name], f"{raw.users_name} (features.user_features)")
-        values = users[name].reindex(events.raw_user_ids).to_numpy()
+        values = users[name].reindex(interactions.raw_user_ids).to_numpy()
         vocab = build_vocabulary(pd.Series(values))
         np.save(out / "users" / f"{name}.npy", np.concatenate([[0], encode(values, vocab)]))
         vocabularies[name] = vocab.tolist()
@@ -218,8 +279,16 @@ def _history_features(features_cfg: FeaturesConfig, num_items: int, has_user_fea
     return features
 
 
+def _report_hashing(hashing: dict[str, dict], name: str, rows: np.ndarray, buckets: int) -> None:
+    report = collisions(rows, buckets)
+    hashing[name] = report
+    _log(f"{name}: {report['ids']} ids hashed into {buckets} rows, {report['rows_used']} used; "
+         f"{report['colliding_ids']} ids ({100 * report['collision_rate']:.2f}%) share their row with another id")
+
+
 def _write_item_features(out: Path, raw: RawData, items: pd.DataFrame, features_cfg: FeaturesConfig,
-                         vocabularies: dict[str, list], num_items: int) -> list[Feature]:
+                         vocabularies: dict[str, list], num_items: int, hash_buckets: dict[str, int],
+                         hashing: dict[str, dict]) -> list[Feature]:
     """``item_id`` and each feature of ``features.item_features`` (``items/<name>.npy``, or a
     CSR pair for the multi-valued ones)."""
     # A table has one pooling: shared with the (mean-pooled) history, the single-valued item id
@@ -227,6 +296,15 @@ def _write_item_features(out: Path, raw: RawData, items: pd.DataFrame, features_
     shared_pooling = "mean" if features_cfg.share_item_table and features_cfg.history_length > 0 else "sum"
     item_features = ([Feature("item_id", "item", num_items + 1, pooling=shared_pooling)]
                      if "item_id" in features_cfg.item_features else [])
+    if item_features and "item_id" in hash_buckets:
+        if features_cfg.share_item_table and features_cfg.history_length > 0:
+            raise DataError("data.hash_buckets.item_id cannot be combined with features.share_item_table")
+        # The catalog row (item code) stays; the item_id feature reads a hashed row by code.
+        buckets = hash_buckets["item_id"]
+        rows = hash_rows(np.asarray(items.index), buckets)
+        _report_hashing(hashing, "item_id", rows, buckets)
+        np.save(out / "items" / "item_id.npy", np.concatenate([[0], rows]))
+        item_features = [Feature("item_id", "item", buckets + 1)]
     for name in features_cfg.item_features:
         if name == "item_id":
             continue
@@ -307,7 +385,9 @@ def trained_user_ids(user: np.ndarray, split: np.ndarray, num_users: int) -> np.
 
 
 class PreparedData:
-    """Read-only, memory-mapped view of a prepared cache."""
+    """Read-only, memory-mapped view of a prepared cache. Nothing of the interaction columns
+    is copied whole: batches gather their rows from the maps, and the statistics below read
+    them a chunk at a time, so a process holds the pages it touches, not the columns."""
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.dir = Path(cache_dir)
@@ -317,6 +397,7 @@ class PreparedData:
             raise DataError(f"no prepared data at {self.dir} (missing feature_spec.json): run `twotower-rec prepare` "
                             "first")
         self.spec = FeatureSpec.from_json(spec_path.read_text())
+        self._rows: dict[int, np.ndarray] = {}
         info = self.dir / INFO
         self.info = json.loads(info.read_text()) if info.is_file() else {}  # caches written before it: {}
 
@@ -345,7 +426,9 @@ class PreparedData:
         self.item_single: dict[str, np.ndarray] = {}
         self.item_multi: dict[str, CSR] = {}
         for f in self.spec.item_features:
-            if f.name == "item_id":
+            if f.name == "item_id":  # the item code itself, unless hashed (items/item_id.npy)
+                if f.name in self.spec.hashed:
+                    self.item_single[f.name] = np.asarray(load("items", "item_id.npy"))
                 continue
             if (self.dir / "items" / f"{f.name}.offsets.npy").is_file():
                 self.item_multi[f.name] = CSR(np.asarray(load("items", f"{f.name}.offsets.npy")),
@@ -375,23 +458,36 @@ class PreparedData:
         return raw
 
     def rows(self, split: int) -> np.ndarray:
-        """Row indices of one split, in (user, time) order."""
-        return np.flatnonzero(np.asarray(self.split) == split)
+        """Row indices of one split, in (user, time) order; computed once, a chunk of the
+        memory-mapped split column at a time (no whole-column copy)."""
+        if split not in self._rows:
+            split_column = self.split
+            self._rows[split] = np.concatenate(
+                [np.flatnonzero(np.asarray(split_column[lo:lo + CHUNK]) == split) + lo
+                 for lo in range(0, self.num_rows, CHUNK)] or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+            self._rows[split].flags.writeable = False  # shared by every caller
+        return self._rows[split]
 
     def item_metadata(self) -> pd.DataFrame:
         return pd.read_parquet(self.dir / "items.parquet")
 
     def item_counts(self) -> np.ndarray:
-        """``[V + 1]`` training interaction counts by item code (row 0: OOV)."""
-        train = np.asarray(self.split) == splits.TRAIN
-        return np.bincount(np.asarray(self.item)[train], minlength=self.spec.num_items + 1)
+        """``[V + 1]`` training interaction counts by item code (row 0: OOV), counted a chunk at a time."""
+        counts = np.zeros(self.spec.num_items + 1, dtype=np.int64)
+        for lo in range(0, self.num_rows, CHUNK):
+            item = np.asarray(self.item[lo:lo + CHUNK])
+            counts += np.bincount(item[np.asarray(self.split[lo:lo + CHUNK]) == splits.TRAIN],
+                                  minlength=counts.size)
+        return counts
 
     def summary(self) -> dict:
-        split = np.asarray(self.split)
+        counts = np.zeros(3, dtype=np.int64)
+        for lo in range(0, self.num_rows, CHUNK):
+            counts += np.bincount(np.asarray(self.split[lo:lo + CHUNK]), minlength=3)
         return {
             "rows": self.num_rows, "users": self.spec.num_users, "items": self.spec.num_items,
-            "train": int((split == splits.TRAIN).sum()), "validation": int((split == splits.VALIDATION).sum()),
-            "test": int((split == splits.TEST).sum()), "source": self.spec.source,
+            "train": int(counts[splits.TRAIN]), "validation": int(counts[splits.VALIDATION]),
+            "test": int(counts[splits.TEST]), "source": self.spec.source,
         }
 
 

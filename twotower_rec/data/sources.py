@@ -86,6 +86,8 @@ def interactions_source(cfg: DataConfig) -> RawData:
     if not cfg.interactions_path:
         raise DataError("data.source=interactions needs data.interactions_path")
     path = Path(cfg.interactions_path)
+    if path.is_dir():
+        return _parquet_directory(path, cfg)
     frame = read_table(path, "interactions")
     columns = {"user": cfg.user_column, "item": cfg.item_column, "timestamp": cfg.timestamp_column}
     missing = [f"{name} ('{column}')" for name, column in columns.items() if column not in frame.columns]
@@ -115,6 +117,34 @@ def interactions_source(cfg: DataConfig) -> RawData:
         items = _item_columns(items, cfg.genres_separator)
     return RawData(interactions, users, items, name=str(path), users_name=users_name, items_name=items_name,
                    has_ratings=has_ratings)
+
+
+def _parquet_directory(path: Path, cfg: DataConfig) -> RawData:
+    """A directory of Parquet files (what a Spark or Ray job writes), left on disk for the
+    out-of-core ``prepare``; the side tables are read as for a single file."""
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+    if not files:
+        raise DataError(f"{path}: a directory with no .parquet files (data.interactions_path takes a file or a "
+                        "directory of Parquet files)")
+    if cfg.engine == "pandas":
+        raise DataError(f"{path}: a directory of Parquet files is prepared out of core: set data.engine=duckdb "
+                        "(or auto)")
+    empty = pd.DataFrame({"user": pd.Series([], dtype=object), "item": pd.Series([], dtype=object)})
+    users, users_name = ((read_table(cfg.users_path, "users").rename(columns={cfg.user_column: "user"}),
+                          str(cfg.users_path)) if cfg.users_path else (empty[["user"]], "users table (none given)"))
+    items, items_name = ((read_table(cfg.items_path, "items").rename(columns={cfg.item_column: "item"}),
+                          str(cfg.items_path)) if cfg.items_path else (empty[["item"]], "items table (none given)"))
+    for table, key, name in ((users, "user", users_name), (items, "item", items_name)):
+        if key not in table.columns:
+            raise DataError(f"{name}: missing column '{getattr(cfg, key + '_column')}' (data.{key}_column)")
+    if cfg.items_path:
+        items = _item_columns(items, cfg.genres_separator)
+    import pyarrow.parquet as pq
+
+    has_ratings = cfg.rating_column in pq.ParquetFile(files[0]).schema_arrow.names
+    return RawData(pd.DataFrame(columns=["user", "item", "timestamp", "rating"]), users, items, name=str(path),
+                   users_name=users_name, items_name=items_name, has_ratings=has_ratings,
+                   interactions_files=files)
 
 
 def _seconds(frame: pd.DataFrame, column: str, path: Path, date_format: str = "") -> np.ndarray:

@@ -47,9 +47,14 @@ def temporal(timestamp: np.ndarray, file_position: np.ndarray, validation_fracti
     n = timestamp.size
     rank = np.empty(n, dtype=np.int64)
     rank[np.lexsort((file_position, timestamp))] = np.arange(n)
+    return split_of_time_rank(rank, n, validation_fraction, test_fraction)
+
+
+def split_of_time_rank(rank: np.ndarray, n: int, validation_fraction: float, test_fraction: float) -> np.ndarray:
+    """The temporal split of events whose place in the time order of all ``n`` is ``rank``."""
     n_test = int(round(n * test_fraction))
     n_validation = int(round(n * validation_fraction))
-    split = np.full(n, TRAIN, dtype=np.int8)
+    split = np.full(rank.size, TRAIN, dtype=np.int8)
     split[rank >= n - n_test - n_validation] = VALIDATION
     split[rank >= n - n_test] = TEST
     return split
@@ -57,8 +62,12 @@ def temporal(timestamp: np.ndarray, file_position: np.ndarray, validation_fracti
 
 def random_split(n: int, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """Each event independently: test with ``test_fraction``, validation with ``validation_fraction``."""
-    draw = np.random.default_rng(seed).random(n)
-    split = np.full(n, TRAIN, dtype=np.int8)
+    return split_of_draw(np.random.default_rng(seed).random(n), validation_fraction, test_fraction)
+
+
+def split_of_draw(draw: np.ndarray, validation_fraction: float, test_fraction: float) -> np.ndarray:
+    """The random split of events given their uniform draws (in row order, from the seeded stream)."""
+    split = np.full(draw.size, TRAIN, dtype=np.int8)
     split[draw < test_fraction + validation_fraction] = VALIDATION
     split[draw < test_fraction] = TEST
     return split

@@ -152,3 +152,47 @@ def _timestamps(rng: np.random.Generator, user_of: np.ndarray, num_users: int) -
     cum_gaps = np.cumsum(gaps)
     cum_gaps -= np.repeat(cum_gaps[run_starts] - gaps[run_starts], run_lengths)
     return user_start_time[user_of] + cum_gaps
+
+
+def write_parquet(cfg: SyntheticConfig, out_dir, users_per_file: int = 500_000, log=print) -> dict:
+    """The same kind of data set written in blocks of users, for sizes whose events do not
+    fit in memory: ``out_dir/interactions/part-NNNNN.parquet`` (user, item, timestamp,
+    rating), ``out_dir/users.parquet`` and ``out_dir/items.parquet`` (genres ``|``-joined).
+
+    Block ``b`` draws from a generator seeded by (``cfg.seed``, b), so its events differ from
+    :func:`synthetic`'s for the same config; memory is one block's. Returns the counts.
+    """
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    (out / "interactions").mkdir(parents=True, exist_ok=True)
+    items, item_cluster, item_weight = _items(np.random.default_rng([cfg.seed, 0]), cfg)
+    pq.write_table(pa.Table.from_pandas(items.assign(genres=items["genres"].str.join("|")), preserve_index=False),
+                   out / "items.parquet")
+    user_tables, rows = [], 0
+    for block, first in enumerate(range(0, cfg.num_users, users_per_file)):
+        count = min(users_per_file, cfg.num_users - first)
+        block_cfg = SyntheticConfig(**{**cfg.__dict__, "num_users": count})
+        rng = np.random.default_rng([cfg.seed, block + 1])
+        users, liked, liked_weight = _users(rng, block_cfg)
+        user_of, cluster = _cluster_walks(rng, block_cfg, liked, liked_weight)
+        item = _items_in_clusters(rng, cluster, item_cluster, item_weight, cfg.num_clusters)
+        _, first_of_pair = np.unique(user_of.astype(np.int64) * cfg.num_items + item, return_index=True)
+        keep = np.sort(first_of_pair)  # each (user, item) pair's first event, as synthetic() keeps
+        user_of, item = user_of[keep], item[keep]
+        timestamp = _timestamps(rng, user_of, count)
+        rating = np.clip(np.round(3.4 + rng.normal(0, 0.8, user_of.size)), 1, 5)
+        table = pa.table({
+            "user": (user_of + first + 1).astype(np.int64), "item": items["item"].to_numpy()[item],
+            "timestamp": timestamp.astype(np.int64), "rating": rating.astype(np.float32),
+        })
+        pq.write_table(table, out / "interactions" / f"part-{block:05d}.parquet")
+        user_tables.append(users.assign(user=users["user"] + first))
+        rows += table.num_rows
+        log(f"synthetic: block {block + 1}: {first + count} of {cfg.num_users} users, {rows} events")
+    pq.write_table(pa.Table.from_pandas(pd.concat(user_tables, ignore_index=True), preserve_index=False),
+                   out / "users.parquet")
+    return {"interactions": rows, "users": cfg.num_users, "items": cfg.num_items}

@@ -1,7 +1,8 @@
 """Exact top-K over a catalog by chunked matrix product, with per-query exclusions.
 
 Shared by evaluation and serving; depends on torch only. Shapes: ``Q`` queries, ``N`` catalog
-rows, ``D`` dim. Memory is bounded by ``chunk * N`` scores at a time.
+rows, ``D`` dim. Memory is bounded by ``chunk * N`` scores at a time, and by ``max_scores``
+whatever the chunk: at 10^6 items a chunk of 1,024 queries would be 4 GB of scores.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def chunked_topk(
     exclude_values: np.ndarray | None = None,
     chunk: int = 1024,
     invalid_columns: torch.Tensor | None = None,
+    max_scores: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` columns of ``queries @ items.T`` ``[Q, N]`` -> (scores ``[Q, k]``, indices ``[Q, k]``).
 
@@ -26,6 +28,7 @@ def chunked_topk(
     (the out-of-vocabulary row).
     """
     k = min(k, items.shape[0])
+    chunk = max(1, min(chunk, max_scores // max(items.shape[0], 1)))  # rows are independent: same result
     all_scores, all_indices = [], []
     for begin in range(0, queries.shape[0], chunk):
         end = min(begin + chunk, queries.shape[0])

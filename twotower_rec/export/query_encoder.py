@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from twotower_rec.data.features import HISTORY, Feature, recent_position
+from twotower_rec.data.features import HISTORY, Feature, fnv1a_finish, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.sequences import item_before, last_items
 from twotower_rec.model.ensemble import Ensemble
@@ -71,7 +71,8 @@ class QueryEncoder(nn.Module):
     """
 
     def __init__(self, members: list[MemberQueryEncoder], feature_names: list[str] | None = None,
-                 vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0) -> None:
+                 vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0,
+                 hashed: dict[str, int] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.scale = 1.0 / float(np.sqrt(len(members)))
@@ -79,6 +80,8 @@ class QueryEncoder(nn.Module):
         self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
         self.vocabularies = torch.jit.Attribute(dict(vocabularies or {}), Dict[str, Dict[str, int]])
         self.history_length = history_length
+        # Hashed id features (data.hash_buckets) -> buckets: no vocabulary, the row is hash_row's.
+        self.hashed = torch.jit.Attribute(dict(hashed or {}), Dict[str, int])
         self.recent = torch.jit.Attribute({n: recent_position(n) for n in feature_names or [] if recent_position(n)},
                                           Dict[str, int])
 
@@ -148,7 +151,12 @@ class QueryEncoder(nn.Module):
         for row in rows:
             if len(row) > 1:
                 raise ValueError("feature '" + name + "' takes one value per row, got " + str(len(row)))
-            codes.append(vocab.get(row[0], 0) if len(row) == 1 else 0)
+            if len(row) == 0:
+                codes.append(0)
+            elif name in self.hashed:
+                codes.append(hash_row(row[0], self.hashed[name]))
+            else:
+                codes.append(vocab.get(row[0], 0))
         return torch.tensor(codes, dtype=torch.long), torch.ones(len(codes), dtype=torch.long)
 
     def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
@@ -160,12 +168,35 @@ class QueryEncoder(nn.Module):
         return torch.cat(parts, dim=1) * self.scale  # one member: scale 1, the member's own vectors
 
 
+@torch.jit.unused
+def _eager_utf8(text: str) -> List[int]:
+    return list(text.encode("utf-8"))
+
+
+def _utf8(text: str) -> List[int]:
+    if torch.jit.is_scripting():
+        return [ord(c) for c in text]  # TorchScript iterates a str's UTF-8 bytes
+    return _eager_utf8(text)
+
+
+def hash_row(text: str, buckets: int) -> int:
+    """The row of a hashed raw id, ``1 + hash % buckets``: what ``features.hash_rows`` gives
+    ``prepare`` for the same id, one string at a time (TorchScript)."""
+    h = 2166136261
+    for byte in _utf8(text):
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return 1 + fnv1a_finish(h) % buckets
+
+
 def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
     """Raw value (as a string) -> code for every query feature (code 0: unknown). A user's raw
     id has a code only when the user had training events (``PreparedData.user_features``)."""
     out = {}
     for name in names:
         keep = None
+        if name in data.spec.hashed:  # no vocabulary: QueryEncoder.hashed
+            out[name] = {}
+            continue
         if name == "user_id":
             raw, keep = data.raw_user_ids, data.user_features["user_id"][1:] > 0
         elif name == HISTORY or recent_position(name):
@@ -209,5 +240,6 @@ def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
     names = list(model.query_feature_order)
     vocabularies = raw_vocabularies(data, names) if data is not None else {}
     history_length = data.spec.history_length if data is not None else 0
+    hashed = {n: b for n, b in data.spec.hashed.items() if n in names} if data is not None else {}
     encoders = [_member_encoder(m, features) for m in members]
-    return QueryEncoder(encoders, names, vocabularies, history_length).eval()
+    return QueryEncoder(encoders, names, vocabularies, history_length, hashed).eval()

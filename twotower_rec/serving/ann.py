@@ -67,18 +67,25 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)) -> dict:
+def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, ks: tuple[int, ...] = (10, 100),
+                         chunk_scores: int = 1 << 24) -> dict:
     """recall@k of ``index`` against exact inner-product search: the share of the exact top-k
-    that the index's top-k contains, averaged over ``queries``."""
-    exact_scores = queries.astype(np.float32) @ vectors.astype(np.float32).T
-    out = {}
-    for k in ks:
-        kk = min(k, vectors.shape[0])
-        exact = np.argpartition(-exact_scores, kk - 1, axis=1)[:, :kk]
-        _, found = search(index, queries, kk)
-        hits = [len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact, found)]
-        out[f"recall@{k}"] = float(np.sum(hits) / (kk * len(queries)))
-    return out
+    that the index's top-k contains, averaged over ``queries``. Exact scores are computed for
+    a block of queries at a time (about ``chunk_scores`` scores), so memory stays bounded at
+    any catalog size."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    block = max(1, chunk_scores // max(vectors.shape[0], 1))
+    hits = {k: 0 for k in ks}
+    for lo in range(0, len(queries), block):
+        part = queries[lo:lo + block]
+        neg_scores = -(part @ vectors.T)
+        for k in ks:
+            kk = min(k, vectors.shape[0])
+            exact = np.argpartition(neg_scores, kk - 1, axis=1)[:, :kk]
+            _, found = search(index, part, kk)
+            hits[k] += sum(len(set(e.tolist()) & set(f.tolist())) for e, f in zip(exact, found))
+    return {f"recall@{k}": float(hits[k] / (min(k, vectors.shape[0]) * len(queries))) for k in ks}
 
 
 def write(index, path) -> None:

@@ -24,8 +24,13 @@ def global_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> lis
     """Shuffled row positions cut into full global batches (a last partial one is dropped
     unless it is the only one, so every rank always gets a slice of the same size)."""
     order = np.random.default_rng([seed, epoch]).permutation(num_rows)
-    count = max(1, num_rows // batch_size)
+    count = num_global_batches(num_rows, batch_size)
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+def num_global_batches(num_rows: int, batch_size: int) -> int:
+    """How many global batches an epoch has (what ``len(global_batches(...))`` is, without the shuffle)."""
+    return max(1, num_rows // batch_size)
 
 
 def local_slice(rows: np.ndarray, env: DistEnv) -> np.ndarray:

@@ -36,7 +36,7 @@ from twotower_rec.errors import ConfigError
 from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
-from twotower_rec.train.batch_order import BatchesAhead, global_batches, local_batches, local_sequence_batches
+from twotower_rec.train.batch_order import BatchesAhead, local_batches, local_sequence_batches, num_global_batches
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
@@ -70,6 +70,7 @@ class TrainerState:
 def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainResult:
     """Train; with ``resume`` (a checkpoint written with optimizer state, e.g. ``<out_dir>/last``)
     continue from its step and data position, at this or any other world size."""
+    entered = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = PreparedData(cfg.data.cache_dir)
@@ -82,7 +83,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     state, streaming = TrainerState(), None
     if resume is not None:
         state, streaming = _resume(resume, cfg, model, optimizer, data, env)
-    return Trainer(cfg, env, data, model, optimizer, state, streaming).run()
+    return Trainer(cfg, env, data, model, optimizer, state, streaming, entered).run()
 
 
 def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
@@ -125,8 +126,9 @@ class Trainer:
     """One run of the loop over a built (and possibly resumed) model and optimizer."""
 
     def __init__(self, cfg: Config, env: DistEnv, data: PreparedData, model: DistributedModelParallel, optimizer,
-                 state: TrainerState, streaming: dict | None = None) -> None:
+                 state: TrainerState, streaming: dict | None = None, entered: float | None = None) -> None:
         self.cfg, self.env, self.data, self.model, self.optimizer, self.state = cfg, env, data, model, optimizer, state
+        self.entered = entered  # when train() began: start-up time is measured from it
         self.batcher = Batcher(data)
         self.train_rows = data.rows(TRAIN)
         # train.examples=sequences: the rows shuffled into batches are windows of users' sequences
@@ -135,7 +137,7 @@ class Trainer:
         num_rows = self.windows.shape[0] if self.windows is not None else self.train_rows.size
         self.out_dir = Path(cfg.train.out_dir)
         self.best_path, self.last_path = self.out_dir / "checkpoint", self.out_dir / "last"
-        self.batches_per_epoch = len(global_batches(num_rows, cfg.train.batch_size, cfg.train.seed, 0))
+        self.batches_per_epoch = num_global_batches(num_rows, cfg.train.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -159,6 +161,8 @@ class Trainer:
         validation (unless the last step just had one), ``last`` and ``train_metrics.json``."""
         cfg, state = self.cfg, self.state
         started, examples_here = time.perf_counter(), 0
+        # Loading the cache, building the model and the batch order, before the first step.
+        self.startup_seconds = started - self.entered if self.entered is not None else None
         batches = self._batches()
         # sequence windows are not pipelined (see README, "GPU")
         stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, batches, self.env,
@@ -275,7 +279,7 @@ class Trainer:
         """Write ``train_metrics.json`` and the summary line (rank 0)."""
         state, metric = self.state, self.metric
         metrics = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
-                   "examples_per_second": rate, "world_size": self.env.world_size, "best_step": state.best_step,
+                   "examples_per_second": rate, "startup_seconds": self.startup_seconds, "world_size": self.env.world_size, "best_step": state.best_step,
                    f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
                    "validation": state.validation}
         if self.cfg.loss.learn_temperature:

@@ -1,0 +1,308 @@
+"""Out-of-core ``prepare`` of the interactions (``data.engine: duckdb``): the same
+``interactions/*.npy`` the in-memory path writes, byte for byte, within ``data.memory_limit``.
+
+DuckDB does what needs the whole log at once, spilling to ``data.spill_dir`` past its memory
+limit: keep each (user, item) pair's first event by (time, file order), count each user's
+events, and sort the kept events by (user, time, file order). Python then streams the sorted
+rows in chunks of ``CHUNK_ROWS`` into memory-mapped ``.npy`` files, so its own memory is a
+chunk plus arrays of one entry per user or per item. Why DuckDB and not Polars streaming or
+Arrow: BENCHMARKS.md ("Preparing data bigger than memory").
+
+The input is a DataFrame from any of today's readers (already in memory; the engine bounds
+the work done on it) or a list of Parquet files read by DuckDB itself, in name order.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from twotower_rec.config import DataConfig
+from twotower_rec.data import splits
+from twotower_rec.errors import DataError
+
+CHUNK_ROWS = 1 << 20
+
+
+def _log(message: str) -> None:
+    print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Interactions:
+    """What the rest of ``prepare`` needs of the interactions once their files are written."""
+
+    num_rows: int
+    num_users: int
+    raw_user_ids: np.ndarray  # [U] raw id of user code c at c - 1
+    user_id_codes: np.ndarray  # [U + 1] the user_id feature: the code, or 0 for a user without training events
+    item_vocab: pd.Index  # raw ids of the items with training events, sorted; code = position + 1
+
+
+def connect(data_cfg: DataConfig, spill_dir: Path):
+    """A DuckDB connection held to ``data.memory_limit``, spilling into ``spill_dir``."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = '{data_cfg.memory_limit}'")
+    except duckdb.Error as err:
+        raise DataError(f"data.memory_limit: '{data_cfg.memory_limit}' is not a size DuckDB reads "
+                        f"(e.g. 500MB, 4GB): {err}") from None
+    if data_cfg.threads:
+        con.execute(f"SET threads = {int(data_cfg.threads)}")
+    con.execute(f"SET temp_directory = '{spill_dir}'")
+    con.execute("SET preserve_insertion_order = false")  # every order that matters is an ORDER BY
+    return con
+
+
+def duckdb_out_of_memory() -> type[Exception]:
+    import duckdb
+
+    return duckdb.OutOfMemoryException
+
+
+def spill_folder(data_cfg: DataConfig, final: Path) -> Path:
+    """``data.spill_dir``, or a new temporary folder beside the cache (the same disk)."""
+    parent = Path(data_cfg.spill_dir) if data_cfg.spill_dir else final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.spill-", dir=parent))
+
+
+def register_frame(con, inter: pd.DataFrame, name: str) -> None:
+    """Today's readers' table as a DuckDB view ``raw`` with ``pos``, the row's file order."""
+    import pyarrow as pa
+
+    columns = {}
+    for column in ("user", "item"):
+        values = inter[column].to_numpy()
+        if values.dtype == object and not all(isinstance(v, str) for v in values[: min(values.size, 1000)]):
+            raise DataError(f"{name}: {column} ids beyond 64 bits (or of mixed types) need data.engine=pandas")
+        columns[column] = pa.array(values)
+    columns["timestamp"] = pa.array(inter["timestamp"].to_numpy(np.int64))
+    columns["rating"] = pa.array(inter["rating"].to_numpy(np.float32))
+    columns["pos"] = pa.array(np.arange(len(inter), dtype=np.int64))
+    con.register("raw_frame", pa.table(columns))
+    con.execute("CREATE VIEW raw AS SELECT * FROM raw_frame")
+
+
+def register_parquet(con, files: list[Path], data_cfg: DataConfig) -> bool:
+    """A directory's Parquet files as the view ``raw`` (user, item, timestamp, rating, pos);
+    the file order is the files' name order, then their rows. Returns whether a rating column
+    exists. Missing ids, times or ratings are errors naming the file and row."""
+    import pyarrow.parquet as pq
+
+    starts, total = [], 0
+    schema = None
+    for path in files:
+        meta = pq.ParquetFile(path)
+        starts.append((str(path), total))
+        total += meta.metadata.num_rows
+        schema = schema or meta.schema_arrow
+    names = {"user": data_cfg.user_column, "item": data_cfg.item_column, "timestamp": data_cfg.timestamp_column}
+    missing = [f"{k} ('{v}')" for k, v in names.items() if v not in schema.names]
+    if missing:
+        raise DataError(f"{files[0]}: missing column(s) {', '.join(missing)}; found {schema.names}. Name yours with "
+                        "data.user_column / data.item_column / data.timestamp_column")
+    has_ratings = data_cfg.rating_column in schema.names
+    con.execute("CREATE TEMP TABLE file_start (filename VARCHAR, start BIGINT)")
+    con.executemany("INSERT INTO file_start VALUES (?, ?)", starts)
+    listed = "[" + ", ".join(_quote(str(p)) for p in files) + "]"
+    ts_type = str(schema.field(data_cfg.timestamp_column).type)
+    if ts_type.startswith("timestamp") or ts_type.startswith("date"):
+        seconds = f"CAST(epoch({_ident(data_cfg.timestamp_column)}) AS BIGINT)"
+    elif ts_type.startswith(("int", "uint")):
+        seconds = f"CAST({_ident(data_cfg.timestamp_column)} AS BIGINT)"
+    elif ts_type in ("float", "double", "halffloat"):
+        seconds = f"CAST(trunc({_ident(data_cfg.timestamp_column)}) AS BIGINT)"
+    else:
+        raise DataError(f"{files[0]}: column '{data_cfg.timestamp_column}' is {ts_type}; a directory of Parquet "
+                        "files needs timestamps as integer seconds or a Parquet timestamp")
+    rating = f"CAST({_ident(data_cfg.rating_column)} AS FLOAT)" if has_ratings else "CAST(1.0 AS FLOAT)"
+    con.execute(f"""CREATE VIEW raw_checked AS SELECT r.{_ident(names['user'])} AS user,
+        r.{_ident(names['item'])} AS item, {seconds} AS timestamp, {rating} AS rating,
+        r.filename AS filename, r.file_row_number AS file_row
+        FROM read_parquet({listed}, filename = true, file_row_number = true) r""")
+    for column, what in (("user", "empty user id"), ("item", "empty item id"), ("timestamp", "missing timestamp"),
+                         ("rating", "missing or non-finite rating")):
+        test = f"{column} IS NULL" + (" OR NOT isfinite(rating)" if column == "rating" else "")
+        bad = con.execute(f"SELECT filename, file_row, count(*) OVER () FROM raw_checked WHERE {test} "
+                          "ORDER BY filename, file_row LIMIT 1").fetchone()
+        if bad:
+            raise DataError(f"{bad[0]}: row {bad[1] + 1}: {what} ({bad[2]} such rows)")
+    con.execute("""CREATE VIEW raw AS SELECT r.user, r.item, r.timestamp, r.rating, f.start + r.file_row AS pos
+                   FROM raw_checked r JOIN file_start f USING (filename)""")
+    return has_ratings
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataConfig) -> Interactions:
+    """Order, deduplicate, filter, split and encode the view ``raw``; write ``interactions/*.npy``,
+    ``raw_user_ids.npy`` and ``raw_item_ids.npy`` into ``out``."""
+    started = time.perf_counter()
+    total = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+    if total == 0:
+        raise DataError(f"{name}: the interactions table is empty")
+    _log(f"duckdb: {total} events; keeping each (user, item) pair's first (memory limit {data_cfg.memory_limit})")
+    # A user meets an item once: the pair's first event by time, then file order (a struct
+    # compares field by field; pos is unique, so rating never decides).
+    con.execute("""CREATE TEMP TABLE first AS SELECT user, item, min({'t': timestamp, 'p': pos, 'r': rating}) AS f
+                   FROM raw GROUP BY user, item""")
+    spilled = _spilled_bytes(con)
+    kept_pairs = con.execute("SELECT count(*) FROM first").fetchone()[0]
+    _log(f"duckdb: {kept_pairs} distinct (user, item) pairs ({time.perf_counter() - started:.1f}s); counting users")
+    if kept_pairs < total:
+        _log(f"dropped {total - kept_pairs} repeated (user, item) events, keeping each pair's first")
+    counts = con.execute("SELECT user, count(*) AS n FROM first GROUP BY user ORDER BY user").fetchnumpy()
+    keep = counts["n"] >= data_cfg.min_interactions
+    dropped = int((~keep).sum())
+    if dropped:
+        _log(f"dropped {dropped} of {keep.size} users with fewer than {data_cfg.min_interactions} interactions")
+    if not keep.any():
+        raise DataError(f"{name}: no user has {data_cfg.min_interactions} or more interactions")
+    raw_user_ids = np.asarray(counts["user"])[keep]
+    user_offsets = np.concatenate([[0], np.cumsum(counts["n"][keep])]).astype(np.int64)
+    num_users, num_rows = int(keep.sum()), int(user_offsets[-1])
+    del counts
+    items = con.execute("SELECT DISTINCT item FROM first ORDER BY item").fetchnumpy()["item"]
+    con.execute("CREATE TEMP TABLE item_index (item {}, idx BIGINT)".format(
+        con.execute("SELECT typeof(item) FROM first LIMIT 1").fetchone()[0]))
+    import pyarrow as pa
+
+    con.register("item_list", pa.table({"item": pa.array(np.asarray(items)),
+                                        "idx": pa.array(np.arange(len(items), dtype=np.int64))}))
+    con.execute("INSERT INTO item_index SELECT * FROM item_list")
+    con.unregister("item_list")
+    kept_users = ""
+    if dropped:
+        con.register("kept_users", pa.table({"user": pa.array(np.asarray(raw_user_ids))}))
+        kept_users = "WHERE first.user IN (SELECT user FROM kept_users)"
+    temporal = data_cfg.split == "temporal"
+    rank = ", row_number() OVER (ORDER BY f.t, f.p) - 1 AS time_rank" if temporal else ""
+    _log(f"duckdb: {total} events -> {num_rows} kept, {num_users} users, {len(items)} items "
+         f"({time.perf_counter() - started:.1f}s); sorting")
+    result = con.sql(f"""SELECT f.t AS timestamp, f.r AS rating, i.idx AS item_idx{rank}
+                             FROM first JOIN item_index i USING (item) {kept_users}
+                             ORDER BY first.user, f.t, f.p""")
+
+    folder = out / "interactions"
+    # Plain appends, not memory maps: dirty pages of a written map count in the process's RSS
+    # until the kernel writes them back (3 GB at 1e8 rows); appended pages are the page cache's.
+    column = {name: _ColumnWriter(folder / f"{name}.npy", dtype, num_rows)
+              for name, dtype in (("user", np.int64), ("timestamp", np.int64), ("rating", np.float32),
+                                  ("split", np.int8))}
+    item_idx = _ColumnWriter(spill / "item_idx.npy", np.int64, num_rows)
+    trained_user = np.zeros(num_users + 1, dtype=bool)
+    trained_item = np.zeros(len(items), dtype=bool)
+    split_of = _chunk_splitter(data_cfg, user_offsets, num_rows)
+    reader, row, last_log = result.to_arrow_reader(CHUNK_ROWS), 0, time.monotonic()
+    for batch in reader:
+        n = batch.num_rows
+        spilled = max(spilled, _spilled_bytes(con))
+        user = np.searchsorted(user_offsets, np.arange(row, row + n), side="right").astype(np.int64)
+        split = split_of(row, n, batch.column("time_rank").to_numpy() if temporal else None)
+        idx = batch.column("item_idx").to_numpy()
+        timestamp = batch.column("timestamp").to_numpy()
+        if (np.diff(timestamp)[user[1:] == user[:-1]] < 0).any():  # the stream must follow the ORDER BY
+            raise RuntimeError("duckdb returned the events out of (user, time) order")
+        column["user"].append(user)
+        column["timestamp"].append(timestamp)
+        column["rating"].append(batch.column("rating").to_numpy())
+        column["split"].append(split)
+        item_idx.append(idx)
+        train = split == splits.TRAIN
+        trained_user[user[train]] = True
+        trained_item[idx[train]] = True
+        row += n
+        if time.monotonic() - last_log > 30:
+            _log(f"wrote {row} of {num_rows} rows ({time.perf_counter() - started:.0f}s)")
+            last_log = time.monotonic()
+    for writer in (*column.values(), item_idx):
+        writer.close()
+    if spilled:
+        _log(f"duckdb spilled up to {spilled / 2**20:.1f} MiB to {spill}")
+    np.save(folder / "user_offsets.npy", user_offsets)
+
+    code_of_idx = np.where(trained_item, np.cumsum(trained_item), 0).astype(np.int64)
+    item = _ColumnWriter(folder / "item.npy", np.int64, num_rows)
+    oov_rows, oov_idx = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for lo, idx in item_idx.chunks():
+        codes = code_of_idx[idx]
+        item.append(codes)
+        oov = np.flatnonzero(codes == 0)
+        oov_rows.append(oov + lo)
+        oov_idx.append(idx[oov])
+    item.close()
+    np.save(folder / "oov_rows.npy", np.concatenate(oov_rows).astype(np.int64))
+    np.save(folder / "oov_raw_items.npy", np.asarray(items[np.concatenate(oov_idx)]))
+    item_vocab = pd.Index(np.asarray(items)[trained_item])
+    np.save(out / "raw_user_ids.npy", raw_user_ids)
+    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+    user_id_codes = np.where(trained_user, np.arange(num_users + 1), 0).astype(np.int64)
+    _log(f"duckdb: interactions written ({time.perf_counter() - started:.1f}s)")
+    return Interactions(num_rows, num_users, raw_user_ids, user_id_codes, item_vocab)
+
+
+class _ColumnWriter:
+    """A 1-D ``.npy`` file of ``n`` values written by appending chunks (the header ``np.save``
+    writes, so the file is the same byte for byte); :meth:`chunks` reads it back in chunks."""
+
+    def __init__(self, path: Path, dtype, n: int) -> None:
+        self.path, self.dtype, self.n, self.written = path, np.dtype(dtype), n, 0
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": (n,)})
+        self.offset = self.file.tell()
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.written += len(values)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.n:
+            raise RuntimeError(f"duckdb returned {self.written} rows for {self.path.name}, expected {self.n}")
+
+    def chunks(self):
+        """``(first_row, values)`` of the written file, ``CHUNK_ROWS`` at a time."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for lo in range(0, self.n, CHUNK_ROWS):
+                yield lo, np.fromfile(f, dtype=self.dtype, count=min(CHUNK_ROWS, self.n - lo))
+
+
+def _spilled_bytes(con) -> int:
+    """Bytes DuckDB holds in temporary files now (its spill)."""
+    return int(con.cursor().execute("SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()").fetchone()[0])
+
+
+def _chunk_splitter(data_cfg: DataConfig, user_offsets: np.ndarray, num_rows: int):
+    """``split_of(first_row, n, time_rank)`` -> ``[n]`` split codes of sorted rows, the same as
+    ``splits.leave_last_out`` / ``temporal`` / ``random_split`` give for the whole table."""
+    if data_cfg.split == "leave_last_out":
+        whole = splits.leave_last_out(user_offsets)  # one byte a row
+        return lambda row, n, _: whole[row:row + n]
+    if data_cfg.split == "temporal":
+        return lambda row, n, rank: splits.split_of_time_rank(rank, num_rows, data_cfg.validation_fraction,
+                                                               data_cfg.test_fraction)
+    rng = np.random.default_rng(data_cfg.seed)  # drawn chunk by chunk: the same stream as one draw
+    return lambda row, n, _: splits.split_of_draw(rng.random(n), data_cfg.validation_fraction,
+                                                  data_cfg.test_fraction)
+
+
+def remove_spill(spill: Path) -> None:
+    shutil.rmtree(spill, ignore_errors=True)
