@@ -151,6 +151,9 @@ class LossConfig:
     uniform_negatives: int = 0
     mask_accidental_hits: bool = True  # drop in-batch candidates equal to the row's positive
     learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
+    # Event mode: 0 computes the [B, N] logits at once; > 0 scores this many candidates at a
+    # time (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
+    chunk_size: int = 0
 
 
 @dataclass
@@ -392,7 +395,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
-                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)"}
+                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)",
+                     "loss.chunk_size": " (0 = all candidates at once)"}
     for key, meaning in at_least_zero.items():
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")

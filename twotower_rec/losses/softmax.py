@@ -205,8 +205,12 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     candidates = torch.cat([positives, negatives])
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
-    return in_batch_softmax(query, candidates, temperature, candidate_ids if cfg.mask_accidental_hits else None,
-                            offset, log_q)
+    ids = candidate_ids if cfg.mask_accidental_hits else None
+    if cfg.chunk_size:
+        from twotower_rec.losses.chunked import chunked_in_batch_softmax
+
+        return chunked_in_batch_softmax(query, candidates, temperature, ids, offset, log_q, chunk=cfg.chunk_size)
+    return in_batch_softmax(query, candidates, temperature, ids, offset, log_q)
 
 
 def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, num_targets: int,
