@@ -154,6 +154,27 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
     """Order, deduplicate, filter, split and encode the view ``raw``; write ``interactions/*.npy``,
     ``raw_user_ids.npy`` and ``raw_item_ids.npy`` into ``out``."""
     started = time.perf_counter()
+    total, spilled = _first_events(con, name, data_cfg, started)
+    raw_user_ids, user_offsets, dropped = _kept_users(con, name, data_cfg)
+    num_users, num_rows = raw_user_ids.size, int(user_offsets[-1])
+    items, result = _sorted_events(con, data_cfg, raw_user_ids, dropped)
+    _log(f"duckdb: {total} events -> {num_rows} kept, {num_users} users, {len(items)} items "
+         f"({time.perf_counter() - started:.1f}s); sorting")
+    folder = out / "interactions"
+    item_idx, trained_user, trained_item = _stream_columns(con, result, folder, spill, data_cfg, user_offsets,
+                                                           len(items), started, spilled)
+    np.save(folder / "user_offsets.npy", user_offsets)
+    item_vocab = _encode_items(folder, item_idx, trained_item, items, num_rows)
+    np.save(out / "raw_user_ids.npy", raw_user_ids)
+    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+    user_id_codes = np.where(trained_user, np.arange(num_users + 1), 0).astype(np.int64)
+    _log(f"duckdb: interactions written ({time.perf_counter() - started:.1f}s)")
+    return Interactions(num_rows, num_users, raw_user_ids, user_id_codes, item_vocab)
+
+
+def _first_events(con, name: str, data_cfg: DataConfig, started: float) -> tuple[int, int]:
+    """Table ``first``: each (user, item) pair's first event of the view ``raw``; (the number of
+    events, the bytes DuckDB had spilled by then)."""
     total = con.execute("SELECT count(*) FROM raw").fetchone()[0]
     if total == 0:
         raise DataError(f"{name}: the interactions table is empty")
@@ -167,6 +188,12 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
     _log(f"duckdb: {kept_pairs} distinct (user, item) pairs ({time.perf_counter() - started:.1f}s); counting users")
     if kept_pairs < total:
         _log(f"dropped {total - kept_pairs} repeated (user, item) events, keeping each pair's first")
+    return total, spilled
+
+
+def _kept_users(con, name: str, data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(raw ids of the users with ``data.min_interactions`` or more events, in order; their row
+    offsets ``[U + 1]``; how many users were dropped)."""
     counts = con.execute("SELECT user, count(*) AS n FROM first GROUP BY user ORDER BY user").fetchnumpy()
     keep = counts["n"] >= data_cfg.min_interactions
     dropped = int((~keep).sum())
@@ -174,15 +201,18 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
         _log(f"dropped {dropped} of {keep.size} users with fewer than {data_cfg.min_interactions} interactions")
     if not keep.any():
         raise DataError(f"{name}: no user has {data_cfg.min_interactions} or more interactions")
-    raw_user_ids = np.asarray(counts["user"])[keep]
     user_offsets = np.concatenate([[0], np.cumsum(counts["n"][keep])]).astype(np.int64)
-    num_users, num_rows = int(keep.sum()), int(user_offsets[-1])
-    del counts
+    return np.asarray(counts["user"])[keep], user_offsets, dropped
+
+
+def _sorted_events(con, data_cfg: DataConfig, raw_user_ids: np.ndarray, dropped: int):
+    """(every distinct raw item id, sorted; the kept users' events ordered by (user, time, file
+    order) as a DuckDB relation of timestamp, rating, item_idx and, for temporal splits, time_rank)."""
+    import pyarrow as pa
+
     items = con.execute("SELECT DISTINCT item FROM first ORDER BY item").fetchnumpy()["item"]
     con.execute("CREATE TEMP TABLE item_index (item {}, idx BIGINT)".format(
         con.execute("SELECT typeof(item) FROM first LIMIT 1").fetchone()[0]))
-    import pyarrow as pa
-
     con.register("item_list", pa.table({"item": pa.array(np.asarray(items)),
                                         "idx": pa.array(np.arange(len(items), dtype=np.int64))}))
     con.execute("INSERT INTO item_index SELECT * FROM item_list")
@@ -191,15 +221,18 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
     if dropped:
         con.register("kept_users", pa.table({"user": pa.array(np.asarray(raw_user_ids))}))
         kept_users = "WHERE first.user IN (SELECT user FROM kept_users)"
-    temporal = data_cfg.split == "temporal"
-    rank = ", row_number() OVER (ORDER BY f.t, f.p) - 1 AS time_rank" if temporal else ""
-    _log(f"duckdb: {total} events -> {num_rows} kept, {num_users} users, {len(items)} items "
-         f"({time.perf_counter() - started:.1f}s); sorting")
-    result = con.sql(f"""SELECT f.t AS timestamp, f.r AS rating, i.idx AS item_idx{rank}
+    rank = ", row_number() OVER (ORDER BY f.t, f.p) - 1 AS time_rank" if data_cfg.split == "temporal" else ""
+    return items, con.sql(f"""SELECT f.t AS timestamp, f.r AS rating, i.idx AS item_idx{rank}
                              FROM first JOIN item_index i USING (item) {kept_users}
                              ORDER BY first.user, f.t, f.p""")
 
-    folder = out / "interactions"
+
+def _stream_columns(con, result, folder: Path, spill: Path, data_cfg: DataConfig, user_offsets: np.ndarray,
+                    num_items: int, started: float, spilled: int):
+    """Stream the sorted events into ``folder``'s user / timestamp / rating / split columns and
+    ``spill``'s item indices; (the item-index writer, which users and which items have a
+    training event)."""
+    num_rows, num_users = int(user_offsets[-1]), user_offsets.size - 1
     # Plain appends, not memory maps: dirty pages of a written map count in the process's RSS
     # until the kernel writes them back (3 GB at 1e8 rows); appended pages are the page cache's.
     column = {name: _ColumnWriter(folder / f"{name}.npy", dtype, num_rows)
@@ -207,10 +240,11 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
                                   ("split", np.int8))}
     item_idx = _ColumnWriter(spill / "item_idx.npy", np.int64, num_rows)
     trained_user = np.zeros(num_users + 1, dtype=bool)
-    trained_item = np.zeros(len(items), dtype=bool)
+    trained_item = np.zeros(num_items, dtype=bool)
     split_of = _chunk_splitter(data_cfg, user_offsets, num_rows)
-    reader, row, last_log = result.to_arrow_reader(CHUNK_ROWS), 0, time.monotonic()
-    for batch in reader:
+    temporal = data_cfg.split == "temporal"
+    row, last_log = 0, time.monotonic()
+    for batch in result.to_arrow_reader(CHUNK_ROWS):
         n = batch.num_rows
         spilled = max(spilled, _spilled_bytes(con))
         user = np.searchsorted(user_offsets, np.arange(row, row + n), side="right").astype(np.int64)
@@ -219,10 +253,9 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
         timestamp = batch.column("timestamp").to_numpy()
         if (np.diff(timestamp)[user[1:] == user[:-1]] < 0).any():  # the stream must follow the ORDER BY
             raise RuntimeError("duckdb returned the events out of (user, time) order")
-        column["user"].append(user)
-        column["timestamp"].append(timestamp)
-        column["rating"].append(batch.column("rating").to_numpy())
-        column["split"].append(split)
+        for key, values in (("user", user), ("timestamp", timestamp), ("rating", batch.column("rating").to_numpy()),
+                            ("split", split)):
+            column[key].append(values)
         item_idx.append(idx)
         train = split == splits.TRAIN
         trained_user[user[train]] = True
@@ -235,8 +268,12 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
         writer.close()
     if spilled:
         _log(f"duckdb spilled up to {spilled / 2**20:.1f} MiB to {spill}")
-    np.save(folder / "user_offsets.npy", user_offsets)
+    return item_idx, trained_user, trained_item
 
+
+def _encode_items(folder: Path, item_idx, trained_item: np.ndarray, items, num_rows: int) -> pd.Index:
+    """Write ``item.npy`` (codes 1..V of the items with a training event, 0 for the others) and
+    the out-of-vocabulary rows and raw ids; the item vocabulary."""
     code_of_idx = np.where(trained_item, np.cumsum(trained_item), 0).astype(np.int64)
     item = _ColumnWriter(folder / "item.npy", np.int64, num_rows)
     oov_rows, oov_idx = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
@@ -249,12 +286,7 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
     item.close()
     np.save(folder / "oov_rows.npy", np.concatenate(oov_rows).astype(np.int64))
     np.save(folder / "oov_raw_items.npy", np.asarray(items[np.concatenate(oov_idx)]))
-    item_vocab = pd.Index(np.asarray(items)[trained_item])
-    np.save(out / "raw_user_ids.npy", raw_user_ids)
-    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
-    user_id_codes = np.where(trained_user, np.arange(num_users + 1), 0).astype(np.int64)
-    _log(f"duckdb: interactions written ({time.perf_counter() - started:.1f}s)")
-    return Interactions(num_rows, num_users, raw_user_ids, user_id_codes, item_vocab)
+    return pd.Index(np.asarray(items)[trained_item])
 
 
 class _ColumnWriter:
