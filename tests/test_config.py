@@ -205,3 +205,10 @@ def test_mapping_values_are_checked_key_by_key():
 def test_ensemble_sizes_and_objectives_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_prefetch_batches_is_null_by_default_and_never_negative():
+    assert load_config(None, []).train.prefetch_batches is None
+    assert load_config(None, ["train.prefetch_batches=3"]).train.prefetch_batches == 3
+    with pytest.raises(ConfigError, match=r"train.prefetch_batches: must be >= 0"):
+        load_config(None, ["train.prefetch_batches=-1"])

@@ -26,7 +26,7 @@ from twotower_rec.distributed import env as dist_env
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.distributed.sharding import _topology, sparse_lr
 from twotower_rec.errors import ConfigError
-from twotower_rec.train.batch_order import BatchesAhead
+from twotower_rec.train.batch_order import BatchesAhead, prefetch_depth
 from twotower_rec.train.checkpoint import rng_state, set_rng_state
 from twotower_rec.train.step import LossLog
 
@@ -174,6 +174,15 @@ def test_batches_ahead_yields_the_same_batches_and_raises_where_the_source_did()
     assert next(ahead) == 1
     with pytest.raises(ValueError, match="row 5"):
         next(ahead)
+
+
+def test_batches_are_built_ahead_only_with_cuda_by_default():
+    """A background thread on a CPU-only machine competes with the step for the cores and the
+    GIL (0.5x the examples/s at batch 256 on 2 cores, BENCHMARKS.md): ahead only with CUDA."""
+    assert prefetch_depth(TrainConfig(), torch.device("cpu")) == 0
+    assert prefetch_depth(TrainConfig(), torch.device("cuda", 0)) == 2
+    assert prefetch_depth(TrainConfig(prefetch_batches=3), torch.device("cpu")) == 3
+    assert prefetch_depth(TrainConfig(prefetch_batches=0), torch.device("cuda", 0)) == 0
 
 
 def test_batches_ahead_close_stops_its_thread():

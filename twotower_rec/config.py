@@ -200,8 +200,9 @@ class TrainConfig:
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
     num_threads: int = 0  # 0: torch's default
     # Batches built ahead by a background thread while the step runs (in pinned memory on
-    # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps.
-    prefetch_batches: int = 2
+    # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps;
+    # null: 2 with CUDA, 0 on a CPU (there the thread competes with the step for the cores).
+    prefetch_batches: int | None = None
     progress: bool = True
     # Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often
     # and at every validation, instead of a carriage-return update every step.
@@ -397,6 +398,8 @@ def _check_ranges(cfg: Config) -> None:
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
                      "train.progress_every_seconds": "", "data.threads": " (0 = one per core)",
                      "loss.chunk_size": " (0 = all candidates at once)"}
+    if cfg.train.prefetch_batches is not None:
+        at_least_zero["train.prefetch_batches"] = " (0 = built between steps; null = 2 with CUDA, 0 on a CPU)"
     for key, meaning in at_least_zero.items():
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")

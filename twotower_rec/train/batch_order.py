@@ -15,7 +15,9 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
+from twotower_rec.config import TrainConfig
 from twotower_rec.data.batches import Batch, Batcher, SequenceBatch
 from twotower_rec.distributed.env import DistEnv
 
@@ -42,9 +44,18 @@ def local_slice(rows: np.ndarray, env: DistEnv) -> np.ndarray:
 def local_batches(batcher: Batcher, train_rows: np.ndarray, batch_size: int, epochs: int, seed: int,
                   num_negatives: int, env: DistEnv, epoch: int = 0, index: int = 0) -> Iterator[Batch]:
     """This rank's slices of the global batches (and of their ``num_negatives`` uniform
-    negatives) from batch ``index`` of ``epoch`` on, built on the CPU."""
+    negatives) from batch ``index`` of ``epoch`` on, built on the CPU.
+
+    The first epoch's shuffle is done here, when the iterator is made (start-up work: 5.9 s
+    for 9e7 rows), not when the first batch is asked for."""
+    first = global_batches(train_rows.size, batch_size, seed, epoch) if epoch < epochs else []
+    return _local_batches(batcher, train_rows, first, batch_size, epochs, seed, num_negatives, env, epoch, index)
+
+
+def _local_batches(batcher: Batcher, train_rows: np.ndarray, first: list[np.ndarray], batch_size: int, epochs: int,
+                   seed: int, num_negatives: int, env: DistEnv, epoch: int, index: int) -> Iterator[Batch]:
     for e in range(epoch, epochs):
-        batches = global_batches(train_rows.size, batch_size, seed, e)
+        batches = first if e == epoch else global_batches(train_rows.size, batch_size, seed, e)
         for i in range(index, len(batches)):
             negatives = None
             if num_negatives:
@@ -68,6 +79,15 @@ def local_sequence_batches(batcher: Batcher, windows: np.ndarray, batch_size: in
                 negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
             yield batcher.sequence_batch(windows[batches[i]], env.rank, env.world_size, negatives)
         index = 0
+
+
+def prefetch_depth(train: TrainConfig, device: torch.device) -> int:
+    """How many batches :class:`BatchesAhead` builds ahead: ``train.prefetch_batches``, or when
+    it is null 2 with CUDA and 0 on a CPU, where the thread competes with the step for the cores
+    and the GIL (half the examples/s at batch 256 on 2 cores: BENCHMARKS.md)."""
+    if train.prefetch_batches is not None:
+        return train.prefetch_batches
+    return 2 if device.type == "cuda" else 0
 
 
 class BatchesAhead:

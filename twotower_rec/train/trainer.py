@@ -36,7 +36,8 @@ from twotower_rec.errors import ConfigError
 from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
-from twotower_rec.train.batch_order import BatchesAhead, local_batches, local_sequence_batches, num_global_batches
+from twotower_rec.train.batch_order import (BatchesAhead, local_batches, local_sequence_batches, num_global_batches,
+                                           prefetch_depth)
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
@@ -160,10 +161,10 @@ class Trainer:
         """Steps until the last epoch, ``train.max_steps`` or early stopping; then a last
         validation (unless the last step just had one), ``last`` and ``train_metrics.json``."""
         cfg, state = self.cfg, self.state
-        started, examples_here = time.perf_counter(), 0
-        # Loading the cache, building the model and the batch order, before the first step.
-        self.startup_seconds = started - self.entered if self.entered is not None else None
         batches = self._batches()
+        started, examples_here = time.perf_counter(), 0
+        # Loading the cache, building the model and the first epoch's order, before the first step.
+        self.startup_seconds = started - self.entered if self.entered is not None else None
         # sequence windows are not pipelined (see README, "GPU")
         stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, batches, self.env,
                           "never" if self.windows is not None else cfg.train.pipeline, cfg.train.bf16)
@@ -208,9 +209,10 @@ class Trainer:
         else:
             batches = local_batches(self.batcher, self.train_rows, train.batch_size, train.epochs, train.seed,
                                     num_negatives, self.env, self.state.epoch, self.state.batch)
-        if not train.prefetch_batches:
+        depth = prefetch_depth(train, self.env.device)
+        if not depth:
             return batches
-        return BatchesAhead(batches, train.prefetch_batches, pin_memory=self.env.device.type == "cuda")
+        return BatchesAhead(batches, depth, pin_memory=self.env.device.type == "cuda")
 
     def _read_losses(self) -> None:
         """Move the losses of the steps since the last read from the device into the state."""
