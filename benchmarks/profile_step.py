@@ -99,6 +99,10 @@ def main() -> None:
         model = build_model(cfg, data, env)
         optimizer = build_optimizer(model, cfg.train)
         ctx = LossContext(cfg.loss, data.item_counts(), cfg.train.batch_size, env.device)
+        if cfg.train.compile:  # --set train.compile=true: as the trainer does
+            from twotower_rec.train.compiled import compiled_loss
+
+            ctx.kernel = compiled_loss()
         batcher = Batcher(data)
         rows = data.rows(TRAIN)
         order = [b for e in range(100) for b in global_batches(rows.size, cfg.train.batch_size, cfg.train.seed, e)]

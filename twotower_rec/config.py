@@ -198,6 +198,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
     bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
+    # torch.compile the event-mode in-batch softmax (train/compiled.py): 1.1-1.3x the step on
+    # 2 CPU cores after about 11 s of compiling at the first step, so it pays after some
+    # 3,000-10,000 steps; off by default (runs of the shipped configs are shorter).
+    compile: bool = False
     num_threads: int = 0  # 0: torch's default
     # Batches built ahead by a background thread while the step runs (in pinned memory on
     # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps;

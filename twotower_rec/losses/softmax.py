@@ -52,6 +52,22 @@ def in_batch_softmax(
     return F.cross_entropy(logits, targets)
 
 
+def softmax_cross_entropy(query: torch.Tensor, item: torch.Tensor, temperature, targets: torch.Tensor,
+                          log_q: torch.Tensor | None = None, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`in_batch_softmax` as one pure expression, for ``torch.compile`` (``train.compile``):
+    row ``b``'s positive is candidate ``targets[b]``; the accidental-hit mask is always built
+    (no data-dependent test), so the compiler can fuse it with logQ and the log-softmax and
+    never write the ``[B, N]`` mask out. The same value as :func:`in_batch_softmax`."""
+    logits = (query / temperature) @ item.t()  # [B, N]
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    if item_ids is not None:
+        columns = torch.arange(item.shape[0], device=item.device).unsqueeze(0)
+        same = (item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)) & (columns != targets.unsqueeze(1))
+        logits = logits.masked_fill(same, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, targets)
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along rows; backward sums every rank's gradient and keeps this rank's rows."""
 
@@ -150,6 +166,8 @@ class LossContext:
         self.q = torch.from_numpy(q).to(device)  # float64: (1 - q)^P below needs the precision
         self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha, device)
                           if cfg.logq == "streaming" else None)
+        # train.compile: a compiled softmax_cross_entropy for the event-mode loss (None: eager)
+        self.kernel = None
 
     def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
         """``[B' + M]`` logQ of the (global) positives ``[B']`` then ``M`` uniform negatives."""
@@ -210,6 +228,9 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
         from twotower_rec.losses.chunked import chunked_in_batch_softmax
 
         return chunked_in_batch_softmax(query, candidates, temperature, ids, offset, log_q, chunk=cfg.chunk_size)
+    if ctx.kernel is not None:
+        targets = torch.arange(rows, device=query.device) + offset
+        return ctx.kernel(query, candidates, temperature, targets, log_q, ids)
     return in_batch_softmax(query, candidates, temperature, ids, offset, log_q)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
@@ -112,7 +111,7 @@ class TwoTower(nn.Module):
         pooled = self.query_tower.pool(self._own(features), self.query_tower.feature_names)  # F x [B, E]
         user = torch.cat([*pooled, states.new_zeros(lengths.shape[0], 0)], dim=1)
         user = user.repeat_interleave(lengths, dim=0)  # [P, F * E]
-        return F.normalize(self.query_tower.mlp(torch.cat([user, states[valid]], dim=1)), dim=-1)
+        return self.query_tower.head(torch.cat([user, states[valid]], dim=1))
 
     def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
         """The query tower's own features of ``features`` (None when it has none)."""

@@ -38,6 +38,7 @@ from twotower_rec.model.factory import build_model
 from twotower_rec.train import checkpoint
 from twotower_rec.train.batch_order import (BatchesAhead, local_batches, local_sequence_batches, num_global_batches,
                                            prefetch_depth)
+from twotower_rec.train.compiled import compiled_loss
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
@@ -153,6 +154,11 @@ class Trainer:
         self.ctx = LossContext(cfg.loss, data.item_counts(),
                                positives_per_step(cfg.loss, cfg.train.batch_size, env.world_size), env.device)
         self.ctx.step = state.step
+        if cfg.train.compile and cfg.train.examples == "events" and cfg.loss.name == "in_batch_softmax":
+            self.ctx.kernel = compiled_loss()
+            if env.is_main:
+                print("train.compile: the in-batch softmax is compiled at the first step (about 10 s on 2 cores)",
+                      file=sys.stderr, flush=True)
         self.loss_log = LossLog()
         if streaming is not None and self.ctx.streaming is not None:
             self.ctx.streaming.load_state_dict(streaming)
