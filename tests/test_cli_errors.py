@@ -191,3 +191,38 @@ def test_recommend_into_a_closed_pipe_ends_quietly(pipeline, tmp_path):
     proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "exit 0"
+
+
+class _Left(Exception):
+    pass
+
+
+@pytest.mark.parametrize("world_size", [None, "1", "2"])
+def test_a_process_of_a_multi_process_job_leaves_without_the_interpreters_teardown(monkeypatch, tmp_path,
+                                                                                    world_size):
+    """About one 2-process `export` in 30 aborted after its work was done, in the interpreter's
+    C++ teardown ("terminate called without an active exception", no Python frame left): a
+    process of a multi-process job (torchrun's WORLD_SIZE > 1) flushes and leaves with its exit
+    code through os._exit; a single process returns normally."""
+    import os
+
+    from twotower_rec import cli
+
+    left = []
+
+    def fake_exit(code):
+        left.append(code)
+        raise _Left
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    argv = ["evaluate", "--config", str(tmp_path / "missing.yaml")]  # a user error: exit 2
+    if world_size == "2":
+        with pytest.raises(_Left):
+            cli.main(argv)
+        assert left == [cli.EXIT_USER_ERROR]
+    else:
+        assert cli.main(argv) == cli.EXIT_USER_ERROR and left == []
