@@ -13,7 +13,7 @@ Everything is vectorized over the batch with numpy; no Python loop touches a row
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -25,8 +25,32 @@ from twotower_rec.data.sequences import gather_ranges, query_inputs, readonly_te
 from twotower_rec.data.splits import TRAIN
 
 
+class _TensorFields:
+    """``to``, ``pin_memory`` and ``record_stream`` over every tensor and KJT field of a batch
+    dataclass (plain ints stay as they are): what TorchRec's train pipeline calls on a batch."""
+
+    def _tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), (torch.Tensor, KeyedJaggedTensor))}
+
+    def _map(self, fn):
+        return replace(self, **{name: fn(value) for name, value in self._tensors().items()})
+
+    def to(self, device: torch.device, non_blocking: bool = False):
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):
+        """The same batch in page-locked host memory, so its copy to a GPU can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
+
+    def record_stream(self, stream) -> None:
+        """Keep the tensors alive for ``stream`` (TorchRec's train pipeline copies on a side stream)."""
+        for value in self._tensors().values():
+            value.record_stream(stream)
+
+
 @dataclass
-class Batch(Pipelineable):
+class Batch(_TensorFields, Pipelineable):
     """One training or scoring batch.
 
     query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows.
@@ -42,38 +66,12 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     item_ids: torch.Tensor
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(
-            query_features=self.query_features.to(device, non_blocking=non_blocking),
-            item_features=self.item_features.to(device, non_blocking=non_blocking),
-            item_dense=self.item_dense.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            item_ids=self.item_ids.to(device, non_blocking=non_blocking),
-        )
-
-    def pin_memory(self) -> "Batch":
-        """The same batch in page-locked host memory, so its copy to a GPU can be asynchronous."""
-        return Batch(
-            query_features=self.query_features.pin_memory(),
-            item_features=self.item_features.pin_memory(),
-            item_dense=self.item_dense.pin_memory(),
-            labels=self.labels.pin_memory(),
-            item_ids=self.item_ids.pin_memory(),
-        )
-
-    def record_stream(self, stream) -> None:
-        """Keep the tensors alive for ``stream`` (TorchRec's train pipeline copies on a side stream)."""
-        self.query_features.record_stream(stream)
-        self.item_features.record_stream(stream)
-        for tensor in (self.item_dense, self.labels, self.item_ids):
-            tensor.record_stream(stream)
-
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
 @dataclass
-class SequenceBatch(Pipelineable):
+class SequenceBatch(_TensorFields, Pipelineable):
     """One training batch of windows (``train.examples: sequences``): this rank's share.
 
     ``B`` windows on this rank, ``P`` their positions (targets), ``C`` = ``U' + M'`` this rank's
@@ -99,35 +97,6 @@ class SequenceBatch(Pipelineable):
     target_index: torch.Tensor
     num_targets: int
     global_positions: int
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
-        return SequenceBatch(
-            query_features=self.query_features.to(device, non_blocking=non_blocking),
-            item_features=self.item_features.to(device, non_blocking=non_blocking),
-            item_dense=self.item_dense.to(device, non_blocking=non_blocking),
-            item_ids=self.item_ids.to(device, non_blocking=non_blocking),
-            target_index=self.target_index.to(device, non_blocking=non_blocking),
-            num_targets=self.num_targets,
-            global_positions=self.global_positions,
-        )
-
-    def pin_memory(self) -> "SequenceBatch":
-        """The same batch in page-locked host memory, so its copy to a GPU can be asynchronous."""
-        return SequenceBatch(
-            query_features=self.query_features.pin_memory(),
-            item_features=self.item_features.pin_memory(),
-            item_dense=self.item_dense.pin_memory(),
-            item_ids=self.item_ids.pin_memory(),
-            target_index=self.target_index.pin_memory(),
-            num_targets=self.num_targets,
-            global_positions=self.global_positions,
-        )
-
-    def record_stream(self, stream) -> None:
-        self.query_features.record_stream(stream)
-        self.item_features.record_stream(stream)
-        for tensor in (self.item_dense, self.item_ids, self.target_index):
-            tensor.record_stream(stream)
 
     def __len__(self) -> int:
         return int(self.target_index.shape[0])

@@ -88,9 +88,6 @@ class Tower(nn.Module):
         self.embedding_bags = (EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
                                if configs else None)
         self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
-        # train.compile: torch.compile(self.eager_head), set by train/compiled.py (a function, not a
-        # module: the parameters and their checkpoint names stay those of ``mlp``).
-        self.compiled_head = None
 
     def pool(self, features: KeyedJaggedTensor | None, names: list[str]) -> list[torch.Tensor]:
         """Pooled ``[B, E]`` embeddings of ``names``, in that order.
@@ -104,13 +101,7 @@ class Tower(nn.Module):
         return [by_name[name] for name in names]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, F * E + Dd]`` -> ``[B, D]``: the MLP, then L2 normalisation (compiled with
-        ``train.compile``, except while TorchRec's pipeline traces the model with torch.fx)."""
-        if self.compiled_head is not None and not torch.fx._symbolic_trace.is_fx_tracing():
-            return self.compiled_head(x)
-        return self.eager_head(x)
-
-    def eager_head(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, F * E + Dd]`` -> ``[B, D]``: the MLP, then L2 normalisation."""
         return F.normalize(self.mlp(x), dim=-1)
 
     def forward(self, features: KeyedJaggedTensor | None, dense: torch.Tensor) -> torch.Tensor:

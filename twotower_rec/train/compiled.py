@@ -6,8 +6,8 @@ and the edited logits are never written out. Measured side by side (benchmarks/b
 BENCHMARKS.md): 1.23x the eager step on configs/demo.yaml and 1.10x on ml_latest_small (1
 member), per-step losses within 1.4e-6 of eager, about 11 s of compiling at the first step.
 
-:func:`compile_dense` also compiles every tower's head (MLP and L2 normalisation); the
-benchmark measures it (modes ``mlp`` and ``both``) but training does not use it: it bought
+Compiling every tower's head (MLP and L2 normalisation) too was measured
+(benchmarks/bench_compile.py, modes ``mlp`` and ``both``) and is not done: it bought
 nothing over the loss alone (1.34x against 1.33x on demo in a 3-round run, 0.95x alone on ml_latest_small) and
 moved the per-step losses by 1e-4 to 1e-3 within 50 steps (the compiled reductions round
 differently, and training amplifies it). TorchRec's embedding collections, the KJT plumbing,
@@ -19,24 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from twotower_rec.losses.softmax import softmax_cross_entropy
-from twotower_rec.model.towers import Tower
-
-
-def compile_dense(model: nn.Module) -> list[str]:
-    """Compile every tower's head (its MLP and the L2 normalisation) of ``model`` (a DMP-wrapped
-    TwoTower or Ensemble); the names of the towers. Compilation itself happens at the first step.
-
-    ``nn.Module.compile`` is not used: with torch 2.13 it left the module eager (it compiles
-    ``Module._call_impl``, which dynamo skips), so a first call took 2 ms instead of seconds."""
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, Tower):
-            module.compiled_head = torch.compile(module.eager_head)
-            names.append(name)
-    return names
 
 
 def compiled_loss() -> Callable[..., torch.Tensor]:
