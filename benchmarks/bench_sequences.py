@@ -62,7 +62,8 @@ def worker(config: str, overrides: list[str], data_dir: str, steps: int, warmup:
         optimizer = build_optimizer(model, cfg.train)
         batcher = Batcher(data)
         if cfg.train.examples == "sequences":
-            windows = batcher.training_windows(data.spec.history_length, cfg.train.windows)
+            windows = batcher.training_windows(data.spec.history_length, cfg.train.windows,
+                                               cfg.train.window_context)
             batches = local_sequence_batches(batcher, windows, cfg.train.batch_size, 1000, 0,
                                              cfg.loss.uniform_negatives, env)
         else:

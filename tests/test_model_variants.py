@@ -5,7 +5,8 @@ ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + tran
 the history) with features.recent_items=3. ``ensemble``: model.members=3 with
 features.recent_items=2 (three runs, loaded side by side). ``causal`` / ``causal_shared``:
 train.examples=sequences with the causal encoder over a table of its own / the item tower's
-item-id table. For each, the exported TorchScript query tower and `recommend` must
+item-id table; ``causal_add``: its user features added to the causal state
+(model.user_join=add). For each, the exported TorchScript query tower and `recommend` must
 reproduce the training model.
 """
 
@@ -30,6 +31,9 @@ VARIANTS = {
                "loss": {"uniform_negatives": 16}},
     "causal_shared": {"features": {"share_item_table": True}, "model": {"user_encoder": "causal"},
                       "train": {"examples": "sequences", "batch_size": 32}},
+    # the user features added to the causal state instead of concatenated (model.user_join)
+    "causal_add": {"model": {"user_encoder": "causal", "user_join": "add"},
+                   "train": {"examples": "sequences", "batch_size": 32}},
 }
 
 
@@ -88,7 +92,7 @@ def ensemble(tmp_path_factory, cli):
     yield from _variant(tmp_path_factory, cli, "ensemble")
 
 
-@pytest.fixture(scope="module", params=["causal", "causal_shared"])
+@pytest.fixture(scope="module", params=["causal", "causal_shared", "causal_add"])
 def causal(request, tmp_path_factory, cli):
     yield from _variant(tmp_path_factory, cli, request.param)
 

@@ -44,12 +44,12 @@ def data(tmp_path_factory):
     return _prepared(tmp_path_factory.mktemp("seq"))
 
 
-def _model(data):
+def _model(data, user_join: str = "concat"):
     from twotower_rec.model.two_tower import TwoTower
 
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, user_encoder="causal", sequence_layers=2,
-                      sequence_dropout=0.0)
+                      sequence_dropout=0.0, user_join=user_join)
     return TwoTower(data.spec, cfg, device=torch.device("cpu")).eval()
 
 
@@ -61,6 +61,8 @@ def _model(data):
     (["model.user_encoder=causal", "train.examples=sequences", "loss.name=bce"], "in_batch_softmax"),
     (["model.user_encoder=causal", "train.examples=sequences", "loss.logq=streaming"], "streaming"),
     (["train.windows=random"], "train.windows"),
+    (["model.user_join=add"], "needs model.user_encoder=causal"),
+    (["model.user_join=sum"], "model.user_join"),
 ])
 def test_config_refuses_what_the_sequence_mode_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -115,10 +117,15 @@ def test_queries_at_earlier_positions_do_not_see_the_future(tmp_path, shared):
     assert not torch.allclose(a[first + keep:first + n], b[first + keep:first + n])
 
 
-def test_a_training_position_is_the_query_evaluation_builds(data):
+@pytest.mark.parametrize("user_join", ["concat", "add"])
+def test_a_training_position_is_the_query_evaluation_builds(data, user_join):
     """The query evaluation and serving build for an event (history strictly before it, last
-    position) is the training computation at the position before that event."""
-    model = _model(data)
+    position) is the training computation at the position before that event, whether the user
+    features are concatenated to the causal state or added to it."""
+    model = _model(data, user_join)
+    # add: the query MLP reads one E-wide sum (concat: each user feature's E, then the state's E)
+    features = len(model.query_tower.feature_names)
+    assert features >= 2 and model.query_tower.mlp[0].in_features == (8 if user_join == "add" else 8 * (features + 1))
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled")
     batch = batcher.sequence_batch(windows, 0, 1)
@@ -134,40 +141,64 @@ def test_a_training_position_is_the_query_evaluation_builds(data):
     torch.testing.assert_close(positions[last], queries, rtol=1e-5, atol=1e-6)
 
 
+def test_context_positions_are_read_but_not_scored(data):
+    """train.window_context: the queries of a window's scored positions are the full pass's at
+    those positions (the context positions are read by the encoder, then dropped)."""
+    model = _model(data)
+    batcher = Batcher(data)
+    windows = batcher.training_windows(HISTORY, "tiled", 3)
+    windows = np.concatenate([windows[windows[:, 3] == 3][:6], windows[windows[:, 3] == 0][:4]])
+    assert (windows[:, 3] == 3).sum() == 6 and (windows[:, 3] == 0).sum() == 4
+    batch = batcher.sequence_batch(windows, 0, 1)
+    with torch.no_grad():
+        everything = model.encode_positions(batch.query_features)
+        scored, _ = model(batch)
+    lengths = windows[:, 2] - windows[:, 1] - 1
+    keep = np.concatenate([np.arange(n) >= k for n, k in zip(lengths, windows[:, 3])])
+    assert scored.shape[0] == len(batch) == keep.sum() < keep.size
+    assert torch.equal(scored, everything[torch.from_numpy(keep)])
+
+
 @pytest.mark.parametrize("split", ["leave_last_out", "random"])
-@pytest.mark.parametrize("kind", ["last", "tiled"])
-def test_training_windows_hold_training_events_only(tmp_path, split, kind):
+@pytest.mark.parametrize("kind, context", [("last", 0), ("tiled", 0), ("tiled", 4)])
+def test_training_windows_hold_training_events_only(tmp_path, split, kind, context):
     data = _prepared(tmp_path, split)
     batcher = Batcher(data)
-    windows = batcher.training_windows(HISTORY, kind)
+    windows = batcher.training_windows(HISTORY, kind, context)
     is_train = np.asarray(data.split) == splits.TRAIN
     train_rows = np.flatnonzero(is_train)
     user, split_of = np.asarray(data.user), np.asarray(data.split)
     if split == "random":
         assert (np.diff(is_train.astype(int)) > 0).any()  # held-out events do come before training ones
-    targets = []
-    for u, start, end in windows:
-        rows = train_rows[start:end]
-        assert 2 <= rows.size <= HISTORY + 1
-        assert (split_of[rows] == splits.TRAIN).all() and (user[rows] == u).all() and (np.diff(rows) > 0).all()
-        targets += rows[1:].tolist()
-    # every user with two or more training events: tiled windows predict each of its training
-    # events but the first exactly once; last windows end at its last training event
     first = {}
     for r in train_rows:
         first.setdefault(user[r], r)
+    targets = []
+    for u, start, end, skip in windows:
+        rows = train_rows[start:end]
+        assert 2 <= rows.size <= HISTORY + 1
+        assert (split_of[rows] == splits.TRAIN).all() and (user[rows] == u).all() and (np.diff(rows) > 0).all()
+        # a target is scored with all of the user's earlier items in its window, or at least `context`
+        assert skip < rows.size - 1 and (rows[0] == first[u] or skip == context)
+        targets += rows[1 + skip:].tolist()
+    # every user with two or more training events: tiled windows predict each of its training
+    # events but the first exactly once; last windows end at its last training event
     every = sorted(r for r in train_rows if first[user[r]] != r)
     if kind == "tiled":
         assert sorted(targets) == every
+        assert (windows[:, 3] > 0).any() == (context > 0)
     else:
         assert len(set(windows[:, 0])) == windows.shape[0]
         last_train = {user[r]: r for r in train_rows}
-        assert all(train_rows[end - 1] == last_train[u] for u, _, end in windows)
-    # a batch's query history is exactly the window's inputs
+        assert all(train_rows[end - 1] == last_train[u] for u, _, end, _ in windows)
+    # a batch's query history is exactly the window's inputs, its targets the scored positions'
     batch = batcher.sequence_batch(windows[:5], 0, 1)
     sequence, _ = batcher.training_sequences
-    expected = np.concatenate([sequence[s:e - 1] for _, s, e in windows[:5]])
+    expected = np.concatenate([sequence[s:e - 1] for _, s, e, _ in windows[:5]])
     assert np.array_equal(batch.query_features["history"].values().numpy(), expected)
+    scored = np.concatenate([sequence[s + 1 + k:e] for _, s, e, k in windows[:5]])
+    assert np.array_equal(batch.item_ids[batch.target_index].numpy(), scored)
+    assert np.array_equal(batch.first_position.numpy(), windows[:5, 3]) and len(batch) == scored.size
 
 
 def test_the_global_candidates_do_not_depend_on_the_world_size(data):
@@ -179,7 +210,7 @@ def test_the_global_candidates_do_not_depend_on_the_world_size(data):
     assert torch.equal(gathered[gathered > 0], one.item_ids[:one.num_targets])
     assert (gathered[one.num_targets:] == 0).all()  # padding only at the end
     sequence, _ = batcher.training_sequences
-    expected = np.concatenate([sequence[s + 1:e] for _, s, e in windows])
+    expected = np.concatenate([sequence[s + 1:e] for _, s, e, _ in windows])
     assert np.array_equal(one.item_ids[one.target_index].numpy(), expected)
     assert np.array_equal(torch.cat([gathered[b.target_index] for b in two]).numpy(), expected)
     assert one.global_positions == two[0].global_positions == two[1].global_positions == expected.size

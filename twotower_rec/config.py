@@ -120,6 +120,9 @@ class ModelConfig:
     sequence_layers: int = 1
     sequence_heads: int = 2
     sequence_dropout: float = 0.1
+    # How the user features join the causal encoder's state in the query MLP's input: concat
+    # (side by side, F * E + E wide) | add (summed into one E-wide vector). causal only.
+    user_join: str = "concat"
     # An ensemble: train this many two-tower members one after another (seeds train.seed + k,
     # each with its own early stop) and serve them as one model, embeddings side by side /
     # sqrt(members), so a score is the mean of the members' cosines (model/ensemble.py,
@@ -172,6 +175,12 @@ class TrainConfig:
     # user). tiled: windows of history_length + 1 events cut back from the end, overlapping by
     # one event, so every training event after a user's first is a target once per epoch.
     windows: str = "tiled"
+    # sequences, tiled: windows start every history_length - window_context items, and in a
+    # window after a user's first the first window_context positions are context only (not
+    # scored), so every target there reads at least that many earlier items, as evaluation's
+    # queries read up to history_length; each item is still a target once per epoch. 0: windows
+    # overlap by one item and every position is scored. Must be below features.history_length.
+    window_context: int = 0
     batch_size: int = 1024
     epochs: int = 3
     max_steps: int = 0  # 0: run all epochs
@@ -281,6 +290,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.pipeline": ("auto", "always", "never"),
     "train.lr_schedule": ("constant", "cosine"),
     "model.user_encoder": ("bag", "sequence", "causal"),
+    "model.user_join": ("concat", "add"),
     "train.examples": ("events", "sequences"),
     "train.windows": ("last", "tiled"),
     "loss.logq": ("counts", "streaming", "none"),
@@ -464,6 +474,9 @@ def _check_causal(cfg: Config) -> None:
     if train.examples == "sequences" and model.user_encoder != "causal":
         raise ConfigError(f"train.examples=sequences reads every position of a window in one causal pass: it "
                           f"needs model.user_encoder=causal, not {model.user_encoder}")
+    if model.user_join == "add" and model.user_encoder != "causal":
+        raise ConfigError("model.user_join=add sums the user features into the causal encoder's state: it needs "
+                          f"model.user_encoder=causal, not {model.user_encoder}")
     if model.user_encoder == "causal":
         if features.history_length <= 0:
             raise ConfigError("model.user_encoder=causal reads the history: set features.history_length > 0")
@@ -481,6 +494,9 @@ def _check_causal(cfg: Config) -> None:
         raise ConfigError("train.examples=sequences: loss.logq=streaming is not supported (use counts or none)")
     if train.pipeline == "always":
         raise ConfigError("train.examples=sequences runs its steps one by one: set train.pipeline to auto or never")
+    if not 0 <= train.window_context < features.history_length:
+        raise ConfigError(f"train.window_context: must lie in [0, features.history_length="
+                          f"{features.history_length}), got {train.window_context}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -83,9 +83,11 @@ class SequenceBatch(_TensorFields, Pipelineable):
     item_features:  KJT over ``FeatureSpec.item_keys``, ``C`` rows (the candidates).
     item_dense:     ``[C, Dd]`` float32.
     item_ids:       ``[C]`` int64 item codes of the candidates.
-    target_index:   ``[P]`` int64: each position's target among the global batch's deduplicated
-                    targets (every rank's slices in rank order), windows in order, positions
-                    oldest first.
+    target_index:   ``[P]`` int64: each scored position's target among the global batch's
+                    deduplicated targets (every rank's slices in rank order), windows in order,
+                    positions oldest first.
+    first_position: ``[B]`` int64: each window's first scored position (the ones before it are
+                    context only; ``train.window_context``).
     num_targets:    ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
     global_positions: ``P`` summed over every rank: the loss is a mean over them.
     """
@@ -95,6 +97,7 @@ class SequenceBatch(_TensorFields, Pipelineable):
     item_dense: torch.Tensor
     item_ids: torch.Tensor
     target_index: torch.Tensor
+    first_position: torch.Tensor
     num_targets: int
     global_positions: int
 
@@ -212,22 +215,31 @@ class Batcher:
         counts = np.bincount(self.user[is_train] - 1, minlength=self.spec.num_users)
         return self.item[is_train], np.concatenate([[0], np.cumsum(counts)])
 
-    def training_windows(self, length: int, kind: str) -> np.ndarray:
-        """``[W, 3]`` windows ``(user, start, end)`` over :attr:`training_sequences`: window items
-        ``[start, end)``, at most ``length + 1`` of them and at least 2; the first ``end - start
-        - 1`` are the inputs and the last ``end - start - 1`` the targets (position t's target
-        is item t + 1). ``kind`` last: each user's last window; tiled: windows cut back from the
-        end overlapping by one item, so every item after a user's first is a target once."""
+    def training_windows(self, length: int, kind: str, context: int = 0) -> np.ndarray:
+        """``[W, 4]`` windows ``(user, start, end, skip)`` over :attr:`training_sequences`: window
+        items ``[start, end)``, at most ``length + 1`` of them and at least 2; the first ``end -
+        start - 1`` are the inputs (position t's target is item t + 1) and the last ``end - start
+        - 1 - skip`` are the targets scored (the first ``skip`` positions are context only).
+        ``kind`` last: each user's last window. tiled: windows cut back from the end every
+        ``length - context`` items, so every item after a user's first is a target once; in a
+        window that does not start at the user's first item the first ``context`` positions are
+        context, so each of its targets is scored with at least ``context`` earlier items
+        (``context`` 0: windows overlapping by one item, none skipped)."""
         _, offsets = self.training_sequences
         begin, end = offsets[:-1], offsets[1:]
         user = np.arange(1, self.spec.num_users + 1)
         targets = np.maximum(end - begin - 1, 0)
-        count = (np.minimum(targets, 1) if kind == "last" else -(-targets // length)).astype(np.int64)
+        stride = length - context
+        count = (np.minimum(targets, 1) if kind == "last" else -(-targets // stride)).astype(np.int64)
         window_user = np.repeat(user, count)
         back = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)  # 0 = the last window
-        window_end = np.repeat(end, count) - back * length
-        window_start = np.maximum(np.repeat(begin, count), window_end - length - 1)
-        return np.stack([window_user, window_start, window_end], axis=1).astype(np.int64)
+        window_begin = np.repeat(begin, count)
+        window_end = np.repeat(end, count) - back * stride
+        window_start = np.maximum(window_begin, window_end - length - 1)
+        skip = np.zeros_like(window_start)  # last: every position is scored
+        if kind == "tiled":  # the first target: the window's first item after its stride's start
+            skip = np.maximum(window_begin + 1, window_end - stride) - (window_start + 1)
+        return np.stack([window_user, window_start, window_end, skip], axis=1).astype(np.int64)
 
     def sequence_batch(self, windows: np.ndarray, rank: int, world_size: int,
                        negatives: np.ndarray | None = None) -> SequenceBatch:
@@ -236,15 +248,15 @@ class Batcher:
         the uniform negatives. Every rank computes the global batch's deduplicated targets, so
         the candidates gathered from all ranks are the same at any world size."""
         sequence, _ = self.training_sequences
-        start, end = windows[:, 1], windows[:, 2]
-        targets = gather_ranges(sequence, start + 1, end - start - 1)
+        start, end, skip = windows[:, 1], windows[:, 2], windows[:, 3]
+        targets = gather_ranges(sequence, start + 1 + skip, end - start - 1 - skip)
         unique = np.unique(targets)
         per_rank = -(-unique.size // world_size)
         padded = np.concatenate([unique, np.zeros(per_rank * world_size - unique.size, dtype=unique.dtype)])
         per_window = windows.shape[0] // world_size
         local = windows[rank * per_window:(rank + 1) * per_window]
-        local_start, local_end = local[:, 1], local[:, 2]
-        local_targets = gather_ranges(sequence, local_start + 1, local_end - local_start - 1)
+        local_start, local_end, local_skip = local[:, 1], local[:, 2], local[:, 3]
+        local_targets = gather_ranges(sequence, local_start + 1 + local_skip, local_end - local_start - 1 - local_skip)
         candidates = padded[rank * per_rank:(rank + 1) * per_rank]
         if negatives is not None and len(negatives):
             candidates = np.concatenate([candidates, np.asarray(negatives, dtype=candidates.dtype)])
@@ -255,6 +267,7 @@ class Batcher:
             item_dense=dense,
             item_ids=torch.from_numpy(candidates.astype(np.int64)),
             target_index=torch.from_numpy(np.searchsorted(unique, local_targets).astype(np.int64)),
+            first_position=torch.from_numpy(local_skip.astype(np.int64)),
             num_targets=per_rank,
             global_positions=int(targets.size),
         )

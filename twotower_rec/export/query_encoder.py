@@ -36,8 +36,10 @@ class MemberQueryEncoder(nn.Module):
     """
 
     def __init__(self, weights: list[torch.Tensor], poolings: list[str], mlp: nn.Sequential,
-                 sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None) -> None:
+                 sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None,
+                 join_add: bool = False) -> None:
         super().__init__()
+        self.join_add = join_add  # model.user_join=add: the inputs are summed, not concatenated
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
@@ -60,7 +62,8 @@ class MemberQueryEncoder(nn.Module):
         for table in self.sequence_tables:
             for pooling in self.sequence_pooling:
                 pooled.append(pooling(table(values[last].long()), lengths[last]))
-        return F.normalize(self.mlp(torch.cat(pooled, dim=1)), dim=-1)
+        joined = torch.stack(pooled).sum(0) if self.join_add else torch.cat(pooled, dim=1)
+        return F.normalize(self.mlp(joined), dim=-1)
 
 
 class QueryEncoder(nn.Module):
@@ -229,7 +232,7 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
                           else model.causal_items.embeddings[SEQUENCE_TABLE].weight.detach())
         sequence_pooling = copy.deepcopy(model.causal).eval()
     return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
-                              sequence_pooling)
+                              sequence_pooling, model.query_tower.join == "add")
 
 
 def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],

@@ -78,6 +78,7 @@ class Tower(nn.Module):
         dropout: float = 0.0,
         device: torch.device | None = None,
         lent_features: list[Feature] | None = None,
+        join: str = "concat",
     ) -> None:
         super().__init__()
         self.feature_names = [f.name for f in features]
@@ -87,7 +88,10 @@ class Tower(nn.Module):
         # features.user_features=[]) has no collection.
         self.embedding_bags = (EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
                                if configs else None)
-        self.mlp = mlp(embedding_dim * len(features) + dense_dim, mlp_dims, output_dim, dropout)
+        # join add: the pooled features and the dense input (then E wide) are summed, not concatenated
+        self.join = join
+        in_dim = embedding_dim if join == "add" else embedding_dim * len(features) + dense_dim
+        self.mlp = mlp(in_dim, mlp_dims, output_dim, dropout)
 
     def pool(self, features: KeyedJaggedTensor | None, names: list[str]) -> list[torch.Tensor]:
         """Pooled ``[B, E]`` embeddings of ``names``, in that order.
@@ -101,10 +105,16 @@ class Tower(nn.Module):
         return [by_name[name] for name in names]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, F * E + Dd]`` -> ``[B, D]``: the MLP, then L2 normalisation."""
+        """``[B, F * E + Dd]`` (join add: ``[B, E]``) -> ``[B, D]``: the MLP, then L2 normalisation."""
         return F.normalize(self.mlp(x), dim=-1)
+
+    def joined(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        """F x ``[B, E]`` pooled features and ``[B, Dd]`` dense -> the MLP's input: side by side,
+        or (join add, ``Dd = E``) their sum."""
+        if self.join == "add":
+            return torch.stack([*pooled, dense]).sum(0)
+        return torch.cat([*pooled, dense], dim=1)
 
     def forward(self, features: KeyedJaggedTensor | None, dense: torch.Tensor) -> torch.Tensor:
         """KJT (B rows, the collection's features) + ``[B, Dd]`` dense -> ``[B, D]``, rows of norm 1."""
-        pooled = self.pool(features, self.feature_names)  # F x [B, E]
-        return self.head(torch.cat([*pooled, dense], dim=1))
+        return self.head(self.joined(self.pool(features, self.feature_names), dense))

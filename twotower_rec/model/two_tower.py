@@ -13,8 +13,9 @@ With ``model.user_encoder: causal`` the history's items, oldest first, are read 
 encoder (``model/causal.py``) from a table of their own (an EmbeddingCollection, sharded like
 the others) or, with ``features.share_item_table``, from the item tower's item-id table (one
 id per slot of a pooled bag); its state at the most recent item joins the query MLP's input
-after the user features. ``encode_positions`` gives the query at every position of a window
-(``train.examples: sequences``): ``P`` = the number of positions of the batch's windows.
+after the user features (``model.user_join: add``: summed with them). ``encode_positions``
+gives the query at every scored position of a window (``train.examples: sequences``): ``P`` =
+the number of scored positions of the batch's windows.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class TwoTower(nn.Module):
         # The order the query MLP sees its inputs: its own features, borrowed ones, the sequence.
         self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if reads_history else [])
         extra = cfg.embedding_dim * (len(self.borrowed) + (1 if reads_history else 0))
-        self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device)
+        self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device,
+                                 join=cfg.user_join if causal else "concat")
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
                                 cfg.output_dim, cfg.dropout, device,
                                 lent_features=[f for f in spec.query_features if f.table in item_tables])
@@ -103,15 +105,19 @@ class TwoTower(nn.Module):
         own = with_keys(features, self.query_tower.collection_feature_names)
         return self.query_tower(own, torch.cat(extra, dim=1))
 
-    def encode_positions(self, features: KeyedJaggedTensor) -> torch.Tensor:
+    def encode_positions(self, features: KeyedJaggedTensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """Query KJT of B windows (``history``: each window's input items, oldest first) ->
-        ``[P, D]``: the query at every position, windows in order, positions oldest first."""
+        ``[P, D]``: the query at every position from ``first`` ``[B]`` on (default 0: all),
+        windows in order, positions oldest first."""
         states, lengths = self._causal_states(features)
-        valid = torch.arange(states.shape[1], device=states.device).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = torch.arange(states.shape[1], device=states.device).unsqueeze(0)
+        valid = slots < lengths.unsqueeze(1)
+        if first is not None:
+            valid = valid & (slots >= first.unsqueeze(1))
+            lengths = lengths - first
         pooled = self.query_tower.pool(self._own(features), self.query_tower.feature_names)  # F x [B, E]
-        user = torch.cat([*pooled, states.new_zeros(lengths.shape[0], 0)], dim=1)
-        user = user.repeat_interleave(lengths, dim=0)  # [P, F * E]
-        return self.query_tower.head(torch.cat([user, states[valid]], dim=1))
+        pooled = [p.repeat_interleave(lengths, dim=0) for p in pooled]  # F x [P, E]
+        return self.query_tower.head(self.query_tower.joined(pooled, states[valid]))
 
     def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
         """The query tower's own features of ``features`` (None when it has none)."""
@@ -153,6 +159,6 @@ class TwoTower(nn.Module):
         (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1. A :class:`SequenceBatch` of
         windows gives ``[P, D]`` queries, one per position, and its ``[C, D]`` candidates."""
         if isinstance(batch, SequenceBatch):
-            return self.encode_positions(batch.query_features), self.encode_items(batch.item_features,
-                                                                                  batch.item_dense)
+            return (self.encode_positions(batch.query_features, batch.first_position),
+                    self.encode_items(batch.item_features, batch.item_dense))
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

@@ -68,7 +68,7 @@ def _local_batches(batcher: Batcher, train_rows: np.ndarray, first: list[np.ndar
 def local_sequence_batches(batcher: Batcher, windows: np.ndarray, batch_size: int, epochs: int, seed: int,
                            num_negatives: int, env: DistEnv, epoch: int = 0,
                            index: int = 0) -> Iterator[SequenceBatch]:
-    """This rank's :class:`SequenceBatch` of each global batch of ``windows`` ``[W, 3]`` (and its
+    """This rank's :class:`SequenceBatch` of each global batch of ``windows`` ``[W, 4]`` (and its
     share of the batch's ``num_negatives`` uniform negatives), from batch ``index`` of ``epoch`` on."""
     for e in range(epoch, epochs):
         batches = global_batches(windows.shape[0], batch_size, seed, e)

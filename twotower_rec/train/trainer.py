@@ -102,7 +102,8 @@ def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
     if train_rows < world:
         raise ConfigError(f"only {train_rows} training rows for {world} processes")
     if cfg.train.examples == "sequences":
-        windows = Batcher(data).training_windows(data.spec.history_length, cfg.train.windows).shape[0]
+        windows = Batcher(data).training_windows(data.spec.history_length, cfg.train.windows,
+                                                 cfg.train.window_context).shape[0]
         if windows < world:
             raise ConfigError(f"only {windows} training windows (users with two or more training events) for "
                               f"{world} processes")
@@ -134,7 +135,8 @@ class Trainer:
         self.batcher = Batcher(data)
         self.train_rows = data.rows(TRAIN)
         # train.examples=sequences: the rows shuffled into batches are windows of users' sequences
-        self.windows = (self.batcher.training_windows(data.spec.history_length, cfg.train.windows)
+        self.windows = (self.batcher.training_windows(data.spec.history_length, cfg.train.windows,
+                                                      cfg.train.window_context)
                         if cfg.train.examples == "sequences" else None)
         num_rows = self.windows.shape[0] if self.windows is not None else self.train_rows.size
         self.out_dir = Path(cfg.train.out_dir)
