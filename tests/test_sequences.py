@@ -310,3 +310,18 @@ def test_without_user_features_the_causal_state_is_the_whole_query(tmp_path):
         scripted = torch.jit.script(build_query_encoder(model, data.spec.query_features, data))
         got = scripted([kjt["history"].values()], [kjt["history"].lengths().long()])
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("override", ["train.examples=events", "train.windows=last", "train.window_context=3"])
+def test_resume_refuses_other_training_windows(override):
+    """What a step's rows are (events or windows, and which windows) is fixed for a run: a
+    resumption under another would continue a different batch order from the saved step."""
+    from twotower_rec.config import to_dict
+    from twotower_rec.errors import CheckpointError
+    from twotower_rec.train.checkpoint import check_resumable
+
+    base = ["model.user_encoder=causal", "train.examples=sequences", "features.history_length=6"]
+    saved = to_dict(load_config(None, base))
+    check_resumable(saved, load_config(None, base))
+    with pytest.raises(CheckpointError, match=override.split("=")[0]):
+        check_resumable(saved, load_config(None, [*base, override]))

@@ -203,7 +203,8 @@ def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Train
 # Config sections that must not change between a run and its resumption.
 _RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
                  "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.table_weight_decay",
-                 "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
+                 "train.warmup_steps", "train.lr_schedule", "train.examples", "train.windows",
+                 "train.window_context", "data.cache_dir")
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
