@@ -5,8 +5,8 @@ ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + tran
 the history) with features.recent_items=3. ``ensemble``: model.members=3 with
 features.recent_items=2 (three runs, loaded side by side). ``causal`` / ``causal_shared``:
 train.examples=sequences with the causal encoder over a table of its own / the item tower's
-item-id table; ``causal_add``: its user features added to the causal state
-(model.user_join=add). For each, the exported TorchScript query tower and `recommend` must
+item-id table; ``causal_add``: its user features added to the causal state and the
+history's mean (model.user_join=add, model.history_mean). For each, the exported TorchScript query tower and `recommend` must
 reproduce the training model.
 """
 
@@ -31,8 +31,9 @@ VARIANTS = {
                "loss": {"uniform_negatives": 16}},
     "causal_shared": {"features": {"share_item_table": True}, "model": {"user_encoder": "causal"},
                       "train": {"examples": "sequences", "batch_size": 32}},
-    # the user features added to the causal state instead of concatenated (model.user_join)
-    "causal_add": {"model": {"user_encoder": "causal", "user_join": "add"},
+    # the user features added to the causal state instead of concatenated (model.user_join), the
+    # history's mean beside it (model.history_mean)
+    "causal_add": {"model": {"user_encoder": "causal", "user_join": "add", "history_mean": True},
                    "train": {"examples": "sequences", "batch_size": 32}},
 }
 

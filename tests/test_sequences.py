@@ -44,12 +44,12 @@ def data(tmp_path_factory):
     return _prepared(tmp_path_factory.mktemp("seq"))
 
 
-def _model(data, user_join: str = "concat"):
+def _model(data, user_join: str = "concat", history_mean: bool = False):
     from twotower_rec.model.two_tower import TwoTower
 
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, user_encoder="causal", sequence_layers=2,
-                      sequence_dropout=0.0, user_join=user_join)
+                      sequence_dropout=0.0, user_join=user_join, history_mean=history_mean)
     return TwoTower(data.spec, cfg, device=torch.device("cpu")).eval()
 
 
@@ -63,15 +63,17 @@ def _model(data, user_join: str = "concat"):
     (["train.windows=random"], "train.windows"),
     (["model.user_join=add"], "needs model.user_encoder=causal"),
     (["model.user_join=sum"], "model.user_join"),
+    (["model.history_mean=true"], "needs model.user_encoder=causal"),
 ])
 def test_config_refuses_what_the_sequence_mode_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
 
 
-def test_causal_encoder_output_at_t_ignores_later_items():
+@pytest.mark.parametrize("with_mean", [False, True])
+def test_causal_encoder_output_at_t_ignores_later_items(with_mean):
     torch.manual_seed(0)
-    encoder = CausalEncoder(dim=8, max_length=7, layers=2, heads=2, dropout=0.0).eval()
+    encoder = CausalEncoder(dim=8, max_length=7, layers=2, heads=2, dropout=0.0, with_mean=with_mean).eval()
     padded = torch.randn(3, 7, 8)
     lengths = torch.tensor([7, 4, 1])
     before = encoder.encode(padded, lengths)
@@ -80,11 +82,14 @@ def test_causal_encoder_output_at_t_ignores_later_items():
     after = encoder.encode(changed, lengths)
     assert torch.equal(before[:, :3], after[:, :3])
     assert not torch.allclose(before[0, 3:], after[0, 3:])  # the later outputs do read them
+    if with_mean:  # the second half of a slot's output: the mean of the items up to it
+        assert before.shape == (3, 7, 16)
+        torch.testing.assert_close(before[0, 4, 8:], padded[0, :5].mean(0))
     # the last-position read equals the slot it names, and an empty row gives zeros
     values = torch.randn(5, 8)
     last = encoder(values, torch.tensor([3, 0, 2]))
     torch.testing.assert_close(last[0], encoder(values[:3], torch.tensor([3]))[0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(last[1], torch.zeros(8))
+    assert torch.equal(last[1], torch.zeros(16 if with_mean else 8))
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -117,15 +122,17 @@ def test_queries_at_earlier_positions_do_not_see_the_future(tmp_path, shared):
     assert not torch.allclose(a[first + keep:first + n], b[first + keep:first + n])
 
 
-@pytest.mark.parametrize("user_join", ["concat", "add"])
-def test_a_training_position_is_the_query_evaluation_builds(data, user_join):
+@pytest.mark.parametrize("user_join, history_mean", [("concat", False), ("add", False), ("concat", True),
+                                                      ("add", True)])
+def test_a_training_position_is_the_query_evaluation_builds(data, user_join, history_mean):
     """The query evaluation and serving build for an event (history strictly before it, last
     position) is the training computation at the position before that event, whether the user
-    features are concatenated to the causal state or added to it."""
-    model = _model(data, user_join)
-    # add: the query MLP reads one E-wide sum (concat: each user feature's E, then the state's E)
-    features = len(model.query_tower.feature_names)
-    assert features >= 2 and model.query_tower.mlp[0].in_features == (8 if user_join == "add" else 8 * (features + 1))
+    features are concatenated to the causal state or added to it, with the history's mean or not."""
+    model = _model(data, user_join, history_mean)
+    # add: the query MLP reads one E-wide sum (concat: each user feature's E, then the state's E
+    # and with history_mean the mean's E)
+    features = len(model.query_tower.feature_names) + 1 + history_mean
+    assert features >= 3 and model.query_tower.mlp[0].in_features == (8 if user_join == "add" else 8 * features)
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled")
     batch = batcher.sequence_batch(windows, 0, 1)

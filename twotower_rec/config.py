@@ -123,6 +123,9 @@ class ModelConfig:
     # How the user features join the causal encoder's state in the query MLP's input: concat
     # (side by side, F * E + E wide) | add (summed into one E-wide vector). causal only.
     user_join: str = "concat"
+    # causal: the mean of the history's items up to each position (a pooled bag) joins the query
+    # beside the causal state (concatenated, or added with user_join=add)
+    history_mean: bool = False
     # An ensemble: train this many two-tower members one after another (seeds train.seed + k,
     # each with its own early stop) and serve them as one model, embeddings side by side /
     # sqrt(members), so a score is the mean of the members' cosines (model/ensemble.py,
@@ -477,6 +480,9 @@ def _check_causal(cfg: Config) -> None:
     if model.user_join == "add" and model.user_encoder != "causal":
         raise ConfigError("model.user_join=add sums the user features into the causal encoder's state: it needs "
                           f"model.user_encoder=causal, not {model.user_encoder}")
+    if model.history_mean and model.user_encoder != "causal":
+        raise ConfigError("model.history_mean joins the causal encoder's state: it needs model.user_encoder=causal, "
+                          f"not {model.user_encoder}")
     if model.user_encoder == "causal":
         if features.history_length <= 0:
             raise ConfigError("model.user_encoder=causal reads the history: set features.history_length > 0")

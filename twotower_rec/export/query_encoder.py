@@ -39,7 +39,8 @@ class MemberQueryEncoder(nn.Module):
                  sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None,
                  join_add: bool = False) -> None:
         super().__init__()
-        self.join_add = join_add  # model.user_join=add: the inputs are summed, not concatenated
+        self.join_add = join_add  # model.user_join=add: the inputs (E-wide parts) are summed, not concatenated
+        self.dim = sequence_table.shape[1] if sequence_table is not None else 1
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
@@ -61,7 +62,8 @@ class MemberQueryEncoder(nn.Module):
             last = index + 1
         for table in self.sequence_tables:
             for pooling in self.sequence_pooling:
-                pooled.append(pooling(table(values[last].long()), lengths[last]))
+                out = pooling(table(values[last].long()), lengths[last])  # [B, E] or [B, 2E] (history_mean)
+                pooled.extend(out.split(self.dim, dim=1))
         joined = torch.stack(pooled).sum(0) if self.join_add else torch.cat(pooled, dim=1)
         return F.normalize(self.mlp(joined), dim=-1)
 

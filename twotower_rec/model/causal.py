@@ -31,9 +31,13 @@ class CausalEncoder(nn.Module):
     """Item embeddings of each row, oldest first -> a state per position (``encode``) or at the
     most recent item (``forward``)."""
 
-    def __init__(self, dim: int, max_length: int, layers: int, heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, max_length: int, layers: int, heads: int, dropout: float,
+                 with_mean: bool = False) -> None:
         super().__init__()
         self.max_length = max_length
+        # model.history_mean: each slot's state also carries the mean of the items up to it (a
+        # pooled bag of the window so far, beside what attention makes of the order)
+        self.with_mean = with_mean
         self.positions = nn.Embedding(max_length, dim)
         # The item tables start at U(+-1/sqrt(rows)); positions on the same small scale, so they do
         # not drown the items at the start of training.
@@ -47,13 +51,18 @@ class CausalEncoder(nn.Module):
 
     def encode(self, padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``padded`` ``[B, T, E]`` (row b's items in slots ``< lengths[b]``), ``lengths`` ``[B]``
-        -> ``[B, T, E]``: slot t's output reads slots 0..t only (pad slots' outputs are unused)."""
+        -> ``[B, T, E]`` (``with_mean``: ``[B, T, 2E]``, then the mean of the items in slots 0..t):
+        slot t's output reads slots 0..t only (pad slots' outputs are unused)."""
         slots = torch.arange(padded.shape[1], device=padded.device)
         x = self.dropout(self.input_norm(padded + self.positions(slots).unsqueeze(0)))
         causal = slots.unsqueeze(0) > slots.unsqueeze(1)  # [T, T]: True = may not attend (a later slot)
         pad = slots.unsqueeze(0) >= lengths.unsqueeze(1)  # [B, T]
         pad[:, 0] = pad[:, 0] & (lengths > 0)  # an empty row attends to one zero slot, not to nothing
-        return self.norm(self.encoder(x, mask=causal, src_key_padding_mask=pad))
+        states = self.norm(self.encoder(x, mask=causal, src_key_padding_mask=pad))
+        if not self.with_mean:
+            return states
+        counts = (slots + 1).to(padded.dtype).view(1, -1, 1)
+        return torch.cat([states, padded.cumsum(1) / counts], dim=2)
 
     def pad(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Jagged ``values`` ``[N, E]`` -> ``[B, T, E]`` right-padded with zeros (at most T per row:
@@ -73,7 +82,7 @@ class CausalEncoder(nn.Module):
         return out * (lengths > 0).unsqueeze(1).to(out.dtype)
 
     def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``values`` ``[N, E]`` (each row's items, oldest first), ``lengths`` ``[B]`` -> ``[B, E]``:
-        the output at each row's most recent item."""
+        """``values`` ``[N, E]`` (each row's items, oldest first), ``lengths`` ``[B]`` -> ``[B, E]``
+        (``with_mean``: ``[B, 2E]``): the output at each row's most recent item."""
         lengths = lengths.long()
         return self.last(self.encode(self.pad(values, lengths), lengths), lengths)

@@ -89,7 +89,7 @@ class Tower(nn.Module):
         self.embedding_bags = (EmbeddingBagCollection(tables=configs, device=device or torch.device("meta"))
                                if configs else None)
         # join add: the pooled features and the dense input (then E wide) are summed, not concatenated
-        self.join = join
+        self.join, self.embedding_dim = join, embedding_dim
         in_dim = embedding_dim if join == "add" else embedding_dim * len(features) + dense_dim
         self.mlp = mlp(in_dim, mlp_dims, output_dim, dropout)
 
@@ -110,9 +110,9 @@ class Tower(nn.Module):
 
     def joined(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         """F x ``[B, E]`` pooled features and ``[B, Dd]`` dense -> the MLP's input: side by side,
-        or (join add, ``Dd = E``) their sum."""
+        or (join add, ``Dd`` a multiple of E) the sum of the features and of dense's E-wide parts."""
         if self.join == "add":
-            return torch.stack([*pooled, dense]).sum(0)
+            return torch.stack([*pooled, *dense.split(self.embedding_dim, dim=1)]).sum(0)
         return torch.cat([*pooled, dense], dim=1)
 
     def forward(self, features: KeyedJaggedTensor | None, dense: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,12 @@ class TwoTower(nn.Module):
                                             num_embeddings=spec.num_items + 1, feature_names=[HISTORY])],
                     device=device or torch.device("meta"))
             self.causal = CausalEncoder(cfg.embedding_dim, spec.history_length, cfg.sequence_layers,
-                                        cfg.sequence_heads, cfg.sequence_dropout)
+                                        cfg.sequence_heads, cfg.sequence_dropout, cfg.history_mean)
         reads_history = sequence or causal
         # The order the query MLP sees its inputs: its own features, borrowed ones, the sequence.
         self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if reads_history else [])
-        extra = cfg.embedding_dim * (len(self.borrowed) + (1 if reads_history else 0))
+        history_width = 2 if causal and cfg.history_mean else 1 if reads_history else 0
+        extra = cfg.embedding_dim * (len(self.borrowed) + history_width)
         self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device,
                                  join=cfg.user_join if causal else "concat")
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
