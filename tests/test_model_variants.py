@@ -6,8 +6,8 @@ the history) with features.recent_items=3. ``ensemble``: model.members=3 with
 features.recent_items=2 (three runs, loaded side by side). ``causal`` / ``causal_shared``:
 train.examples=sequences with the causal encoder over a table of its own / the item tower's
 item-id table; ``causal_add``: its user features added to the causal state and the
-history's mean (model.user_join=add, model.history_mean). For each, the exported TorchScript query tower and `recommend` must
-reproduce the training model.
+history's mean (model.user_join=add, model.history_mean). For each, the exported TorchScript
+query tower and `recommend` must reproduce the training model.
 """
 
 from __future__ import annotations
