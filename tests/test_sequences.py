@@ -64,6 +64,7 @@ def _model(data, user_join: str = "concat", history_mean: bool = False):
     (["model.user_join=add"], "needs model.user_encoder=causal"),
     (["model.user_join=sum"], "model.user_join"),
     (["model.history_mean=true"], "needs model.user_encoder=causal"),
+    (["loss.mask_window_items=true"], "needs train.examples=sequences"),
 ])
 def test_config_refuses_what_the_sequence_mode_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -206,6 +207,13 @@ def test_training_windows_hold_training_events_only(tmp_path, split, kind, conte
     scored = np.concatenate([sequence[s + 1 + k:e] for _, s, e, k in windows[:5]])
     assert np.array_equal(batch.item_ids[batch.target_index].numpy(), scored)
     assert np.array_equal(batch.first_position.numpy(), windows[:5, 3]) and len(batch) == scored.size
+    # each window's row of window_items marks the batch's targets that are items of the window
+    targets_of_batch = batch.item_ids[:batch.num_targets].tolist()
+    for w, (_, s, e, _) in enumerate(windows[:5]):
+        held = set(sequence[s:e].tolist())
+        assert batch.window_items[w].tolist() == [i > 0 and i in held for i in targets_of_batch]
+    scored_per_window = windows[:5, 2] - windows[:5, 1] - 1 - windows[:5, 3]
+    assert np.array_equal(batch.position_window.numpy(), np.repeat(np.arange(5), scored_per_window))
 
 
 def test_the_global_candidates_do_not_depend_on_the_world_size(data):
@@ -224,7 +232,8 @@ def test_the_global_candidates_do_not_depend_on_the_world_size(data):
     assert len(two[0]) + len(two[1]) == expected.size
 
 
-def test_sequence_loss_equals_a_position_by_position_hand_computation():
+@pytest.mark.parametrize("window_mask", [False, True])
+def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mask):
     torch.manual_seed(1)
     counts = np.array([0, 5, 1, 3, 8, 2, 1], dtype=np.int64)  # item codes 1..6
     cfg = LossConfig(temperature=0.5, uniform_negatives=3)
@@ -236,7 +245,11 @@ def test_sequence_loss_equals_a_position_by_position_hand_computation():
     query = torch.nn.functional.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1)
     target_index = torch.tensor([0, 1, 1, 2, 0])
     positions = 5
-    got = sequence_loss(query, items, ids, 4, target_index, positions, 0.5, cfg, ctx)
+    # loss.mask_window_items: positions 0-2 come from a window holding targets 0 and 1, 3-4 from
+    # one holding targets 1 and 2 (and 0 as an input)
+    windows = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    in_window = windows[torch.tensor([0, 0, 0, 1, 1])] if window_mask else None
+    got = sequence_loss(query, items, ids, 4, target_index, positions, 0.5, cfg, ctx, in_window)
 
     q = counts / counts.sum()
     expected = 0.0
@@ -246,6 +259,8 @@ def test_sequence_loss_equals_a_position_by_position_hand_computation():
         for j in range(7):
             if int(ids[j]) == 0 or (j >= 4 and int(ids[j]) == int(target_ids[target])):
                 continue  # padding, or the position's own target drawn as a uniform negative
+            if window_mask and j < 4 and j != target and bool(in_window[p, j]):
+                continue  # another item of the position's own window
             log_q = (math.log(1 - (1 - q[int(ids[j])]) ** positions) if j < 4 else math.log(3 / 6))
             scores.append((j, float(query[p] @ items[j]) / 0.5 - log_q))
         logits = dict(scores)

@@ -156,6 +156,9 @@ class LossConfig:
     # catalog per global batch join the in-batch candidates (0: in-batch only).
     uniform_negatives: int = 0
     mask_accidental_hits: bool = True  # drop in-batch candidates equal to the row's positive
+    # train.examples=sequences: drop the other items of a position's own window from its
+    # candidates (the user's other events, before or after it, are not negatives)
+    mask_window_items: bool = False
     learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
     # Event mode: 0 computes the [B, N] logits at once; > 0 scores this many candidates at a
     # time (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
@@ -490,6 +493,9 @@ def _check_causal(cfg: Config) -> None:
             raise ConfigError("model.user_encoder=causal already reads the last items in order: set "
                               f"features.recent_items=0, not {features.recent_items}")
     if train.examples != "sequences":
+        if loss.mask_window_items:
+            raise ConfigError("loss.mask_window_items masks the items of a position's own window: it needs "
+                              "train.examples=sequences")
         return
     if loss.name != "in_batch_softmax":
         raise ConfigError(f"train.examples=sequences trains with loss.name=in_batch_softmax only, not {loss.name}")

@@ -236,7 +236,7 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
 
 def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, num_targets: int,
                   target_index: torch.Tensor, global_positions: int, temperature, cfg: LossConfig,
-                  ctx: LossContext) -> torch.Tensor:
+                  ctx: LossContext, window_items: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of this rank's positions (``train.examples: sequences``): sampled softmax of each
     position's query ``[P, D]`` over the global batch's deduplicated targets and uniform negatives.
 
@@ -244,7 +244,10 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     (padded with code 0), then its uniform negatives; every rank's are gathered, in rank order,
     so ``target_index`` ``[P]`` indexes the gathered targets. Padding candidates are never
     scored; a uniform negative equal to the position's own target (an accidental hit) is
-    masked for that position (``loss.mask_accidental_hits``). Returns this rank's share of the
+    masked for that position (``loss.mask_accidental_hits``). With ``window_items`` ``[P, U]``
+    (``loss.mask_window_items``: which gathered targets are items of each position's own window)
+    those targets, the position's own excepted, are masked too: the user's other events are
+    not negatives. Returns this rank's share of the
     mean over the global batch's ``global_positions``: summed over positions and scaled by
     ``world_size / global_positions``, so the ranks' mean (what the gradients average to) is
     the global mean.
@@ -264,6 +267,10 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     # One masked fill over the whole [P, U + M] matrix, in place (a fill of a column slice would
     # make autograd copy the whole matrix back in the backward).
     padding = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
+    if window_items is not None:
+        own = window_items.clone()
+        own[torch.arange(own.shape[0], device=own.device), target_index] = False
+        padding = padding | torch.cat([own, own.new_zeros(own.shape[0], negatives.shape[0])], dim=1)
     if cfg.mask_accidental_hits and negatives.shape[0]:
         own = target_ids[target_index]
         hits = torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool, device=query.device),

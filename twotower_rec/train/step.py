@@ -34,8 +34,9 @@ def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, 
     query, item = query.float(), item.float()
     if isinstance(batch, SequenceBatch):  # [P, D] queries, one per position; [C, D] candidates
         temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
+        window_items = batch.window_items[batch.position_window] if loss_cfg.mask_window_items else None
         loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
-                             batch.global_positions, temperature, loss_cfg, ctx)
+                             batch.global_positions, temperature, loss_cfg, ctx, window_items)
     elif loss_cfg.name != "in_batch_softmax":
         loss = pointwise_loss(model, query, item, batch.labels, loss_cfg)
     else:
