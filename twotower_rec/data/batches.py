@@ -90,7 +90,6 @@ class SequenceBatch(_TensorFields, Pipelineable):
                     context only; ``train.window_context``).
     window_items:   ``[B, U]`` bool: which of the global batch's ``U`` deduplicated targets (every
                     rank's slices, padding included) are items of each window.
-    position_window: ``[P]`` int64: each scored position's window (a row of ``window_items``).
     num_targets:    ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
     global_positions: ``P`` summed over every rank: the loss is a mean over them.
     """
@@ -102,7 +101,6 @@ class SequenceBatch(_TensorFields, Pipelineable):
     target_index: torch.Tensor
     first_position: torch.Tensor
     window_items: torch.Tensor
-    position_window: torch.Tensor
     num_targets: int
     global_positions: int
 
@@ -263,7 +261,7 @@ class Batcher:
         local_start, local_end, local_skip = local[:, 1], local[:, 2], local[:, 3]
         local_targets = gather_ranges(sequence, local_start + 1 + local_skip, local_end - local_start - 1 - local_skip)
         candidates = padded[rank * per_rank:(rank + 1) * per_rank]
-        window_items, position_window = self._window_items(sequence, local, unique, per_rank * world_size)
+        window_items = self._window_items(sequence, local, unique, per_rank * world_size)
         if negatives is not None and len(negatives):
             candidates = np.concatenate([candidates, np.asarray(negatives, dtype=candidates.dtype)])
         item_kjt, dense = self.item_features(candidates)
@@ -275,24 +273,23 @@ class Batcher:
             target_index=torch.from_numpy(np.searchsorted(unique, local_targets).astype(np.int64)),
             first_position=torch.from_numpy(local_skip.astype(np.int64)),
             window_items=torch.from_numpy(window_items),
-            position_window=torch.from_numpy(position_window),
             num_targets=per_rank,
             global_positions=int(targets.size),
         )
 
     @staticmethod
     def _window_items(sequence: np.ndarray, windows: np.ndarray, unique: np.ndarray,
-                      width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(``[B, width]`` bool: which of the sorted ``unique`` targets each window holds, inputs
-        or targets; ``[P]`` each scored position's window) for ``windows`` ``[B, 4]``."""
-        start, end, skip = windows[:, 1], windows[:, 2], windows[:, 3]
+                      width: int) -> np.ndarray:
+        """``[B, width]`` bool: which of the sorted ``unique`` targets each of ``windows`` ``[B, 4]``
+        holds, as an input or a target."""
+        start, end = windows[:, 1], windows[:, 2]
         items = gather_ranges(sequence, start, end - start)
         window = np.repeat(np.arange(windows.shape[0]), end - start)
         index = np.minimum(np.searchsorted(unique, items), unique.size - 1)
         found = unique[index] == items
         held = np.zeros((windows.shape[0], width), dtype=bool)
         held[window[found], index[found]] = True
-        return held, np.repeat(np.arange(windows.shape[0]), end - start - 1 - skip).astype(np.int64)
+        return held
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
         """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""

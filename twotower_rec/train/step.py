@@ -16,6 +16,7 @@ from torchrec.distributed import DistributedModelParallel
 
 from twotower_rec.config import LossConfig
 from twotower_rec.data.batches import Batch, SequenceBatch
+from twotower_rec.data.features import HISTORY
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.losses.pointwise import pointwise_loss
 from twotower_rec.losses.softmax import LossContext, retrieval_loss, sequence_loss
@@ -34,7 +35,10 @@ def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, 
     query, item = query.float(), item.float()
     if isinstance(batch, SequenceBatch):  # [P, D] queries, one per position; [C, D] candidates
         temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
-        window_items = batch.window_items[batch.position_window] if loss_cfg.mask_window_items else None
+        window_items = None
+        if loss_cfg.mask_window_items:  # [P, U]: each scored position's row of its window's items
+            scored = batch.query_features[HISTORY].lengths().long() - batch.first_position
+            window_items = batch.window_items.repeat_interleave(scored, dim=0)
         loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
                              batch.global_positions, temperature, loss_cfg, ctx, window_items)
     elif loss_cfg.name != "in_batch_softmax":
