@@ -76,11 +76,10 @@ def test_causal_encoder_output_at_t_ignores_later_items(with_mean):
     torch.manual_seed(0)
     encoder = CausalEncoder(dim=8, max_length=7, layers=2, heads=2, dropout=0.0, with_mean=with_mean).eval()
     padded = torch.randn(3, 7, 8)
-    lengths = torch.tensor([7, 4, 1])
-    before = encoder.encode(padded, lengths)
+    before = encoder.encode(padded)
     changed = padded.clone()
     changed[:, 3:] = torch.randn(3, 4, 8)  # every slot from 3 on
-    after = encoder.encode(changed, lengths)
+    after = encoder.encode(changed)
     assert torch.equal(before[:, :3], after[:, :3])
     assert not torch.allclose(before[0, 3:], after[0, 3:])  # the later outputs do read them
     if with_mean:  # the second half of a slot's output: the mean of the items up to it
@@ -91,6 +90,42 @@ def test_causal_encoder_output_at_t_ignores_later_items(with_mean):
     last = encoder(values, torch.tensor([3, 0, 2]))
     torch.testing.assert_close(last[0], encoder(values[:3], torch.tensor([3]))[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(last[1], torch.zeros(16 if with_mean else 8))
+
+
+def test_causal_encoder_equals_torch_transformer_at_every_valid_slot():
+    """The encoder's own pass over its ``nn.TransformerEncoder`` parameters (causal mask only,
+    fast dropout) computes what torch's encoder computes with the causal and padding masks, at
+    every slot that holds an item; checkpoints of either load into the other."""
+    torch.manual_seed(0)
+    encoder = CausalEncoder(dim=8, max_length=6, layers=2, heads=2, dropout=0.3).eval()
+    padded = torch.randn(4, 6, 8)
+    lengths = torch.tensor([6, 3, 1, 0])
+    slots = torch.arange(6)
+    padded = padded * (slots.view(1, -1, 1) < lengths.view(-1, 1, 1))  # zeros after each row's items
+    x = encoder.input_norm(padded + encoder.positions(slots).unsqueeze(0))
+    pad = slots.unsqueeze(0) >= lengths.unsqueeze(1)
+    pad[:, 0] = pad[:, 0] & (lengths > 0)
+    expected = encoder.norm(encoder.encoder(x, mask=slots.unsqueeze(0) > slots.unsqueeze(1), src_key_padding_mask=pad))
+    got = encoder.encode(padded)
+    valid = slots.unsqueeze(0) < lengths.unsqueeze(1)
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(got).all()  # the empty row and the pad slots too
+
+
+def test_causal_encoder_dropout_keeps_the_expected_value():
+    """Training-mode dropout zeroes a share ``p`` of the entries and scales the rest by
+    1 / (1 - p); evaluation is untouched; the mask is drawn from torch's seeded generator."""
+    encoder = CausalEncoder(dim=8, max_length=4, layers=1, heads=2, dropout=0.25)
+    x = torch.ones(200, 50, 8, requires_grad=True)
+    torch.manual_seed(1)
+    out = encoder.drop(x)
+    assert abs((out == 0).float().mean().item() - 0.25) < 0.01
+    assert torch.equal(out[out != 0], torch.full_like(out[out != 0], 1 / 0.75))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # the gradient goes through the same mask
+    torch.manual_seed(1)
+    assert torch.equal(encoder.drop(x), out)
+    assert torch.equal(encoder.eval().drop(x), x)
 
 
 @pytest.mark.parametrize("shared", [False, True])

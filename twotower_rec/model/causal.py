@@ -6,8 +6,14 @@ Shapes: ``B`` rows (users or windows), ``T`` = ``max_length`` slots (``features.
 ``E`` embedding dim, ``N`` = ``sum(lengths)`` items. Row ``b`` holds its items in slots
 ``0 .. lengths[b] - 1``, oldest first (right padding); slot ``t`` gets the learned position
 embedding ``t``, counted from the window's start, so a position's input and its output do not
-depend on how many items follow it. A causal mask (slot ``t`` attends to slots ``<= t``) and a
-padding mask feed ``torch.nn.TransformerEncoder``.
+depend on how many items follow it. The layers are ``torch.nn.TransformerEncoderLayer``'s
+(pre-norm, ReLU feed-forward): its parameters, initialisation and checkpoint keys, with a
+forward pass of this module's own (:meth:`CausalEncoder.encode`) that computes what torch's
+encoder computes with a causal and a padding mask (a test checks it) in fewer operations:
+- the causal mask alone (slot ``t`` attends to slots ``<= t``): with right padding every pad
+  slot comes after a row's items, so no valid slot reads one (pad slots' outputs are unused);
+- dropout as one uniform draw and a compare (:meth:`CausalEncoder.drop`) instead of
+  ``bernoulli_``, which on CPU took a fifth of a sequence-mode step (BENCHMARKS.md).
 
 Training with ``train.examples: sequences`` reads every position (:meth:`CausalEncoder.encode`):
 the output at slot ``t`` is the query that scores the item at ``t + 1``. Evaluation, export and
@@ -24,6 +30,7 @@ Plain torch and scriptable: the exported query tower reuses this module as it is
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,22 +50,44 @@ class CausalEncoder(nn.Module):
         # not drown the items at the start of training.
         nn.init.normal_(self.positions.weight, std=0.01)
         self.input_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.p = dropout
+        self.heads = heads
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
-    def encode(self, padded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``padded`` ``[B, T, E]`` (row b's items in slots ``< lengths[b]``), ``lengths`` ``[B]``
-        -> ``[B, T, E]`` (``with_mean``: ``[B, T, 2E]``, then the mean of the items in slots 0..t):
-        slot t's output reads slots 0..t only (pad slots' outputs are unused)."""
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout at ``model.sequence_dropout`` in training (identity in evaluation): a share p
+        of the entries zeroed, the rest scaled by 1 / (1 - p), the mask drawn by ``rand_like``."""
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def attend(self, x: torch.Tensor, layer: nn.TransformerEncoderLayer, causal: torch.Tensor) -> torch.Tensor:
+        """``[B, T, E]`` -> ``[B, T, E]``: ``layer``'s multi-head self-attention, ``causal``
+        ``[T, T]`` added to the scores (-inf above the diagonal)."""
+        rows, slots, dim = x.shape
+        heads = self.heads
+        qkv = F.linear(x, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+        q, k, v = qkv.view(rows, slots, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, E/H]
+        scores = torch.matmul(q, k.transpose(-2, -1)) * float(dim // heads) ** -0.5 + causal
+        mixed = torch.matmul(self.drop(torch.softmax(scores, dim=-1)), v)  # [B, H, T, E / H]
+        out = layer.self_attn.out_proj
+        return F.linear(mixed.transpose(1, 2).reshape(rows, slots, dim), out.weight, out.bias)
+
+    def encode(self, padded: torch.Tensor) -> torch.Tensor:
+        """``padded`` ``[B, T, E]`` (each row's items in its first slots, zeros after) -> ``[B, T, E]``
+        (``with_mean``: ``[B, T, 2E]``, then the mean of the items in slots 0..t): slot t's
+        output reads slots 0..t only (pad slots' outputs are unused)."""
         slots = torch.arange(padded.shape[1], device=padded.device)
-        x = self.dropout(self.input_norm(padded + self.positions(slots).unsqueeze(0)))
-        causal = slots.unsqueeze(0) > slots.unsqueeze(1)  # [T, T]: True = may not attend (a later slot)
-        pad = slots.unsqueeze(0) >= lengths.unsqueeze(1)  # [B, T]
-        pad[:, 0] = pad[:, 0] & (lengths > 0)  # an empty row attends to one zero slot, not to nothing
-        states = self.norm(self.encoder(x, mask=causal, src_key_padding_mask=pad))
+        x = self.drop(self.input_norm(padded + self.positions(slots).unsqueeze(0)))
+        causal = torch.full((slots.shape[0], slots.shape[0]), float("-inf"), device=padded.device,
+                            dtype=x.dtype).triu(1)
+        for layer in self.encoder.layers:  # pre-norm TransformerEncoderLayer, ReLU
+            x = x + self.drop(self.attend(layer.norm1(x), layer, causal))
+            x = x + self.drop(layer.linear2(self.drop(torch.relu(layer.linear1(layer.norm2(x))))))
+        states = self.norm(x)
         if not self.with_mean:
             return states
         counts = (slots + 1).to(padded.dtype).view(1, -1, 1)
@@ -85,4 +114,4 @@ class CausalEncoder(nn.Module):
         """``values`` ``[N, E]`` (each row's items, oldest first), ``lengths`` ``[B]`` -> ``[B, E]``
         (``with_mean``: ``[B, 2E]``): the output at each row's most recent item."""
         lengths = lengths.long()
-        return self.last(self.encode(self.pad(values, lengths), lengths), lengths)
+        return self.last(self.encode(self.pad(values, lengths)), lengths)

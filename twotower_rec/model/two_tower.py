@@ -138,7 +138,7 @@ class TwoTower(nn.Module):
             if hasattr(out, "wait"):  # a sharded collection returns an awaitable
                 out = out.wait()
             padded = self.causal.pad(out[HISTORY].values(), lengths)
-        return self.causal.encode(padded, lengths), lengths
+        return self.causal.encode(padded), lengths
 
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""
