@@ -62,7 +62,7 @@ class CausalEncoder(nn.Module):
         of the entries zeroed, the rest scaled by 1 / (1 - p), the mask drawn by ``rand_like``."""
         if not self.training or self.p == 0.0:
             return x
-        return x * (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # the mask as 0 / 1 floats, in place
 
     def attend(self, x: torch.Tensor, layer: nn.TransformerEncoderLayer, causal: torch.Tensor) -> torch.Tensor:
         """``[B, T, E]`` -> ``[B, T, E]``: ``layer``'s multi-head self-attention, ``causal``
