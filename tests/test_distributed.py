@@ -227,8 +227,8 @@ def test_ensemble_two_processes_equal_one(setup):
 def sequence_runs(setup):
     """train.examples=sequences: one-process references over a table of its own and over the
     item tower's shared item-id table (data prepared with features.share_item_table), the
-    latter with context positions (train.window_context) and its window's items masked
-    (loss.mask_window_items) too."""
+    latter with context positions (train.window_context), its window's items masked
+    (loss.mask_window_items) and the next three targets as positives (loss.future_targets) too."""
     root, config, _ = setup
     shared_data = ["--set", f"data.cache_dir={root / 'data-shared'}", "--set", "features.share_item_table=true"]
     result = run_cli("prepare", "--config", config, *shared_data, cwd=root)
@@ -236,7 +236,7 @@ def sequence_runs(setup):
     base = ["--set", "model.user_encoder=causal", "--set", "train.examples=sequences", "--set", "train.batch_size=16",
             "--set", "loss.uniform_negatives=8", "--set", "model.sequence_dropout=0.0", "--set", "train.max_steps=4"]
     options = {"own": base, "shared": [*base, *shared_data, "--set", "train.window_context=4",
-                                       "--set", "loss.mask_window_items=true"]}
+                                       "--set", "loss.mask_window_items=true", "--set", "loss.future_targets=3"]}
     references = {name: train(root, config, f"seq-{name}-ws1", 1, *extra) for name, extra in options.items()}
     return root, config, options, references
 

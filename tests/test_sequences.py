@@ -25,7 +25,7 @@ from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import prepare
 from twotower_rec.data.synthetic import synthetic
 from twotower_rec.errors import ConfigError
-from twotower_rec.losses.softmax import LossContext, sequence_loss
+from twotower_rec.losses.softmax import LossContext, future_positives, sequence_loss
 from twotower_rec.model.causal import CausalEncoder
 
 HISTORY = 6
@@ -65,6 +65,8 @@ def _model(data, user_join: str = "concat", history_mean: bool = False):
     (["model.user_join=sum"], "model.user_join"),
     (["model.history_mean=true"], "needs model.user_encoder=causal"),
     (["loss.mask_window_items=true"], "needs train.examples=sequences"),
+    (["loss.future_targets=3"], "needs train.examples=sequences"),
+    (["model.user_encoder=causal", "train.examples=sequences", "loss.future_targets=0"], "must be positive"),
 ])
 def test_config_refuses_what_the_sequence_mode_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -265,11 +267,11 @@ def test_the_global_candidates_do_not_depend_on_the_world_size(data):
     assert len(two[0]) + len(two[1]) == expected.size
 
 
-@pytest.mark.parametrize("window_mask", [False, True])
-def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mask):
+@pytest.mark.parametrize("window_mask, future", [(False, False), (True, False), (False, True), (True, True)])
+def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mask, future):
     torch.manual_seed(1)
     counts = np.array([0, 5, 1, 3, 8, 2, 1], dtype=np.int64)  # item codes 1..6
-    cfg = LossConfig(temperature=0.5, uniform_negatives=3)
+    cfg = LossConfig(temperature=0.5, uniform_negatives=3, future_targets=2 if future else 1)
     ctx = LossContext(cfg, counts, batch_size=1, device=torch.device("cpu"))
     target_ids = torch.tensor([1, 3, 4, 0])  # deduplicated targets, one padding slot
     negative_ids = torch.tensor([3, 6, 2])  # item 3 is also a target: an accidental hit for its positions
@@ -278,31 +280,60 @@ def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mas
     query = torch.nn.functional.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1)
     target_index = torch.tensor([0, 1, 1, 2, 0])
     positions = 5
-    # loss.mask_window_items: positions 0-2 come from a window holding targets 0 and 1, 3-4 from
-    # one holding targets 1 and 2 (and 0 as an input)
+    # positions 0-2 come from a window holding targets 0 and 1, 3-4 from one holding targets 1
+    # and 2 (and 0 as an input): loss.mask_window_items masks those, loss.future_targets=2 makes
+    # each position's next two targets in its window its positives
     windows = torch.tensor([[True, True, False, False], [True, True, True, False]])
     in_window = windows[torch.tensor([0, 0, 0, 1, 1])] if window_mask else None
-    got = sequence_loss(query, items, ids, 4, target_index, positions, 0.5, cfg, ctx, in_window)
+    positives = future_positives(target_index, torch.tensor([3, 2]), 2) if future else None
+    if future:
+        assert positives.tolist() == [[0, 1], [1, 1], [1, -1], [2, 0], [0, -1]]
+    got = sequence_loss(query, items, ids, 4, target_index, positions, 0.5, cfg, ctx, in_window, positives)
 
     q = counts / counts.sum()
     expected = 0.0
     for p in range(positions):
-        target = int(target_index[p])
+        own = [int(t) for t in positives[p] if t >= 0] if future else [int(target_index[p])]
+        own_ids = {int(target_ids[t]) for t in own}
         scores = []
         for j in range(7):
-            if int(ids[j]) == 0 or (j >= 4 and int(ids[j]) == int(target_ids[target])):
-                continue  # padding, or the position's own target drawn as a uniform negative
-            if window_mask and j < 4 and j != target and bool(in_window[p, j]):
+            if int(ids[j]) == 0 or (j >= 4 and int(ids[j]) in own_ids):
+                continue  # padding, or one of the position's own targets drawn as a uniform negative
+            if window_mask and j < 4 and j not in own and bool(in_window[p, j]):
                 continue  # another item of the position's own window
             log_q = (math.log(1 - (1 - q[int(ids[j])]) ** positions) if j < 4 else math.log(3 / 6))
             scores.append((j, float(query[p] @ items[j]) / 0.5 - log_q))
         logits = dict(scores)
-        expected += -(logits[target] - math.log(sum(math.exp(v) for _, v in scores)))
+        norm = math.log(sum(math.exp(v) for _, v in scores))
+        expected += -sum(logits[t] - norm for t in own) / len(own)
     assert float(got) == pytest.approx(expected / positions, rel=1e-7)  # logQ is float32
     # masking matters here: without it the loss is different
     unmasked = sequence_loss(query, items, ids, 4, target_index, positions, 0.5,
-                             LossConfig(temperature=0.5, uniform_negatives=3, mask_accidental_hits=False), ctx)
+                             LossConfig(temperature=0.5, uniform_negatives=3, mask_accidental_hits=False), ctx,
+                             in_window, positives)
     assert float(unmasked) != pytest.approx(float(got), rel=1e-6)
+
+
+def test_the_step_scores_each_position_against_its_next_targets(data):
+    """loss.future_targets=k: the training step hands the loss each position's next k targets
+    in its own window (the hand computation above checks the loss itself)."""
+    from twotower_rec.train.step import forward_loss
+
+    model = _model(data)
+    batcher = Batcher(data)
+    batch = batcher.sequence_batch(batcher.training_windows(HISTORY, "tiled")[:8], 0, 1)
+    cfg = LossConfig(temperature=0.5, future_targets=3)
+    ctx = LossContext(cfg, data.item_counts(), 8, torch.device("cpu"))
+    three, _ = forward_loss(model, batch, cfg, ctx)
+    next_only, _ = forward_loss(model, batch, LossConfig(temperature=0.5), ctx)
+    query, item = model(batch)
+    scored = batch.query_features["history"].lengths().long() - batch.first_position
+    positives = future_positives(batch.target_index, scored, 3)
+    assert (positives[:, 0] == batch.target_index).all() and (positives[:, 1:] >= 0).any()
+    expected = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
+                             batch.global_positions, 0.5, cfg, ctx, None, positives)
+    assert float(three) == pytest.approx(float(expected), rel=1e-6)
+    assert float(three) != pytest.approx(float(next_only), rel=1e-3)
 
 
 def _run(cli, root, path, *extra):

@@ -159,6 +159,10 @@ class LossConfig:
     # train.examples=sequences: drop the other items of a position's own window from its
     # candidates (the user's other events, before or after it, are not negatives)
     mask_window_items: bool = False
+    # train.examples=sequences: a position's positives are the next k items of its window (1:
+    # the next one only); its loss is the mean of their log-softmax over the same candidates
+    # (a short-horizon form of PinnerFormer's dense all-action loss; BENCHMARKS.md, "Sequence mode")
+    future_targets: int = 1
     learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
     # Event mode: 0 computes the [B, N] logits at once; > 0 scores this many candidates at a
     # time (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
@@ -315,7 +319,7 @@ _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
     "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
     "model.embedding_dim", "model.output_dim", "train.batch_size", "train.epochs", "train.log_every_steps",
-    "eval.user_chunk",
+    "eval.user_chunk", "loss.future_targets",
 )
 
 
@@ -496,6 +500,9 @@ def _check_causal(cfg: Config) -> None:
         if loss.mask_window_items:
             raise ConfigError("loss.mask_window_items masks the items of a position's own window: it needs "
                               "train.examples=sequences")
+        if loss.future_targets != 1:
+            raise ConfigError(f"loss.future_targets={loss.future_targets} scores a position against the next items "
+                              "of its window: it needs train.examples=sequences (1 in the event mode)")
         return
     if loss.name != "in_batch_softmax":
         raise ConfigError(f"train.examples=sequences trains with loss.name=in_batch_softmax only, not {loss.name}")

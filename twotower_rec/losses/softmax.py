@@ -234,9 +234,23 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     return in_batch_softmax(query, candidates, temperature, ids, offset, log_q)
 
 
+def future_positives(target_index: torch.Tensor, scored: torch.Tensor, k: int) -> torch.Tensor:
+    """``[P, k]`` (``loss.future_targets``): each position's next k targets in its own window,
+    as indices into the gathered targets, -1 past the window's end. ``target_index`` ``[P]``
+    holds the windows' positions in order, ``scored`` ``[B]`` how many each window has."""
+    window = torch.repeat_interleave(torch.arange(scored.shape[0], device=scored.device), scored)  # [P]
+    ahead = torch.arange(target_index.shape[0], device=scored.device).unsqueeze(1) + torch.arange(
+        k, device=scored.device)  # [P, k]: position p + j
+    inside = ahead < target_index.shape[0]
+    ahead = ahead.clamp(max=max(target_index.shape[0] - 1, 0))
+    inside = inside & (window[ahead] == window.unsqueeze(1))
+    return torch.where(inside, target_index[ahead], -1)
+
+
 def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, num_targets: int,
                   target_index: torch.Tensor, global_positions: int, temperature, cfg: LossConfig,
-                  ctx: LossContext, window_items: torch.Tensor | None = None) -> torch.Tensor:
+                  ctx: LossContext, window_items: torch.Tensor | None = None,
+                  positives: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of this rank's positions (``train.examples: sequences``): sampled softmax of each
     position's query ``[P, D]`` over the global batch's deduplicated targets and uniform negatives.
 
@@ -247,10 +261,12 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     masked for that position (``loss.mask_accidental_hits``). With ``window_items`` ``[P, U]``
     (``loss.mask_window_items``: which gathered targets are items of each position's own window)
     those targets, the position's own excepted, are masked too: the user's other events are
-    not negatives. Returns this rank's share of the
-    mean over the global batch's ``global_positions``: summed over positions and scaled by
-    ``world_size / global_positions``, so the ranks' mean (what the gradients average to) is
-    the global mean.
+    not negatives. With ``positives`` ``[P, k]`` (:func:`future_positives`, ``loss.future_targets``)
+    a position's loss is the mean over its positives (-1: none) of their -log-softmax over the
+    same candidates; none of them is masked as a window item or an accidental hit. Returns this
+    rank's share of the mean over the global batch's ``global_positions``: summed over positions
+    and scaled by ``world_size / global_positions``, so the ranks' mean (what the gradients
+    average to) is the global mean.
     """
     import torch.distributed as dist
 
@@ -260,17 +276,20 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     if negatives.shape[0]:
         negatives, negative_ids, _ = gather_candidates(negatives, negative_ids)
     num_all_targets = targets.shape[0]
+    own = target_index.unsqueeze(1) if positives is None else positives  # [P, k]: -1 = none
+    valid = own >= 0
     # Padding targets are never scored; with window_items, neither are the window's other items
     masked = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
     if window_items is not None:
-        own = window_items.clone()
-        own[torch.arange(own.shape[0], device=own.device), target_index] = False
-        masked = masked | torch.cat([own, own.new_zeros(own.shape[0], negatives.shape[0])], dim=1)
+        others = window_items.clone()
+        rows, columns = torch.nonzero(valid, as_tuple=True)
+        others[rows, own[rows, columns]] = False
+        masked = masked | torch.cat([others, others.new_zeros(others.shape[0], negatives.shape[0])], dim=1)
     if cfg.mask_accidental_hits and negatives.shape[0]:
-        own = target_ids[target_index]
+        own_ids = torch.where(valid, target_ids[own.clamp(min=0)], -1)  # [P, k]
+        hits = (own_ids.unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
         masked = masked | torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool,
-                                                 device=query.device),
-                                     own.unsqueeze(1) == negative_ids.unsqueeze(0)], dim=1)
+                                                 device=query.device), hits], dim=1)
     # One additive term [P or 1, U + M] built outside autograd (-logQ; the float32 minimum where
     # masked), added inside the product by addmm: no pass over the logits is recorded for the
     # backward (a masked_fill_ and a sub_ were 6% of a sequence-mode step on CPU).
@@ -279,4 +298,8 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     offset = torch.where(masked, torch.finfo(query.dtype).min, offset)
     logits = torch.addmm(offset, query / temperature, torch.cat([targets, negatives]).t())  # [P, U + M]
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return F.cross_entropy(logits, target_index, reduction="sum") * (world / max(global_positions, 1))
+    scale = world / max(global_positions, 1)
+    if positives is None:
+        return F.cross_entropy(logits, target_index, reduction="sum") * scale
+    log_p = torch.log_softmax(logits, dim=1).gather(1, own.clamp(min=0))  # [P, k]
+    return -((log_p * valid).sum(1) / valid.sum(1)).sum() * scale

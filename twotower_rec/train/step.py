@@ -19,7 +19,7 @@ from twotower_rec.data.batches import Batch, SequenceBatch
 from twotower_rec.data.features import HISTORY
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.losses.pointwise import pointwise_loss
-from twotower_rec.losses.softmax import LossContext, retrieval_loss, sequence_loss
+from twotower_rec.losses.softmax import LossContext, future_positives, retrieval_loss, sequence_loss
 
 
 def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, loss_cfg: LossConfig, ctx: LossContext,
@@ -35,12 +35,14 @@ def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, 
     query, item = query.float(), item.float()
     if isinstance(batch, SequenceBatch):  # [P, D] queries, one per position; [C, D] candidates
         temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
-        window_items = None
+        scored = batch.query_features[HISTORY].lengths().long() - batch.first_position  # [B] positions a window
+        window_items = positives = None
         if loss_cfg.mask_window_items:  # [P, U]: each scored position's row of its window's items
-            scored = batch.query_features[HISTORY].lengths().long() - batch.first_position
             window_items = batch.window_items.repeat_interleave(scored, dim=0)
+        if loss_cfg.future_targets > 1:  # [P, k]: the next k targets of each position's window
+            positives = future_positives(batch.target_index, scored, loss_cfg.future_targets)
         loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
-                             batch.global_positions, temperature, loss_cfg, ctx, window_items)
+                             batch.global_positions, temperature, loss_cfg, ctx, window_items, positives)
     elif loss_cfg.name != "in_batch_softmax":
         loss = pointwise_loss(model, query, item, batch.labels, loss_cfg)
     else:
