@@ -114,6 +114,19 @@ def test_causal_encoder_equals_torch_transformer_at_every_valid_slot():
     assert torch.isfinite(got).all()  # the empty row and the pad slots too
 
 
+def test_causal_encoders_of_different_shapes_script_in_one_process():
+    """TorchScript compiles a module class once per set of attribute types: an export of two
+    differently shaped causal encoders (ensemble members, or one after another in a process)
+    scripts both, and each scripted copy computes what its eager module does."""
+    torch.manual_seed(0)
+    small = CausalEncoder(dim=8, max_length=4, layers=1, heads=2, dropout=0.0).eval()
+    large = CausalEncoder(dim=8, max_length=5, layers=2, heads=4, dropout=0.1, with_mean=True).eval()
+    values, lengths = torch.randn(5, 8), torch.tensor([3, 0, 2])
+    for encoder in (small, large):
+        scripted = torch.jit.script(encoder)
+        torch.testing.assert_close(scripted(values, lengths), encoder(values, lengths), rtol=0, atol=0)
+
+
 def test_causal_encoder_dropout_keeps_the_expected_value():
     """Training-mode dropout zeroes a share ``p`` of the entries and scales the rest by
     1 / (1 - p); evaluation is untouched; the mask is drawn from torch's seeded generator."""

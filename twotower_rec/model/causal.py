@@ -64,17 +64,18 @@ class CausalEncoder(nn.Module):
             return x
         return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # the mask as 0 / 1 floats, in place
 
-    def attend(self, x: torch.Tensor, layer: nn.TransformerEncoderLayer, causal: torch.Tensor) -> torch.Tensor:
-        """``[B, T, E]`` -> ``[B, T, E]``: ``layer``'s multi-head self-attention, ``causal``
-        ``[T, T]`` added to the scores (-inf above the diagonal)."""
+    def attend(self, x: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor, out_weight: torch.Tensor,
+               out_bias: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+        """``[B, T, E]`` -> ``[B, T, E]``: multi-head self-attention with a layer's ``self_attn``
+        weights (passed as tensors: TorchScript types a module argument by its first compiled
+        shape), ``causal`` ``[T, T]`` added to the scores (-inf above the diagonal)."""
         rows, slots, dim = x.shape
         heads = self.heads
-        qkv = F.linear(x, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+        qkv = F.linear(x, in_weight, in_bias)
         q, k, v = qkv.view(rows, slots, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, E/H]
         scores = torch.matmul(q, k.transpose(-2, -1)) * float(dim // heads) ** -0.5 + causal
         mixed = torch.matmul(self.drop(torch.softmax(scores, dim=-1)), v)  # [B, H, T, E / H]
-        out = layer.self_attn.out_proj
-        return F.linear(mixed.transpose(1, 2).reshape(rows, slots, dim), out.weight, out.bias)
+        return F.linear(mixed.transpose(1, 2).reshape(rows, slots, dim), out_weight, out_bias)
 
     def encode(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded`` ``[B, T, E]`` (each row's items in its first slots, zeros after) -> ``[B, T, E]``
@@ -85,7 +86,9 @@ class CausalEncoder(nn.Module):
         causal = torch.full((slots.shape[0], slots.shape[0]), float("-inf"), device=padded.device,
                             dtype=x.dtype).triu(1)
         for layer in self.encoder.layers:  # pre-norm TransformerEncoderLayer, ReLU
-            x = x + self.drop(self.attend(layer.norm1(x), layer, causal))
+            attention = layer.self_attn
+            x = x + self.drop(self.attend(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias,
+                                          attention.out_proj.weight, attention.out_proj.bias, causal))
             x = x + self.drop(layer.linear2(self.drop(torch.relu(layer.linear1(layer.norm2(x))))))
         states = self.norm(x)
         if not self.with_mean:
