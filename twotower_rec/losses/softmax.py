@@ -238,7 +238,8 @@ def future_positives(target_index: torch.Tensor, scored: torch.Tensor, k: int) -
     """``[P, k]`` (``loss.future_targets``): each position's next k targets in its own window,
     as indices into the gathered targets, -1 past the window's end. ``target_index`` ``[P]``
     holds the windows' positions in order, ``scored`` ``[B]`` how many each window has."""
-    window = torch.repeat_interleave(torch.arange(scored.shape[0], device=scored.device), scored)  # [P]
+    window = torch.repeat_interleave(torch.arange(scored.shape[0], device=scored.device), scored,
+                                     output_size=target_index.shape[0])  # [P]; output_size: no host sync
     ahead = torch.arange(target_index.shape[0], device=scored.device).unsqueeze(1) + torch.arange(
         k, device=scored.device)  # [P, k]: position p + j
     inside = ahead < target_index.shape[0]
@@ -276,18 +277,18 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     if negatives.shape[0]:
         negatives, negative_ids, _ = gather_candidates(negatives, negative_ids)
     num_all_targets = targets.shape[0]
-    own = target_index.unsqueeze(1) if positives is None else positives  # [P, k]: -1 = none
-    valid = own >= 0
+    if positives is None:
+        own, valid = target_index.unsqueeze(1), None  # [P, 1]
+    else:  # [P, k]; a missing positive (-1) repeats the first, the next target, which always exists
+        valid = positives >= 0
+        own = torch.where(valid, positives, positives[:, :1])
     # Padding targets are never scored; with window_items, neither are the window's other items
     masked = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
     if window_items is not None:
-        others = window_items.clone()
-        rows, columns = torch.nonzero(valid, as_tuple=True)
-        others[rows, own[rows, columns]] = False
+        others = window_items.clone().scatter_(1, own, False)  # the position's own positives stay
         masked = masked | torch.cat([others, others.new_zeros(others.shape[0], negatives.shape[0])], dim=1)
     if cfg.mask_accidental_hits and negatives.shape[0]:
-        own_ids = torch.where(valid, target_ids[own.clamp(min=0)], -1)  # [P, k]
-        hits = (own_ids.unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
+        hits = (target_ids[own].unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
         masked = masked | torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool,
                                                  device=query.device), hits], dim=1)
     # One additive term [P or 1, U + M] built outside autograd (-logQ; the float32 minimum where
@@ -301,5 +302,5 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     scale = world / max(global_positions, 1)
     if positives is None:
         return F.cross_entropy(logits, target_index, reduction="sum") * scale
-    log_p = torch.log_softmax(logits, dim=1).gather(1, own.clamp(min=0))  # [P, k]
+    log_p = torch.log_softmax(logits, dim=1).gather(1, own)  # [P, k]
     return -((log_p * valid).sum(1) / valid.sum(1)).sum() * scale

@@ -52,7 +52,8 @@ class CausalEncoder(nn.Module):
         self.input_norm = nn.LayerNorm(dim)
         self.p = dropout
         self.heads = heads
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=dropout, batch_first=True,
+        # the layers hold the parameters; encode runs them, with its own dropout (drop), so theirs is 0
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

@@ -38,7 +38,8 @@ def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, 
         scored = batch.query_features[HISTORY].lengths().long() - batch.first_position  # [B] positions a window
         window_items = positives = None
         if loss_cfg.mask_window_items:  # [P, U]: each scored position's row of its window's items
-            window_items = batch.window_items.repeat_interleave(scored, dim=0)
+            window_items = batch.window_items.repeat_interleave(scored, dim=0,
+                                                                output_size=batch.target_index.shape[0])
         if loss_cfg.future_targets > 1:  # [P, k]: the next k targets of each position's window
             positives = future_positives(batch.target_index, scored, loss_cfg.future_targets)
         loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
