@@ -18,6 +18,12 @@ Wall time and peak RSS of each stage; train's examples/s and start-up time (from
 ``train_metrics.json``). Prints a table and writes benchmarks/results/scale.json and (with
 matplotlib) benchmarks/results/scale.png, cost against size on log-log axes with a linear
 reference. Sizes run smallest first; ``--keep`` leaves the data and runs in ``--work``.
+
+The examples/s of single runs swing 20% on a shared machine, so the comparison of sizes has a
+mode of its own: ``--train-rounds N`` runs only ``train`` on sizes kept from an earlier run,
+the sizes taking turns N times, and reports the median per size and its ratio to the first:
+
+    .venv/bin/python benchmarks/bench_scale.py --work /work/scale_data --sizes 1e6 1e8 --train-rounds 5
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -54,12 +61,27 @@ def timed(argv: list[str], log: Path) -> dict:
             "peak_rss_gib": round(peak_kb / 2**20, 3)}
 
 
+def layout(size: int, args, work: Path) -> tuple[Path, Path, list[str]]:
+    """The raw data folder, the runs folder and the CLI overrides of one size."""
+    folder = work / f"scale_{size:.0e}".replace("+", "")
+    raw, runs = folder / "raw", folder / "runs"
+    common = [
+        "data.source=interactions", f"data.interactions_path={raw / 'interactions'}",
+        f"data.users_path={raw / 'users.parquet'}", f"data.items_path={raw / 'items.parquet'}",
+        f"data.cache_dir={runs / 'data'}", "data.engine=duckdb", f"data.memory_limit={args.memory_limit}",
+        f"train.out_dir={runs}", f"train.max_steps={args.steps}", "train.epochs=1000", f"train.batch_size={args.batch}",
+        "train.val_every_steps=0", "train.checkpoint_every_steps=0", f"train.val_max_users={args.val_users}",
+        f"eval.max_users={args.eval_users}", f"export.dir={runs / 'export'}", "export.ann=ivf",
+        f"export.recall_queries={args.val_users}",
+    ]
+    return raw, runs, [a for c in common for a in ("--set", c)]
+
+
 def run_size(size: int, args, work: Path) -> dict:
     from twotower_rec.config import SyntheticConfig
     from twotower_rec.data.synthetic import write_parquet
 
-    folder = work / f"scale_{size:.0e}".replace("+", "")
-    raw, runs = folder / "raw", folder / "runs"
+    raw, runs, overrides = layout(size, args, work)
     users, items = size // 10, size // 100
     row = {"size": size, "users": users, "items": items, "command": " ".join(sys.argv),
            "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -73,16 +95,6 @@ def run_size(size: int, args, work: Path) -> dict:
         (raw / "counts.json").write_text(json.dumps(counts))
     row["raw_interactions"] = json.loads((raw / "counts.json").read_text())["interactions"]
     runs.mkdir(parents=True, exist_ok=True)
-    common = [
-        "data.source=interactions", f"data.interactions_path={raw / 'interactions'}",
-        f"data.users_path={raw / 'users.parquet'}", f"data.items_path={raw / 'items.parquet'}",
-        f"data.cache_dir={runs / 'data'}", "data.engine=duckdb", f"data.memory_limit={args.memory_limit}",
-        f"train.out_dir={runs}", f"train.max_steps={args.steps}", "train.epochs=1000", f"train.batch_size={args.batch}",
-        "train.val_every_steps=0", "train.checkpoint_every_steps=0", f"train.val_max_users={args.val_users}",
-        f"eval.max_users={args.eval_users}", f"export.dir={runs / 'export'}", "export.ann=ivf",
-        f"export.recall_queries={args.val_users}",
-    ]
-    overrides = [a for c in common for a in ("--set", c)]
     python = [sys.executable, "-m", "twotower_rec"]
     for stage in STAGES:
         if stage not in args.stages:
@@ -101,6 +113,47 @@ def run_size(size: int, args, work: Path) -> dict:
     if not args.keep:
         shutil.rmtree(runs)
     return row
+
+
+def train_rounds(args, work: Path) -> None:
+    """``--train-rounds N``: only ``train``, on sizes already prepared (by an earlier run with
+    ``--keep``), the sizes taking turns N times; examples/s and peak RSS per run, the median
+    per size and its ratio to the first size's. The machine's load drifts over minutes, so
+    sizes compared within a round, many rounds, are what the examples/s target is read from."""
+    sizes = [int(float(t)) for t in args.sizes]
+    python = [sys.executable, "-m", "twotower_rec"]
+    runs_of = {size: [] for size in sizes}
+    for r in range(args.train_rounds):
+        for size in sizes:
+            _, runs, overrides = layout(size, args, work)
+            if not (runs / "data" / "feature_spec.json").is_file():
+                raise SystemExit(f"size {size:.0e} is not prepared in {runs}: run without --train-rounds and "
+                                 "with --keep first")
+            stage = timed([*python, "train", *overrides], runs / "train.log")
+            metrics = json.loads((runs / "train_metrics.json").read_text())
+            run = {"round": r, "examples_per_second": round(metrics["examples_per_second"]),
+                   "startup_seconds": round(metrics["startup_seconds"], 2), **stage}
+            runs_of[size].append(run)
+            print(f"round {r}: {size:.0e} {run}", file=sys.stderr, flush=True)
+    first = statistics.median(run["examples_per_second"] for run in runs_of[sizes[0]])
+    table = []
+    print(f"\n| interactions | examples/s per round | median | vs {sizes[0]:.0e} | start-up s (median) "
+          "| peak RSS GiB (max) |\n|---|---|---:|---:|---:|---:|")
+    for size in sizes:
+        rates = [run["examples_per_second"] for run in runs_of[size]]
+        median = statistics.median(rates)
+        row = {"size": size, "runs": runs_of[size], "median_examples_per_second": median,
+               "ratio_to_first": round(median / first, 3),
+               "median_startup_seconds": statistics.median(run["startup_seconds"] for run in runs_of[size]),
+               "max_peak_rss_gib": max(run["peak_rss_gib"] for run in runs_of[size])}
+        table.append(row)
+        print(f"| {size:.0e} | {' / '.join(f'{x:,}' for x in rates)} | {median:,.0f} | {row['ratio_to_first']:.2f}x | "
+              f"{row['median_startup_seconds']} | {row['max_peak_rss_gib']} |")
+    out = Path(args.out).with_name("scale_train_rounds.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                               "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+                               "steps": args.steps, "batch": args.batch, "results": table}, indent=2))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -146,8 +199,14 @@ def main() -> None:
     parser.add_argument("--merge", nargs="*", default=[],
                         help="JSON files of other runs (e.g. sizes run separately) whose rows join --out's")
     parser.add_argument("--out", default=str(RESULTS / "scale.json"))
+    parser.add_argument("--train-rounds", type=int, default=0,
+                        help="only train, on sizes prepared before (--keep), the sizes taking turns this many "
+                             "times; writes results/scale_train_rounds.json")
     args = parser.parse_args()
     work = Path(args.work)
+    if args.train_rounds:
+        train_rounds(args, work)
+        return
     out = Path(args.out)
     previous = {r["size"]: r for r in json.loads(out.read_text())["results"]} if out.is_file() else {}
     for other in args.merge:

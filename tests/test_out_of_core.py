@@ -142,6 +142,8 @@ def test_the_first_epochs_shuffle_is_start_up_work(monkeypatch):
     from twotower_rec.train import batch_order
 
     class Rows:  # a Batcher that hands back the rows it is asked for
+        training_events = None
+
         def batch(self, rows, negatives=None, training=False):
             return rows
 

@@ -187,9 +187,9 @@ class Batcher:
         come before a training row, and a held-out item must not be a training input. Under
         leave-last-out (training events first) this is :meth:`query_features`."""
         user = self.user[rows]
-        if self._training_events is None:
+        if self.training_events is None:
             return self.query_features(user, rows)
-        sequence, before = self._training_events
+        sequence, before = self.training_events
         return self._query_kjt(user, sequence, before[self.user_offsets[user - 1]], before[rows])
 
     def _query_kjt(self, user: np.ndarray, sequence: torch.Tensor, starts: np.ndarray,
@@ -200,9 +200,11 @@ class Batcher:
                                  lengths=torch.cat(lengths).int())
 
     @functools.cached_property
-    def _training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:
+    def training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:
         """(the training events' items back to back, ``[R + 1]`` the number of training events
-        before each row); None when every user's training events precede its other events."""
+        before each row); None when every user's training events precede its other events.
+        One scan of the split column (1.3 s at 1.1e8 rows): the trainer's batch iterator reads
+        it when it is made (:func:`twotower_rec.train.batch_order.local_batches`), as start-up."""
         is_train = np.asarray(self.data.split) == TRAIN
         later = np.flatnonzero(is_train[1:] & ~is_train[:-1]) + 1  # a training row after a held-out one
         if not (self.user[later] == self.user[later - 1]).any():
