@@ -165,7 +165,8 @@ class Batcher:
     def __init__(self, data: PreparedData) -> None:
         self.data = data
         self.spec = data.spec
-        # Hot columns in memory: the cache is memory-mapped, the gathers below are random access.
+        # Views of the memory-mapped columns, not copies (the maps are C-contiguous already): a
+        # process holds the pages its batches touch.
         self.item = np.ascontiguousarray(data.item)
         self.user = np.ascontiguousarray(data.user)
         self.rating = np.ascontiguousarray(data.rating)
