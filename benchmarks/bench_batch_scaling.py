@@ -7,7 +7,11 @@ built as ``train`` builds it, the same batches), the modes taking turns, ``--rou
 the median step after the warm-up, divided by the batch, against batch 1024's. In-batch
 negatives score every row against every candidate of the batch, so the logits' share of a step
 grows with B (B x B x D multiply-adds). Prints a table and writes
-benchmarks/results/batch_scaling.json and .png.
+benchmarks/results/batch_scaling.json and .png. With a sample of the batch as negatives
+(``loss.batch_negatives``) the logits are B x (1 + K + M) and grow linearly:
+
+    .venv/bin/python benchmarks/bench_batch_scaling.py --modes eager --set loss.batch_negatives=1024 \
+        --out benchmarks/results/batch_scaling_sampled.json
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_compile import RESULTS, run_mode  # noqa: E402
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,6 +37,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axis = plt.subplots(figsize=(6, 4))
     for mode in ("eager", "loss"):
         mine = [r for r in rows if r["mode"] == mode]
+        if not mine:
+            continue
         axis.plot([r["batch"] for r in mine], [r["us_per_example"] for r in mine], "o-",
                   label="train.compile: true" if mode == "loss" else "eager")
     axis.set_xscale("log", base=2)
@@ -40,7 +46,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axis.set_ylabel("step time per example (µs)")
     axis.grid(True, alpha=0.3)
     axis.legend()
-    axis.set_title("configs/demo.yaml, 2 CPU threads")
+    axis.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -53,6 +59,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["eager", "loss"], choices=["eager", "loss"],
+                        help="loss: train.compile=true (not with loss.batch_negatives)")
     parser.add_argument("--out", default=str(RESULTS / "batch_scaling.json"))
     args = parser.parse_args()
 
@@ -69,7 +77,7 @@ def main() -> None:
         for batch in args.batches:
             sized = argparse.Namespace(config=args.config, overrides=[*args.overrides, f"train.batch_size={batch}"],
                                        steps=args.steps, warmup=args.warmup)
-            times: dict[str, list[float]] = {"eager": [], "loss": []}
+            times: dict[str, list[float]] = {mode: [] for mode in args.modes}
             for _ in range(args.rounds):
                 for mode in times:
                     times[mode].append(run_mode(mode, sized, cache)["median_step_ms"])
@@ -91,7 +99,7 @@ def main() -> None:
     out.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "steps": args.steps,
                                "date": time.strftime("%Y-%m-%d %H:%M"), "results": rows}, indent=2))
     try:
-        plot(rows, out.with_suffix(".png"))
+        plot(rows, out.with_suffix(".png"), f"{args.config} {' '.join(args.overrides)}, 2 CPU threads")
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
 

@@ -68,6 +68,32 @@ def cli():
     return run_cli
 
 
+def prepared_config(root: Path, cfg: dict, name: str) -> Path:
+    """Write ``cfg`` to ``root/NAME.yaml`` and run ``prepare`` on it; the config's path."""
+    import yaml
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = run_cli("prepare", "--config", path, cwd=root)
+    assert result.returncode == 0, result.describe()
+    return path
+
+
+def training_losses(root: Path, path: Path, runs: list[tuple[str, int, list[str]]]) -> dict[str, list[float]]:
+    """Train the config at ``path`` once per ``(name, processes, overrides)`` into ``root/name``;
+    each run's per-step losses (``train_metrics.json``) by name."""
+    import json
+
+    losses = {}
+    for name, nproc, overrides in runs:
+        out = root / name
+        sets = [a for o in overrides for a in ("--set", o)]
+        result = run_cli("train", "--config", path, "--set", f"train.out_dir={out}", *sets, cwd=root, nproc=nproc)
+        assert result.returncode == 0, result.describe()
+        losses[name] = json.loads((out / "train_metrics.json").read_text())["losses"]
+    return losses
+
+
 def tiny_config(root: Path) -> dict:
     """A seconds-long synthetic job; every path lives under ``root``."""
     return {

@@ -63,24 +63,14 @@ def test_a_bad_chunk_is_refused():
 def test_training_with_chunks_equals_training_without_at_one_and_two_processes(tmp_path):
     """loss.chunk_size through the real CLI: logQ, masking, uniform negatives and a learned
     temperature on, global negatives over 2 gloo processes; per-step losses as without chunks."""
-    import json
-
-    import yaml
-    from conftest import run_cli, tiny_config
+    from conftest import prepared_config, tiny_config, training_losses
 
     cfg = tiny_config(tmp_path)
     cfg["train"].update({"batch_size": 64, "max_steps": 5, "val_every_steps": 0})
     cfg["loss"] = {"temperature": 0.1, "uniform_negatives": 16, "learn_temperature": True}
-    path = tmp_path / "chunks.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    assert run_cli("prepare", "--config", path, cwd=tmp_path).returncode == 0
-    losses = {}
-    for name, nproc, chunk in (("whole", 1, 0), ("chunks-ws1", 1, 24), ("chunks-ws2", 2, 24)):
-        out = tmp_path / name
-        result = run_cli("train", "--config", path, "--set", f"train.out_dir={out}", "--set",
-                         f"loss.chunk_size={chunk}", cwd=tmp_path, nproc=nproc)
-        assert result.returncode == 0, result.describe()
-        losses[name] = json.loads((out / "train_metrics.json").read_text())["losses"]
+    path = prepared_config(tmp_path, cfg, "chunks")
+    losses = training_losses(tmp_path, path, [(name, nproc, [f"loss.chunk_size={chunk}"]) for name, nproc, chunk in (
+        ("whole", 1, 0), ("chunks-ws1", 1, 24), ("chunks-ws2", 2, 24))])
     assert len(losses["whole"]) == 5
     for name in ("chunks-ws1", "chunks-ws2"):
         assert losses[name] == pytest.approx(losses["whole"], rel=1e-5), name

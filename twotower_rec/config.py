@@ -167,6 +167,11 @@ class LossConfig:
     # Event mode: 0 computes the [B, N] logits at once; > 0 scores this many candidates at a
     # time (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
     chunk_size: int = 0
+    # Event mode: 0 scores every row against every positive of the (global) batch; > 0 against
+    # this many of them, drawn without replacement each step (the same draw on every rank), plus
+    # its own positive and the uniform negatives: [B, 1 + batch_negatives + uniform_negatives]
+    # logits, so a step's cost grows linearly with the batch (BENCHMARKS.md, "Batch scaling").
+    batch_negatives: int = 0
 
 
 @dataclass
@@ -421,7 +426,8 @@ def _check_ranges(cfg: Config) -> None:
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
                      "train.progress_every_seconds": "", "data.threads": " (0 = one per core)",
-                     "loss.chunk_size": " (0 = all candidates at once)"}
+                     "loss.chunk_size": " (0 = all candidates at once)",
+                     "loss.batch_negatives": " (0 = every positive of the batch)"}
     if cfg.train.prefetch_batches is not None:
         at_least_zero["train.prefetch_batches"] = " (0 = built between steps; null = 2 with CUDA, 0 on a CPU)"
     for key, meaning in at_least_zero.items():
@@ -474,6 +480,12 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError("data.hash_buckets.item_id: the history looks items up by their code in a shared "
                           "table (features.share_item_table), which a hashed item_id table does not have; turn "
                           "one of them off")
+    if cfg.loss.batch_negatives:
+        for key, value, why in (("loss.chunk_size", cfg.loss.chunk_size, "bounds the logits already"),
+                                ("train.compile", cfg.train.compile, "compiles the whole-batch loss only")):
+            if value:
+                raise ConfigError(f"loss.batch_negatives={cfg.loss.batch_negatives} scores a sample of the batch, "
+                                  f"which {key} does not combine with ({why}): set one of them to 0 / false")
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
 
@@ -506,6 +518,9 @@ def _check_causal(cfg: Config) -> None:
         return
     if loss.name != "in_batch_softmax":
         raise ConfigError(f"train.examples=sequences trains with loss.name=in_batch_softmax only, not {loss.name}")
+    if loss.batch_negatives:
+        raise ConfigError("loss.batch_negatives samples the event mode's batch; train.examples=sequences scores "
+                          "the batch's deduplicated targets: set loss.batch_negatives=0")
     if not loss.global_negatives:
         raise ConfigError("train.examples=sequences scores every position against the global batch's targets: "
                           "it needs loss.global_negatives=true")

@@ -68,6 +68,35 @@ def softmax_cross_entropy(query: torch.Tensor, item: torch.Tensor, temperature, 
     return F.cross_entropy(logits, targets)
 
 
+def sampled_batch_softmax(query: torch.Tensor, item: torch.Tensor, temperature, pick: torch.Tensor,
+                          num_positives: int, item_ids: torch.Tensor | None = None, positive_offset: int = 0,
+                          log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`in_batch_softmax` with each row scored against a sample of the batch's positives
+    (``loss.batch_negatives``): the same arguments, plus ``pick`` ``[K]``, the sampled columns
+    among the first ``num_positives`` candidates (the batch's positives; any after them, the
+    uniform negatives, are all kept). Row ``b``'s candidates are its own positive (column
+    ``b + positive_offset``), the picked columns less that one, and the uniform negatives;
+    ``item_ids`` masks every candidate with its positive's id, as there. The logits are
+    ``[B, 1 + K + M]`` instead of ``[B, N]``, so a step's cost grows linearly with the batch.
+    With every column picked this is :func:`in_batch_softmax` (the tests check it); ``log_q``
+    is the caller's, for a sample the expected count among the picked columns."""
+    rows = query.shape[0]
+    targets = torch.arange(rows, device=query.device) + positive_offset
+    columns = torch.cat([pick, torch.arange(num_positives, item.shape[0], device=pick.device)])  # [K + M]
+    q = query / temperature
+    positive = (q * item[targets]).sum(dim=1, keepdim=True)  # [B, 1]
+    negative = q @ item[columns].t()  # [B, K + M]
+    if log_q is not None:
+        positive = positive - log_q[targets].unsqueeze(1)
+        negative.sub_(log_q[columns].unsqueeze(0))
+    drop = columns.unsqueeze(0) == targets.unsqueeze(1)  # the row's own positive, if picked
+    if item_ids is not None:
+        drop |= item_ids[targets].unsqueeze(1) == item_ids[columns].unsqueeze(0)
+    negative.masked_fill_(drop, torch.finfo(negative.dtype).min)
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=query.device))
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along rows; backward sums every rank's gradient and keeps this rank's rows."""
 
@@ -158,7 +187,7 @@ class LossContext:
 
     def __init__(self, cfg: LossConfig, item_counts: np.ndarray, batch_size: int, device: torch.device) -> None:
         """``batch_size``: the positives among each step's candidates (:func:`positives_per_step`)."""
-        self.cfg, self.num_items, self.step = cfg, item_counts.shape[0] - 1, 0
+        self.cfg, self.num_items, self.step, self.device = cfg, item_counts.shape[0] - 1, 0, device
         counts = item_counts.astype(np.float64)
         q = counts / max(counts.sum(), 1.0)
         q[q == 0] = 1.0 / max(counts.sum(), 1.0)  # never a positive; keep the log finite
@@ -185,6 +214,20 @@ class LossContext:
         weight = self.cfg.logq_weight
         return log_q if weight == 1.0 else log_q * weight
 
+
+    def sample_positives(self, num_positives: int, log_q: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``loss.batch_negatives`` of the step's ``num_positives`` positives, drawn without
+        replacement by a generator seeded with the step (every rank draws the same; a resumed
+        run the same as an unbroken one), and ``log_q`` for them: an in-batch candidate's
+        expected count among the ``K`` picked is ``K / num_positives`` of that among all."""
+        k = self.cfg.batch_negatives
+        generator = torch.Generator().manual_seed(7_919 * self.step + 1)
+        pick = torch.randperm(num_positives, generator=generator)[:k].to(self.device)
+        if log_q is not None:
+            shift = self.cfg.logq_weight * float(np.log(k / num_positives))
+            log_q = torch.cat([log_q[:num_positives] + shift, log_q[num_positives:]])
+        return pick, log_q
 
     def target_log_q(self, target_ids: torch.Tensor, num_uniform: int, positions: int) -> torch.Tensor | None:
         """``[U + M]`` logQ of a sequence batch's deduplicated targets ``[U]`` then ``M`` uniform
@@ -224,6 +267,9 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
     ids = candidate_ids if cfg.mask_accidental_hits else None
+    if 0 < cfg.batch_negatives < positives.shape[0]:
+        pick, log_q = ctx.sample_positives(positives.shape[0], log_q)
+        return sampled_batch_softmax(query, candidates, temperature, pick, positives.shape[0], ids, offset, log_q)
     if cfg.chunk_size:
         from twotower_rec.losses.chunked import chunked_in_batch_softmax
 
