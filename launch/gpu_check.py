@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "recent_items": ("recent", []),
     "ensemble": ("base", ["model.members=2"]),
     "bce": ("base", ["loss.name=bce"]),
+    "batch_negatives": ("base", ["loss.batch_negatives=16"]),
     "sequences": ("base", ["train.examples=sequences", "model.user_encoder=causal", "model.sequence_dropout=0.0"]),
 }
 # Variants whose training never runs through TorchRec's pipeline (sequence windows: see README).

@@ -197,6 +197,7 @@ class LossContext:
                           if cfg.logq == "streaming" else None)
         # train.compile: a compiled softmax_cross_entropy for the event-mode loss (None: eager)
         self.kernel = None
+        self.sampler: torch.Generator | None = None  # loss.batch_negatives: made at the first draw
 
     def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
         """``[B' + M]`` logQ of the (global) positives ``[B']`` then ``M`` uniform negatives."""
@@ -222,8 +223,13 @@ class LossContext:
         run the same as an unbroken one), and ``log_q`` for them: an in-batch candidate's
         expected count among the ``K`` picked is ``K / num_positives`` of that among all."""
         k = self.cfg.batch_negatives
-        generator = torch.Generator().manual_seed(7_919 * self.step + 1)
-        pick = torch.randperm(num_positives, generator=generator)[:k].to(self.device)
+        if self.sampler is None:
+            self.sampler = torch.Generator()
+        # drawn on the host, so a GPU run draws what the CPU does; copied from pinned memory,
+        # asynchronously (a copy from pageable memory would wait for the stream every step)
+        pick = torch.randperm(num_positives, generator=self.sampler.manual_seed(7_919 * self.step + 1))[:k]
+        if self.device.type == "cuda":
+            pick = pick.pin_memory().to(self.device, non_blocking=True)
         if log_q is not None:
             shift = self.cfg.logq_weight * float(np.log(k / num_positives))
             log_q = torch.cat([log_q[:num_positives] + shift, log_q[num_positives:]])
