@@ -112,6 +112,16 @@ def test_other_bad_types_are_rejected(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("text, value", [("2e-3", 0.002), ("1E-4", 1e-4), ("5e+2", 500.0), ("3.5e-1", 0.35)])
+def test_a_number_in_exponent_notation_is_a_number(tmp_path, text, value):
+    """YAML 1.1 (PyYAML) reads 2e-3 (no dot) as a string; a learning rate written so must still
+    be the number, on the command line and in a config file."""
+    assert load_config(None, [f"train.dense_lr={text}"]).train.dense_lr == pytest.approx(value)
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"train:\n  dense_lr: {text}\n")
+    assert load_config(path).train.dense_lr == pytest.approx(value)
+
+
 def test_bad_choice_suggests_the_valid_one():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["data.source=synthetc"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -334,6 +335,9 @@ def closest(name: str, options: list[str], prefix: str = "") -> str:
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against a field's type, converting YAML/CLI scalars where lossless."""
     origin = typing.get_origin(annotation)
@@ -361,6 +365,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):  # YAML 1.1 reads 2e-3 as a string
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
