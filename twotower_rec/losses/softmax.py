@@ -81,13 +81,14 @@ def sampled_batch_softmax(query: torch.Tensor, item: torch.Tensor, temperature, 
     With every column picked this is :func:`in_batch_softmax` (the tests check it); ``log_q``
     is the caller's, for a sample the expected count among the picked columns."""
     rows = query.shape[0]
+    own = slice(positive_offset, positive_offset + rows)  # the rows' positives: a slice, not a gather
     targets = torch.arange(rows, device=query.device) + positive_offset
     columns = torch.cat([pick, torch.arange(num_positives, item.shape[0], device=pick.device)])  # [K + M]
     q = query / temperature
-    positive = (q * item[targets]).sum(dim=1, keepdim=True)  # [B, 1]
+    positive = (q * item[own]).sum(dim=1, keepdim=True)  # [B, 1]
     negative = q @ item[columns].t()  # [B, K + M]
     if log_q is not None:
-        positive = positive - log_q[targets].unsqueeze(1)
+        positive = positive - log_q[own].unsqueeze(1)
         negative.sub_(log_q[columns].unsqueeze(0))
     drop = columns.unsqueeze(0) == targets.unsqueeze(1)  # the row's own positive, if picked
     if item_ids is not None:
@@ -197,7 +198,7 @@ class LossContext:
                           if cfg.logq == "streaming" else None)
         # train.compile: a compiled softmax_cross_entropy for the event-mode loss (None: eager)
         self.kernel = None
-        self.sampler: torch.Generator | None = None  # loss.batch_negatives: made at the first draw
+        self.sampler = torch.Generator()  # loss.batch_negatives: reseeded with the step at each draw
 
     def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
         """``[B' + M]`` logQ of the (global) positives ``[B']`` then ``M`` uniform negatives."""
@@ -215,7 +216,6 @@ class LossContext:
         weight = self.cfg.logq_weight
         return log_q if weight == 1.0 else log_q * weight
 
-
     def sample_positives(self, num_positives: int, log_q: torch.Tensor | None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``loss.batch_negatives`` of the step's ``num_positives`` positives, drawn without
@@ -223,8 +223,6 @@ class LossContext:
         run the same as an unbroken one), and ``log_q`` for them: an in-batch candidate's
         expected count among the ``K`` picked is ``K / num_positives`` of that among all."""
         k = self.cfg.batch_negatives
-        if self.sampler is None:
-            self.sampler = torch.Generator()
         # drawn on the host, so a GPU run draws what the CPU does; copied from pinned memory,
         # asynchronously (a copy from pageable memory would wait for the stream every step)
         pick = torch.randperm(num_positives, generator=self.sampler.manual_seed(7_919 * self.step + 1))[:k]
@@ -273,7 +271,7 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
     ids = candidate_ids if cfg.mask_accidental_hits else None
-    if 0 < cfg.batch_negatives < positives.shape[0]:
+    if 0 < cfg.batch_negatives < positives.shape[0]:  # a sample of K >= the positives would be all of them
         pick, log_q = ctx.sample_positives(positives.shape[0], log_q)
         return sampled_batch_softmax(query, candidates, temperature, pick, positives.shape[0], ids, offset, log_q)
     if cfg.chunk_size:
