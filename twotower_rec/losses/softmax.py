@@ -38,18 +38,23 @@ def in_batch_softmax(
     """
     rows = torch.arange(query.shape[0], device=query.device)
     targets = rows + positive_offset
-    # Scale the [B, D] queries rather than the [B, N] logits, and edit the logits in place
-    # (the matrix product's backward needs only its inputs): two fewer passes over B x N.
-    logits = (query / temperature) @ item.t()  # [B, N]
-    if log_q is not None:
-        logits.sub_(log_q.unsqueeze(0))
+    # Scale the [B, D] queries rather than the [B, N] logits (one pass fewer over B x N).
+    scaled = query / temperature
     # On the CPU, skip the mask when no id repeats; on a GPU that test would be a host sync
     # every step, and masking with no hit changes nothing.
-    if item_ids is not None and (item_ids.is_cuda or torch.unique(item_ids).numel() < item_ids.numel()):
-        same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
-        same[rows, targets] = False
-        logits.masked_fill_(same, torch.finfo(logits.dtype).min)
-    return F.cross_entropy(logits, targets)
+    masking = item_ids is not None and (item_ids.is_cuda or torch.unique(item_ids).numel() < item_ids.numel())
+    if log_q is None and not masking:
+        return F.cross_entropy(scaled @ item.t(), targets)
+    # logQ and the mask as one additive term, built outside autograd and added inside the
+    # product by addmm: no pass over the [B, N] logits is recorded for the backward (an in-place
+    # masked_fill_ ran again on the gradient; BENCHMARKS.md, "Performance").
+    with torch.no_grad():
+        offset = -log_q.unsqueeze(0).to(scaled.dtype) if log_q is not None else scaled.new_zeros(1, item.shape[0])
+        if masking:
+            same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
+            same[rows, targets] = False
+            offset = torch.where(same, torch.finfo(scaled.dtype).min, offset)
+    return F.cross_entropy(torch.addmm(offset, scaled, item.t()), targets)  # [B, N] logits
 
 
 def softmax_cross_entropy(query: torch.Tensor, item: torch.Tensor, temperature, targets: torch.Tensor,
