@@ -9,7 +9,9 @@ is timed around each step; the step itself is split by the ``record_function`` l
 ``train_step`` (forward + loss, backward with the fused table update, dense optimizer) and
 by operator families (embedding lookup, matrix products, the loss). The roofline line counts
 one step's FLOPs (``torch.utils.flop_counter``) and compares the rate they are done at with
-the best float32 matmul rate of the same threads, measured in the same run. Prints a table and writes
+the best float32 matmul rate of the same threads, measured in the same run. The ceiling line
+bounds that share: the matrix products and the table lookups alone, at the speed they run here,
+already take some of the step, whatever the other operators cost. Prints a table and writes
 benchmarks/results/profile.json; ``--trace`` also writes a Chrome trace.
 """
 
@@ -164,6 +166,14 @@ def main() -> None:
           f"{achieved / 1e9:.1f} GFLOP/s achieved at the median step; the best float32 matmul of "
           f"{torch.get_num_threads()} threads in this run: {peak / 1e9:.1f} GFLOP/s; "
           f"share of the limit {100 * achieved / peak:.0f}%")
+    # The ceiling: a step that did nothing but its matrix products and table lookups, each as
+    # fast as it runs here, would still take their time; no cut of the other operators beats it.
+    matmul_ms = families["matrix products (MLP, logits)"] / args.steps
+    floor_ms = matmul_ms + families["embedding lookup (fbgemm TBE)"] / args.steps
+    ceiling = flops / (floor_ms / 1000) / peak if floor_ms else float("nan")
+    print(f"ceiling: the matrix products alone run at {flops / (matmul_ms / 1000) / 1e9:.1f} GFLOP/s at these "
+          f"shapes; with the table lookups they take {floor_ms:.2f} ms a step, so a step with nothing else "
+          f"would reach {100 * ceiling:.0f}% of the limit")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
@@ -174,7 +184,8 @@ def main() -> None:
         "families_ms_per_step": {k: v / args.steps for k, v in families.items()},
         "top_operators_ms_per_step": {e.key: e.self_cpu_time_total / 1000 / args.steps for e in top},
         "flops_per_step": flops, "achieved_flops_per_s": achieved, "matmul_peak_flops_per_s": peak,
-        "share_of_peak": achieved / peak,
+        "share_of_peak": achieved / peak, "matmul_and_lookup_ms_per_step": floor_ms,
+        "ceiling_share_of_peak": ceiling,
     }, indent=2))
     print(f"written to {out}", file=sys.stderr)
 
