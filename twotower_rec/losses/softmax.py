@@ -16,6 +16,22 @@ import torch.nn.functional as F
 from twotower_rec.config import LossConfig
 
 
+def logit_offset(like: torch.Tensor, columns: int, log_q: torch.Tensor | None = None,
+                 masked: torch.Tensor | None = None) -> torch.Tensor:
+    """The additive term of a loss's logits, ``[1 or rows, columns]``: ``-log_q`` (``[columns]``;
+    zeros without it), and the float minimum where ``masked`` (``[rows, columns]``). It is built
+    outside autograd for ``torch.addmm(offset, queries, candidates.t())``, so no pass over the
+    logits is recorded for the backward: an in-place ``sub_`` and ``masked_fill_`` ran again on the
+    gradient (4-5% of a sequence-mode step, 1.15-1.17x the event-mode loss; BENCHMARKS.md).
+    ``like`` gives the dtype and device."""
+    with torch.no_grad():
+        offset = (-log_q.unsqueeze(0).to(like.dtype) if log_q is not None
+                  else like.new_zeros(1, columns))
+        if masked is not None:
+            offset = torch.where(masked, torch.finfo(like.dtype).min, offset)
+    return offset
+
+
 def in_batch_softmax(
     query: torch.Tensor,
     item: torch.Tensor,
@@ -45,15 +61,11 @@ def in_batch_softmax(
     masking = item_ids is not None and (item_ids.is_cuda or torch.unique(item_ids).numel() < item_ids.numel())
     if log_q is None and not masking:
         return F.cross_entropy(scaled @ item.t(), targets)
-    # logQ and the mask as one additive term, built outside autograd and added inside the
-    # product by addmm: no pass over the [B, N] logits is recorded for the backward (an in-place
-    # masked_fill_ ran again on the gradient; BENCHMARKS.md, "Performance").
-    with torch.no_grad():
-        offset = -log_q.unsqueeze(0).to(scaled.dtype) if log_q is not None else scaled.new_zeros(1, item.shape[0])
-        if masking:
-            same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
-            same[rows, targets] = False
-            offset = torch.where(same, torch.finfo(scaled.dtype).min, offset)
+    same = None
+    if masking:
+        same = item_ids[targets].unsqueeze(1) == item_ids.unsqueeze(0)  # [B, N]
+        same[rows, targets] = False
+    offset = logit_offset(scaled, item.shape[0], log_q, same)
     return F.cross_entropy(torch.addmm(offset, scaled, item.t()), targets)  # [B, N] logits
 
 
@@ -91,14 +103,13 @@ def sampled_batch_softmax(query: torch.Tensor, item: torch.Tensor, temperature, 
     columns = torch.cat([pick, torch.arange(num_positives, item.shape[0], device=pick.device)])  # [K + M]
     q = query / temperature
     positive = (q * item[own]).sum(dim=1, keepdim=True)  # [B, 1]
-    negative = q @ item[columns].t()  # [B, K + M]
     if log_q is not None:
         positive = positive - log_q[own].unsqueeze(1)
-        negative.sub_(log_q[columns].unsqueeze(0))
     drop = columns.unsqueeze(0) == targets.unsqueeze(1)  # the row's own positive, if picked
     if item_ids is not None:
         drop |= item_ids[targets].unsqueeze(1) == item_ids[columns].unsqueeze(0)
-    negative.masked_fill_(drop, torch.finfo(negative.dtype).min)
+    offset = logit_offset(q, columns.shape[0], log_q[columns] if log_q is not None else None, drop)
+    negative = torch.addmm(offset, q, item[columns].t())  # [B, K + M]
     logits = torch.cat([positive, negative], dim=1)
     return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.long, device=query.device))
 
@@ -346,12 +357,8 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
         hits = (target_ids[own].unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
         masked = masked | torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool,
                                                  device=query.device), hits], dim=1)
-    # One additive term [P or 1, U + M] built outside autograd (-logQ; the float32 minimum where
-    # masked), added inside the product by addmm: no pass over the logits is recorded for the
-    # backward (a masked_fill_, forward and backward, was 4-5% of a sequence-mode step on CPU).
-    log_q = ctx.target_log_q(target_ids, negatives.shape[0], global_positions)
-    offset = -log_q.unsqueeze(0).to(query.dtype) if log_q is not None else query.new_zeros(1, masked.shape[1])
-    offset = torch.where(masked, torch.finfo(query.dtype).min, offset)
+    offset = logit_offset(query, masked.shape[1], ctx.target_log_q(target_ids, negatives.shape[0], global_positions),
+                          masked)
     logits = torch.addmm(offset, query / temperature, torch.cat([targets, negatives]).t())  # [P, U + M]
     world = dist.get_world_size() if dist.is_initialized() else 1
     scale = world / max(global_positions, 1)
