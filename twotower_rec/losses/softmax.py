@@ -21,8 +21,9 @@ def logit_offset(like: torch.Tensor, columns: int, log_q: torch.Tensor | None = 
     """The additive term of a loss's logits, ``[1 or rows, columns]``: ``-log_q`` (``[columns]``;
     zeros without it), and the float minimum where ``masked`` (``[rows, columns]``). It is built
     outside autograd for ``torch.addmm(offset, queries, candidates.t())``, so no pass over the
-    logits is recorded for the backward: an in-place ``sub_`` and ``masked_fill_`` ran again on the
-    gradient (4-5% of a sequence-mode step, 1.15-1.17x the event-mode loss; BENCHMARKS.md).
+    logits is recorded for the backward, and none is made in the forward beyond the product: a
+    ``masked_fill_`` ran again on the gradient and a ``sub_`` was one more pass (4-5% of a
+    sequence-mode step, 1.15-1.17x the event-mode loss; BENCHMARKS.md).
     ``like`` gives the dtype and device."""
     with torch.no_grad():
         offset = (-log_q.unsqueeze(0).to(like.dtype) if log_q is not None
