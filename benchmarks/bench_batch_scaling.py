@@ -1,4 +1,4 @@
-"""The training step's cost per example against the batch size, eager and with train.compile.
+"""The training step's cost per example against the batch size, eager and with retrieval.compile.
 
     .venv/bin/python benchmarks/bench_batch_scaling.py                 # configs/demo.yaml, 1024 .. 8192
 
@@ -8,9 +8,9 @@ the median step after the warm-up, divided by the batch, against batch 1024's. I
 negatives score every row against every candidate of the batch, so the logits' share of a step
 grows with B (B x B x D multiply-adds). Prints a table and writes
 benchmarks/results/batch_scaling.json and .png. With a sample of the batch as negatives
-(``loss.batch_negatives``) the logits are B x (1 + K + M) and grow linearly:
+(``retrieval.batch_negatives``) the logits are B x (1 + K + M) and grow linearly:
 
-    .venv/bin/python benchmarks/bench_batch_scaling.py --modes eager --set loss.batch_negatives=1024 \
+    .venv/bin/python benchmarks/bench_batch_scaling.py --modes eager --set retrieval.batch_negatives=1024 \
         --out benchmarks/results/batch_scaling_sampled.json
 """
 
@@ -40,7 +40,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if not mine:
             continue
         axis.plot([r["batch"] for r in mine], [r["us_per_example"] for r in mine], "o-",
-                  label="train.compile: true" if mode == "loss" else "eager")
+                  label="retrieval.compile: true" if mode == "loss" else "eager")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("batch size")
     axis.set_ylabel("step time per example (µs)")
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["eager", "loss"], choices=["eager", "loss"],
-                        help="loss: train.compile=true (not with loss.batch_negatives)")
+                        help="loss: retrieval.compile=true (not with retrieval.batch_negatives)")
     parser.add_argument("--out", default=str(RESULTS / "batch_scaling.json"))
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""train.compile against eager, side by side: step time, compile time, the loss drift.
+"""retrieval.compile against eager, side by side: step time, compile time, the loss drift.
 
     .venv/bin/python benchmarks/bench_compile.py                     # configs/demo.yaml
     .venv/bin/python benchmarks/bench_compile.py --config configs/ml_latest_small.yaml \\
@@ -6,7 +6,7 @@
 
 Prepares the config's data once (a temporary directory), then for ``--rounds`` rounds runs each
 mode in a fresh process, the modes taking turns: ``eager``, ``mlp`` (the towers' heads
-compiled), ``loss`` (the in-batch softmax compiled) and ``both`` (what ``train.compile: true``
+compiled), ``loss`` (the in-batch softmax compiled) and ``both`` (what ``retrieval.compile: true``
 does). Each process builds the model exactly as ``train`` does, trains ``--steps`` steps on the
 same batches and reports the median step after ``--warmup`` steps, the first step's time (with an
 empty inductor cache: the compile time) and its per-step losses, compared with the eager run of
@@ -40,10 +40,10 @@ def worker(args) -> None:
     from twotower_rec.data.prepared import PreparedData
     from twotower_rec.data.splits import TRAIN
     from twotower_rec.distributed.env import init_distributed
-    from twotower_rec.losses.softmax import LossContext
     from twotower_rec.model.factory import build_model
+    from twotower_rec.tasks import make_task
     from twotower_rec.train.batch_order import global_batches
-    from twotower_rec.train.compiled import compiled_loss
+    from twotower_rec.losses.compiled import compiled_loss
     from twotower_rec.train.optim import build_optimizer
     from twotower_rec.train.step import train_step
 
@@ -51,20 +51,21 @@ def worker(args) -> None:
     cfg = load_config(args.config, [*args.overrides, f"data.cache_dir={args.cache}"])
     data = PreparedData(args.cache)
     env = init_distributed()
-    model = build_model(cfg, data, env)
+    task = make_task(cfg)
+    model = build_model(cfg, task, data, env)
     optimizer = build_optimizer(model, cfg.train)
-    ctx = LossContext(cfg.loss, data.item_counts(), cfg.train.batch_size, env.device)
+    task.start(data, env, 0)
     if args.worker in ("mlp", "both"):
         compile_heads(model)
     if args.worker in ("loss", "both"):
-        ctx.kernel = compiled_loss()
+        task.ctx.kernel = compiled_loss()
     batcher, rows = Batcher(data), data.rows(TRAIN)
     order = [b for e in range(100) for b in global_batches(rows.size, cfg.train.batch_size, cfg.train.seed, e)]
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         batch = batcher.batch(rows[order[i]], training=True)
         started = time.perf_counter()
-        losses.append(float(train_step(model, optimizer, batch, cfg.loss, ctx, cfg.train.bf16)))
+        losses.append(float(train_step(model, optimizer, batch, task, cfg.train.bf16)))
         times.append(time.perf_counter() - started)
     print(json.dumps({"first_step_s": times[0], "median_step_ms": 1000 * statistics.median(times[args.warmup:]),
                       "losses": losses, "threads": torch.get_num_threads(), "batch_size": cfg.train.batch_size}))

@@ -39,7 +39,8 @@ def worker(args) -> None:
     from twotower_rec.data.features import HISTORY, Feature, FeatureSpec
     from twotower_rec.distributed import sharding
     from twotower_rec.distributed.env import init_distributed, shutdown, synchronize
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
     from twotower_rec.cli import quiet_library_warnings
     from twotower_rec.losses.softmax import LossContext
     from twotower_rec.train.optim import build_optimizer
@@ -59,9 +60,10 @@ def worker(args) -> None:
     cfg.train = TrainConfig(batch_size=args.batch_size, seed=0)
     cfg.sharding = ShardingConfig(sharding_types=[args.sharding])
     started = time.perf_counter()
-    model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
+    model = sharding.shard_model(new_model(cfg.model, spec), env, cfg.sharding, cfg.train)
     optimizer = build_optimizer(model, cfg.train)
-    ctx = LossContext(cfg.loss, np.ones(rows + 1), args.batch_size, env.device)
+    task = make_task(cfg)  # retrieval; its loss state by hand (this spec has no prepared data)
+    task.ctx = LossContext(cfg.loss, np.ones(rows + 1), args.batch_size, env.device)
     build_s = time.perf_counter() - started
     if env.is_main:
         print(sharding.describe_plan(model), file=sys.stderr, flush=True)
@@ -89,7 +91,7 @@ def worker(args) -> None:
         b = batch().to(env.device)
         synchronize(env.device)
         started = time.perf_counter()
-        train_step(model, optimizer, b, cfg.loss, ctx)
+        train_step(model, optimizer, b, task)
         synchronize(env.device)  # CUDA returns before the step is done
         if step >= args.warmup:
             times.append(time.perf_counter() - started)

@@ -28,7 +28,9 @@ from twotower_rec.data.splits import SPLIT_NAMES
 from twotower_rec.evaluation.metrics import ranking_metrics
 from twotower_rec.evaluation.ranking import rank_split
 from twotower_rec.model.ensemble import Ensemble
+from twotower_rec.model.factory import new_model
 from twotower_rec.model.two_tower import TwoTower
+from twotower_rec.tasks import make_task
 from twotower_rec.train import checkpoint
 
 RESULTS = Path(__file__).parent / "results"
@@ -40,7 +42,7 @@ def load_plain(path: Path, data: PreparedData) -> TwoTower:
     cfg = checkpoint.config_of(path)
     if cfg.model.members != 1:
         raise SystemExit(f"{path}: an ensemble checkpoint (model.members={cfg.model.members}); give single runs")
-    model = TwoTower(data.spec, cfg.model, device=torch.device("cpu"))
+    model = new_model(cfg.model, data.spec, make_task(cfg), torch.device("cpu"))
     checkpoint.load(path, model, data.spec)
     return model.eval()
 

@@ -1,7 +1,7 @@
 """Training speed of the sequence mode beside the event mode: examples/s and peak memory.
 
 An example is one (query, target) pair: one training event in the event mode, one position of
-a window in the sequence mode (``train.examples: sequences``). Each variant runs in a process
+a window in the sequence mode (``task: next_item``). Each variant runs in a process
 of its own (so its peak RSS is its own): it prepares the data of its config into a temporary
 cache, builds the sharded model (a world of one), trains ``--warmup`` steps, then times
 ``--steps`` steps one by one; the table shows the median over ``--rounds`` rounds, the
@@ -10,7 +10,7 @@ variants taking turns in each round (the machine is shared: side by side in one 
     .venv/bin/python benchmarks/bench_sequences.py --data-dir ../shared/datasets/ml-latest-small
 
 Variants: the pooled bag (configs/ml_latest_small.yaml, one member), the per-event sequence
-encoder (the same with model.user_encoder=sequence) and the sequence mode
+encoder (the same with model.history_encoder=transformer) and the sequence mode
 (configs/ml_latest_small_sequences.yaml). Writes benchmarks/results/sequences.json.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "pooled bag (events)": ("configs/ml_latest_small.yaml", ["model.members=1"]),
-    "per-event sequence encoder (events)": ("configs/ml_latest_small.yaml",
-                                            ["model.members=1", "model.user_encoder=sequence"]),
-    "causal, sequence mode": ("configs/ml_latest_small_sequences.yaml", []),
+    "per-event transformer (events)": ("configs/ml_latest_small.yaml",
+                                            ["model.members=1", "model.history_encoder=transformer"]),
+    "causal, task next_item": ("configs/ml_latest_small_sequences.yaml", []),
 }
 
 
@@ -44,11 +44,10 @@ def worker(config: str, overrides: list[str], data_dir: str, steps: int, warmup:
     from twotower_rec.data.batches import Batcher
     from twotower_rec.data.prepared import PreparedData, prepare
     from twotower_rec.data.sources import load_raw
-    from twotower_rec.data.splits import TRAIN
     from twotower_rec.distributed.env import init_distributed
-    from twotower_rec.losses.softmax import LossContext, positives_per_step
     from twotower_rec.model.factory import build_model
-    from twotower_rec.train.batch_order import local_batches, local_sequence_batches
+    from twotower_rec.tasks import make_task
+    from twotower_rec.train.batch_order import local_batches
     from twotower_rec.train.optim import build_optimizer
     from twotower_rec.train.step import train_step
 
@@ -58,28 +57,23 @@ def worker(config: str, overrides: list[str], data_dir: str, steps: int, warmup:
         prepare(load_raw(cfg.data), cfg.data, cfg.features)
         data = PreparedData(cfg.data.cache_dir)
         env = init_distributed()
-        model = build_model(cfg, data, env)
+        task = make_task(cfg)
+        model = build_model(cfg, task, data, env)
         optimizer = build_optimizer(model, cfg.train)
         batcher = Batcher(data)
-        if cfg.train.examples == "sequences":
-            windows = batcher.training_windows(data.spec.history_length, cfg.train.windows,
-                                               cfg.train.window_context)
-            batches = local_sequence_batches(batcher, windows, cfg.train.batch_size, 1000, 0,
-                                             cfg.loss.uniform_negatives, env)
-        else:
-            batches = local_batches(batcher, data.rows(TRAIN), cfg.train.batch_size, 1000, 0,
-                                    cfg.loss.uniform_negatives, env)
-        ctx = LossContext(cfg.loss, data.item_counts(), positives_per_step(cfg.loss, cfg.train.batch_size, 1),
-                          env.device)
+        batches = local_batches(lambda examples, negatives: task.batch(batcher, examples, negatives, env),
+                                task.training_examples(batcher), cfg.train.batch_size, 1000, 0,
+                                task.negatives_per_batch(), data.spec.num_items, env)
+        task.start(data, env, 0)
         model.train()
         seconds, examples = [], []
         for step in range(warmup + steps):
             batch = next(batches)
             started = time.perf_counter()
-            train_step(model, optimizer, batch, cfg.loss, ctx)
+            train_step(model, optimizer, batch, task)
             if step >= warmup:
                 seconds.append(time.perf_counter() - started)
-                examples.append(getattr(batch, "global_positions", cfg.train.batch_size))
+                examples.append(task.step_examples(batch))
     step_s = float(np.median(seconds))
     return {"median_step_ms": 1000 * step_s, "examples_per_step": float(np.mean(examples)),
             "examples_per_second": float(np.sum(examples) / np.sum(seconds)),
@@ -99,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         config, overrides = VARIANTS[args.worker]
-        overrides = overrides + (args.set if args.worker == "causal, sequence mode" else [])
+        overrides = overrides + (args.set if args.worker == "causal, task next_item" else [])
         print(json.dumps(worker(config, overrides, args.data_dir, args.steps, args.warmup, args.threads)))
         return
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}

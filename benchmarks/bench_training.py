@@ -120,7 +120,8 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     from twotower_rec.data.batches import Batch
     from twotower_rec.data.features import HISTORY, Feature, FeatureSpec
     from twotower_rec.distributed import sharding
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
     from twotower_rec.losses.softmax import LossContext
     from twotower_rec.train.optim import build_optimizer
     from twotower_rec.train.step import train_step
@@ -138,9 +139,10 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     from twotower_rec.distributed.env import init_distributed, synchronize
 
     env = init_distributed()
-    model = sharding.shard_model(TwoTower(spec, cfg.model), env, cfg.sharding, cfg.train)
+    model = sharding.shard_model(new_model(cfg.model, spec), env, cfg.sharding, cfg.train)
     optimizer = build_optimizer(model, cfg.train)
-    ctx = LossContext(cfg.loss, np.ones(rows + 1), cfg.train.batch_size, env.device)  # logQ is off: counts unused
+    task = make_task(cfg)  # retrieval; its loss state by hand (this spec has no prepared data)
+    task.ctx = LossContext(cfg.loss, np.ones(rows + 1), cfg.train.batch_size, env.device)  # logQ is off: counts unused
     converted = []
     for b in batches:
         n = len(b["user"])
@@ -154,7 +156,7 @@ def run_torchrec(rows: int, dim: int, batches: list[dict], warmup: int, max_seco
     for step, b in enumerate(converted):
         synchronize(env.device)
         t = time.perf_counter()
-        train_step(model, optimizer, b, cfg.loss, ctx)
+        train_step(model, optimizer, b, task)
         synchronize(env.device)  # CUDA returns before the step is done
         if step >= warmup:
             times.append(time.perf_counter() - t)

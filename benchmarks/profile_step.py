@@ -87,8 +87,8 @@ def main() -> None:
     from twotower_rec.data.sources import load_raw
     from twotower_rec.data.splits import TRAIN
     from twotower_rec.distributed.env import init_distributed, shutdown, synchronize
-    from twotower_rec.losses.softmax import LossContext
     from twotower_rec.model.factory import build_model
+    from twotower_rec.tasks import make_task
     from twotower_rec.train.batch_order import global_batches
     from twotower_rec.train.optim import build_optimizer
     from twotower_rec.train.step import train_step
@@ -98,13 +98,10 @@ def main() -> None:
         cfg = load_config(args.config, [*args.overrides, f"data.cache_dir={tmp}"])
         data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
         env = init_distributed()
-        model = build_model(cfg, data, env)
+        task = make_task(cfg)
+        model = build_model(cfg, task, data, env)
         optimizer = build_optimizer(model, cfg.train)
-        ctx = LossContext(cfg.loss, data.item_counts(), cfg.train.batch_size, env.device)
-        if cfg.train.compile:  # --set train.compile=true: as the trainer does
-            from twotower_rec.train.compiled import compiled_loss
-
-            ctx.kernel = compiled_loss()
+        task.start(data, env, 0)  # with --set retrieval.compile=true it compiles the loss, as the trainer does
         batcher = Batcher(data)
         rows = data.rows(TRAIN)
         order = [b for e in range(100) for b in global_batches(rows.size, cfg.train.batch_size, cfg.train.seed, e)]
@@ -116,7 +113,7 @@ def main() -> None:
             synchronize(env.device)
             build_times.append(time.perf_counter() - t)
             t = time.perf_counter()
-            train_step(model, optimizer, batch, cfg.loss, ctx, cfg.train.bf16)
+            train_step(model, optimizer, batch, task, cfg.train.bf16)
             synchronize(env.device)  # CUDA returns before the step is done
             step_times.append(time.perf_counter() - t)
 

@@ -36,15 +36,15 @@ TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3, "bf16": 5e-2}
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "default": ("base", []),
     "shared_item_table": ("shared", []),
-    "sequence_encoder": ("base", ["model.user_encoder=sequence", "model.sequence_dropout=0.0"]),
+    "transformer_encoder": ("base", ["model.history_encoder=transformer", "model.encoder_dropout=0.0"]),
     "recent_items": ("recent", []),
     "ensemble": ("base", ["model.members=2"]),
-    "bce": ("base", ["loss.name=bce"]),
-    "batch_negatives": ("base", ["loss.batch_negatives=16"]),
-    "sequences": ("base", ["train.examples=sequences", "model.user_encoder=causal", "model.sequence_dropout=0.0"]),
+    "pointwise": ("base", ["task=pointwise"]),
+    "batch_negatives": ("base", ["retrieval.batch_negatives=16"]),
+    "next_item": ("base", ["task=next_item", "model.history_encoder=causal", "model.encoder_dropout=0.0"]),
 }
-# Variants whose training never runs through TorchRec's pipeline (sequence windows: see README).
-UNPIPELINED = {"sequences"}
+# Variants whose training never runs through TorchRec's pipeline (task=next_item: see README).
+UNPIPELINED = {"next_item"}
 
 
 def label(variant: str) -> str:

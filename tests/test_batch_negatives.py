@@ -1,4 +1,4 @@
-"""loss.batch_negatives: each row scored against a sample of the batch's positives instead of
+"""retrieval.batch_negatives: each row scored against a sample of the batch's positives instead of
 all of them. Sampling every positive is the in-batch softmax (value and gradients); a smaller
 sample is checked against a hand computation; training draws the same sample on every rank."""
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twotower_rec.config import ConfigError, load_config
+from twotower_rec.errors import ConfigWarning
 from twotower_rec.losses.softmax import in_batch_softmax, sampled_batch_softmax
 
 
@@ -65,19 +66,20 @@ def test_a_sample_of_the_positives_by_hand(masked):
 
 
 def test_batch_negatives_is_checked():
-    with pytest.raises(ConfigError, match="loss.batch_negatives"):
-        load_config(None, ["loss.batch_negatives=-1"])
-    with pytest.raises(ConfigError, match="loss.chunk_size"):
-        load_config(None, ["loss.batch_negatives=64", "loss.chunk_size=32"])
-    with pytest.raises(ConfigError, match="train.compile"):
-        load_config(None, ["loss.batch_negatives=64", "train.compile=true"])
-    with pytest.raises(ConfigError, match="train.examples=sequences"):
-        load_config(None, ["loss.batch_negatives=64", "train.examples=sequences", "model.user_encoder=causal",
+    with pytest.raises(ConfigError, match="retrieval.batch_negatives"):
+        load_config(None, ["retrieval.batch_negatives=-1"])
+    with pytest.raises(ConfigError, match="retrieval.chunk_size"):
+        load_config(None, ["retrieval.batch_negatives=64", "retrieval.chunk_size=32"])
+    with pytest.raises(ConfigError, match="retrieval.compile"):
+        load_config(None, ["retrieval.batch_negatives=64", "retrieval.compile=true"])
+    with pytest.warns(ConfigWarning, match="retrieval.batch_negatives=64 is read by task=retrieval only; "
+                                           "task=next_item ignores it"):
+        load_config(None, ["retrieval.batch_negatives=64", "task=next_item", "model.history_encoder=causal",
                            "features.history_length=5", "features.recent_items=0"])
 
 
 def test_training_with_a_sample_of_the_batch_at_one_and_two_processes(tmp_path):
-    """loss.batch_negatives through the real CLI, with logQ, masking and uniform negatives,
+    """retrieval.batch_negatives through the real CLI, with logQ, masking and uniform negatives,
     global negatives over 2 gloo processes: the same per-step losses as one process (every
     rank draws the same sample), and not those of scoring the whole batch."""
     from conftest import prepared_config, tiny_config, training_losses
@@ -86,7 +88,7 @@ def test_training_with_a_sample_of_the_batch_at_one_and_two_processes(tmp_path):
     cfg["train"].update({"batch_size": 64, "max_steps": 5, "val_every_steps": 0})
     cfg["loss"] = {"temperature": 0.1, "uniform_negatives": 16}
     path = prepared_config(tmp_path, cfg, "sampled")
-    losses = training_losses(tmp_path, path, [(name, nproc, [f"loss.batch_negatives={k}"]) for name, nproc, k in (
+    losses = training_losses(tmp_path, path, [(name, nproc, [f"retrieval.batch_negatives={k}"]) for name, nproc, k in (
         ("whole", 1, 0), ("sample-ws1", 1, 16), ("sample-ws2", 2, 16))])
     assert len(losses["sample-ws1"]) == 5
     assert losses["sample-ws2"] == pytest.approx(losses["sample-ws1"], rel=1e-5)

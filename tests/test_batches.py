@@ -21,7 +21,7 @@ from twotower_rec.data import splits
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData, prepare
 from twotower_rec.data.raw import RawData
-from twotower_rec.data.sequences import gather_ranges
+from twotower_rec.data.query_inputs import gather_ranges
 from twotower_rec.data.sources import load_raw
 from twotower_rec.errors import DataError
 

@@ -167,7 +167,7 @@ def test_resume_refuses_a_changed_model_and_a_missing_checkpoint(pipeline, cli, 
     changed = cli("train", "--config", pipeline.config_path, "--resume", "--set", "model.embedding_dim=8",
                   cwd=pipeline.root)
     assert changed.returncode == 2, changed.describe()
-    assert "model was" in changed.stderr and "resume with the same value" in changed.stderr
+    assert "model.embedding_dim was 16" in changed.stderr and "resume with the same value" in changed.stderr
     missing = cli("train", "--config", pipeline.config_path, "--resume", "--set", f"train.out_dir={tmp_path}",
                   cwd=pipeline.root)
     assert missing.returncode == 2, missing.describe()

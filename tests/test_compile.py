@@ -1,4 +1,4 @@
-"""train.compile: the compiled in-batch softmax gives the eager numbers.
+"""retrieval.compile: the compiled in-batch softmax gives the eager numbers.
 
 The pure loss expression the compiler sees equals the eager in-batch softmax (value and
 gradients, with masking, logQ and an offset); through the real CLI, 50 compiled steps give the
@@ -51,8 +51,8 @@ def _train(tmp_path, path, name, nproc=1, *sets):
     result = run_cli("train", "--config", path, "--set", f"train.out_dir={out}", *sets, cwd=tmp_path, nproc=nproc,
                      timeout=600)
     assert result.returncode == 0, result.describe()
-    compiled = "train.compile: the in-batch softmax is compiled" in result.stderr
-    assert compiled == ("train.compile=true" in sets)  # the compiled runs did compile
+    compiled = "retrieval.compile: the in-batch softmax is compiled" in result.stderr
+    assert compiled == ("retrieval.compile=true" in sets)  # the compiled runs did compile
     return out, json.loads((out / "train_metrics.json").read_text())["losses"]
 
 
@@ -68,7 +68,7 @@ def test_compiled_training_gives_the_eager_losses_at_one_and_two_processes(tmp_p
     path = tmp_path / "compile.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert run_cli("prepare", "--config", path, cwd=tmp_path).returncode == 0
-    on = ("--set", "train.compile=true")
+    on = ("--set", "retrieval.compile=true")
     _, eager = _train(tmp_path, path, "eager")
     compiled_dir, compiled = _train(tmp_path, path, "compiled", 1, *on)
     _, piped = _train(tmp_path, path, "compiled-pipeline", 1, *on, "--set", "train.pipeline=always")

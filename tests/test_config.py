@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from twotower_rec.config import Config, TrainConfig, from_dict, load_config, to_dict
+from twotower_rec.config import Config, TrainConfig, derive_paths, from_dict, load_config, to_dict
 from twotower_rec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,9 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     assert cfg.train.epochs == yaml_epochs  # YAML beats defaults
     assert cfg.train.dense_lr == defaults.dense_lr  # untouched: the default
     assert cfg.model.mlp_dims == [256, 128]
-    assert load_config(None) == Config()  # no file, no overrides: the defaults
+    defaults_only = Config()
+    derive_paths(defaults_only)
+    assert load_config(None) == defaults_only  # no file, no overrides: the defaults (paths under run_dir)
 
     # The last of two overrides of one key wins.
     assert load_config(None, ["train.epochs=2", "train.epochs=5"]).train.epochs == 5
@@ -210,7 +212,7 @@ def test_mapping_values_are_checked_key_by_key():
 
 @pytest.mark.parametrize("overrides, message", [
     (["model.members=0"], r"model\.members: must be at least 1"),
-    (["model.members=3", "loss.name=bce"], r"model\.members=3: ensembles train with loss\.name=in_batch_softmax"),
+    (["model.members=3", "task=pointwise"], r"model\.members=3: ensembles are trained for task=retrieval only"),
 ])
 def test_ensemble_sizes_and_objectives_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -181,7 +181,7 @@ def test_sequence_encoder_two_processes_equal_one(setup):
     """The EmbeddingCollection of the sequence encoder shards row-wise too (dropout off: its
     random masks would differ between one and two processes)."""
     root, config, _ = setup
-    extra = ["--set", "model.user_encoder=sequence", "--set", "model.sequence_dropout=0.0",
+    extra = ["--set", "model.history_encoder=transformer", "--set", "model.encoder_dropout=0.0",
              "--set", "sharding.sharding_types=[row_wise]", "--set", "train.max_steps=4"]
     one = train(root, config, "seq-ws1", 1, *extra)
     two = train(root, config, "seq-ws2", 2, *extra)
@@ -225,18 +225,18 @@ def test_ensemble_two_processes_equal_one(setup):
 
 @pytest.fixture(scope="module")
 def sequence_runs(setup):
-    """train.examples=sequences: one-process references over a table of its own and over the
+    """task=next_item: one-process references over a table of its own and over the
     item tower's shared item-id table (data prepared with features.share_item_table), the
-    latter with context positions (train.window_context), its window's items masked
-    (loss.mask_window_items) and the next three targets as positives (loss.future_targets) too."""
+    latter with context positions (next_item.window_context), its window's items masked
+    (next_item.mask_window_items) and the next three targets as positives (next_item.future_targets) too."""
     root, config, _ = setup
     shared_data = ["--set", f"data.cache_dir={root / 'data-shared'}", "--set", "features.share_item_table=true"]
     result = run_cli("prepare", "--config", config, *shared_data, cwd=root)
     assert result.returncode == 0, result.describe()
-    base = ["--set", "model.user_encoder=causal", "--set", "train.examples=sequences", "--set", "train.batch_size=16",
-            "--set", "loss.uniform_negatives=8", "--set", "model.sequence_dropout=0.0", "--set", "train.max_steps=4"]
-    options = {"own": base, "shared": [*base, *shared_data, "--set", "train.window_context=4",
-                                       "--set", "loss.mask_window_items=true", "--set", "loss.future_targets=3"]}
+    base = ["--set", "model.history_encoder=causal", "--set", "task=next_item", "--set", "train.batch_size=16",
+            "--set", "loss.uniform_negatives=8", "--set", "model.encoder_dropout=0.0", "--set", "train.max_steps=4"]
+    options = {"own": base, "shared": [*base, *shared_data, "--set", "next_item.window_context=4",
+                                       "--set", "next_item.mask_window_items=true", "--set", "next_item.future_targets=3"]}
     references = {name: train(root, config, f"seq-{name}-ws1", 1, *extra) for name, extra in options.items()}
     return root, config, options, references
 

@@ -8,6 +8,7 @@ change to training cannot leak into serving and a model file stays free of distr
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,28 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
+def _runs(node: ast.AST) -> list[ast.AST]:
+    """The nodes under ``node`` that run: without ``if TYPE_CHECKING:`` blocks (imports for type
+    hints only) and the package's lazy ``__getattr__`` (it imports the API when a user asks for
+    one of its names, never on import)."""
+    out, todo = [], [node]
+    while todo:
+        current = todo.pop()
+        if isinstance(current, ast.If) and isinstance(current.test, ast.Name) and current.test.id == "TYPE_CHECKING":
+            todo += current.orelse
+            continue
+        if isinstance(current, ast.FunctionDef) and current.name == "__getattr__":
+            continue
+        out.append(current)
+        todo += list(ast.iter_child_nodes(current))
+    return out
+
+
 def _imports(node: ast.AST) -> set[str]:
-    """The modules (of this package and others) that the statements under ``node`` import;
-    ``from a import b`` counts ``a.b`` when that is a module of this package."""
+    """The modules (of this package and others) that the statements under ``node`` import when
+    they run; ``from a import b`` counts ``a.b`` when that is a module of this package."""
     found = set()
-    for child in ast.walk(node):
+    for child in _runs(node):
         if isinstance(child, ast.Import):
             found.update(alias.name for alias in child.names)
         elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -66,11 +84,13 @@ def _function(module: str, name: str) -> ast.FunctionDef:
 
 def test_the_import_reader_sees_real_imports():
     """The checks below are only as good as this reader: it must find module-level and
-    function-level imports, and follow them."""
-    assert "twotower_rec.train.checkpoint" in _imports(_function("twotower_rec.cli", "cmd_evaluate"))
-    assert "twotower_rec.train.trainer" in _imports(_function("twotower_rec.cli", "cmd_train"))
+    function-level imports, follow them, and leave out type-checking-only imports."""
+    assert "twotower_rec.train.checkpoint" in _imports(_function("twotower_rec.api", "_load"))
+    assert "twotower_rec.train.trainer" in _imports(_function("twotower_rec.api", "train"))
     assert "twotower_rec.distributed.sharding" in _closure({"twotower_rec.train.checkpoint"})
     assert "torchrec" in {m.split(".")[0] for m in _imports(_tree("twotower_rec.model.towers"))}
+    assert "twotower_rec.config" not in _imports(_tree("twotower_rec.model.two_tower"))  # under TYPE_CHECKING
+    assert "twotower_rec.api" not in _imports(_tree("twotower_rec"))  # the lazy __getattr__
 
 
 def test_serving_imports_neither_training_nor_torchrec():
@@ -78,7 +98,7 @@ def test_serving_imports_neither_training_nor_torchrec():
     training code or TorchRec (which serving hosts do not install)."""
     allowed = {"twotower_rec", "twotower_rec.errors", "twotower_rec.atomic", "twotower_rec.data",
                "twotower_rec.data.features",
-               "twotower_rec.data.sequences", "twotower_rec.evaluation", "twotower_rec.evaluation.topk"}
+               "twotower_rec.data.query_inputs", "twotower_rec.evaluation", "twotower_rec.evaluation.topk"}
     serving = {m for m in MODULES if m.startswith("twotower_rec.serving")}
     reached = _closure(serving)
     assert reached - serving <= allowed, sorted(reached - serving - allowed)
@@ -87,11 +107,31 @@ def test_serving_imports_neither_training_nor_torchrec():
     assert not third_party & {"torchrec", "fbgemm_gpu", "torchmetrics"}, third_party
 
 
-@pytest.mark.parametrize("verb", ["cmd_evaluate", "cmd_export", "cmd_recommend", "cmd_serve"])
-def test_evaluate_export_and_serve_use_nothing_of_training_but_checkpoint_loading(verb):
-    reached = _closure(_imports(_function("twotower_rec.cli", verb)))
-    training = {m for m in reached if m.startswith("twotower_rec.train.")}
+def _module_imports(module: str) -> set[str]:
+    """What ``module`` imports at module level (not inside its functions)."""
+    found = set()
+    for statement in _tree(module).body:
+        if isinstance(statement, (ast.Import, ast.ImportFrom, ast.If)):
+            found |= _imports(ast.Module(body=[statement], type_ignores=[]))
+    return found
+
+
+@pytest.mark.parametrize("where", [("twotower_rec.api", ("evaluate", "_load")), ("twotower_rec.api", ("export", "_load")),
+                                   ("twotower_rec.cli", ("cmd_recommend",)), ("twotower_rec.cli", ("cmd_serve",))])
+def test_evaluate_export_and_serve_use_nothing_of_training_but_checkpoint_loading(where):
+    module, functions = where
+    roots = _module_imports(module).union(*(_imports(_function(module, f)) for f in functions))
+    training = {m for m in _closure(roots) if m.startswith("twotower_rec.train.")}
     assert training <= {"twotower_rec.train.checkpoint"}, sorted(training)
+
+
+def test_the_cli_only_parses_calls_and_prints():
+    """Verb logic lives in the Python API; the CLI reaches the package through it, the config
+    and the serving and download code alone."""
+    allowed = {"twotower_rec.api", "twotower_rec.config", "twotower_rec.errors", "twotower_rec.serving.exported",
+               "twotower_rec.serving.http_server", "twotower_rec.data.download"}
+    own = {m for m in _imports(_tree("twotower_rec.cli")) if m.startswith("twotower_rec.")}
+    assert own <= allowed, sorted(own - allowed)
 
 
 def test_model_files_hold_no_distributed_or_training_code():
@@ -101,6 +141,43 @@ def test_model_files_hold_no_distributed_or_training_code():
         banned = {m for m in reached if _stage(m) in ("distributed", "train", "losses", "evaluation", "export",
                                                        "serving")}
         assert not banned, (module, sorted(banned))
+
+
+def test_model_files_import_nothing_of_the_data_layer_but_the_feature_spec():
+    """The model takes its batches as they come (duck-typed) and re-keys KJTs itself
+    (``model/kjt.py``): of the data layer only the feature spec crosses into it."""
+    for module in (m for m in MODULES if m.startswith("twotower_rec.model.")):
+        data = {m for m in _imports(_tree(module)) if m.startswith("twotower_rec.data")}
+        assert data <= {"twotower_rec.data.features"}, (module, sorted(data))
+
+
+_TASK_NAMES = {"retrieval", "pointwise", "next_item", "bpr"}
+
+
+def _mode_branches(module: str, tree: ast.AST | None = None) -> list[str]:
+    """Comparisons of the config's ``task`` (or a task's name) and ``isinstance`` tests on a
+    batch class in ``module``: the branches on the training mode that only tasks/ may hold."""
+    found = []
+    for node in _runs(tree or _tree(module)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Attribute) and s.attr in ("task", "examples") for s in sides) or any(
+                    isinstance(s, ast.Constant) and s.value in _TASK_NAMES | {"in_batch_softmax", "sequences"}
+                    for s in sides):
+                found.append(f"{module}:{node.lineno}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
+                and len(node.args) == 2 and re.search(r"Batch\b", ast.unparse(node.args[1]))):
+            found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_no_module_but_the_tasks_and_the_config_branches_on_the_training_mode():
+    outside = [m for m in MODULES if not m.startswith("twotower_rec.tasks") and m != "twotower_rec.config"]
+    assert not [line for m in outside for line in _mode_branches(m)]
+    # the reader sees such branches where there are some
+    sample = ast.parse('if cfg.task == "pointwise":\n    pass\nif isinstance(batch, WindowBatch):\n    pass\n'
+                       'x = loss.name != "in_batch_softmax"\n')
+    assert len(_mode_branches("sample", sample)) == 3
 
 
 def test_data_does_not_import_later_stages():

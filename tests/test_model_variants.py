@@ -1,10 +1,10 @@
-"""Model variants end to end: a shared item-id table, the sequence encoder, an ensemble.
+"""Model variants end to end: a shared item-id table, the history encoders, an ensemble.
 
 ``shared``: features.share_item_table, the history bag and the item tower look items up in
-ONE table. ``sequence``: model.user_encoder=sequence (EmbeddingCollection + transformer over
+ONE table. ``transformer``: model.history_encoder=transformer (EmbeddingCollection + transformer over
 the history) with features.recent_items=3. ``ensemble``: model.members=3 with
 features.recent_items=2 (three runs, loaded side by side). ``causal`` / ``causal_shared``:
-train.examples=sequences with the causal encoder over a table of its own / the item tower's
+task=next_item with the causal encoder over a table of its own / the item tower's
 item-id table; ``causal_add``: its user features added to the causal state and the
 history's mean (model.user_join=add, model.history_mean). For each, the exported TorchScript
 query tower and `recommend` must reproduce the training model.
@@ -24,17 +24,17 @@ from conftest import tiny_config
 
 VARIANTS = {
     "shared": {"features": {"share_item_table": True}},
-    "sequence": {"features": {"recent_items": 3}, "model": {"user_encoder": "sequence"}},
+    "transformer": {"features": {"recent_items": 3}, "model": {"history_encoder": "transformer"}},
     "ensemble": {"features": {"recent_items": 2}, "model": {"members": 3}},
-    # train.examples=sequences, its causal encoder reading a table of its own / the item tower's
-    "causal": {"model": {"user_encoder": "causal"}, "train": {"examples": "sequences", "batch_size": 32},
+    # task=next_item, its causal encoder reading a table of its own / the item tower's
+    "causal": {"task": "next_item", "model": {"history_encoder": "causal"}, "train": {"batch_size": 32},
                "loss": {"uniform_negatives": 16}},
-    "causal_shared": {"features": {"share_item_table": True}, "model": {"user_encoder": "causal"},
-                      "train": {"examples": "sequences", "batch_size": 32}},
+    "causal_shared": {"task": "next_item", "features": {"share_item_table": True},
+                      "model": {"history_encoder": "causal"}, "train": {"batch_size": 32}},
     # the user features added to the causal state instead of concatenated (model.user_join), the
     # history's mean beside it (model.history_mean)
-    "causal_add": {"model": {"user_encoder": "causal", "user_join": "add", "history_mean": True},
-                   "train": {"examples": "sequences", "batch_size": 32}},
+    "causal_add": {"task": "next_item", "model": {"history_encoder": "causal", "user_join": "add",
+                                                  "history_mean": True}, "train": {"batch_size": 32}},
 }
 
 
@@ -47,7 +47,10 @@ def _build(tmp_path_factory, cli, name: str) -> Path:
     root = tmp_path_factory.mktemp(name)
     cfg = tiny_config(root)
     for section, values in VARIANTS[name].items():
-        cfg.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
     cfg["train"]["epochs"] = 1
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -84,8 +87,8 @@ def shared(tmp_path_factory, cli):
 
 
 @pytest.fixture(scope="module")
-def sequence(tmp_path_factory, cli):
-    yield from _variant(tmp_path_factory, cli, "sequence")
+def transformer(tmp_path_factory, cli):
+    yield from _variant(tmp_path_factory, cli, "transformer")
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +108,14 @@ def variant(request, tmp_path_factory, cli):
 
 def test_history_uses_the_item_towers_item_id_table(shared):
     from twotower_rec.distributed.sharding import full_state_dict
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
 
     model, data, _, trained_cfg = shared
     names = list(full_state_dict(model))
     assert any("t_item_id" in n for n in names), names
     assert not any("t_history" in n for n in names), names
-    plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+    plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
     configs = {c.name: c.feature_names for c in plain.item_tower.embedding_bags.embedding_bag_configs()}
     assert configs["t_item_id"] == ["item_id", "history"]
     query_tables = {c.name for c in plain.query_tower.embedding_bags.embedding_bag_configs()}
@@ -122,10 +126,11 @@ def test_history_uses_the_item_towers_item_id_table(shared):
 def test_shared_table_gets_gradients_from_both_towers(shared):
     from twotower_rec.data.batches import Batcher
     from twotower_rec.distributed.sharding import full_state_dict
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
 
     model, data, _, trained_cfg = shared
-    plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+    plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
     plain.load_state_dict(full_state_dict(model))
     batcher = Batcher(data)
     rows = np.arange(16)
@@ -162,11 +167,12 @@ def test_scripted_query_tower_and_recommend_equal_the_training_model(variant):
         assert [r.item for r in recs] == [str(data.raw_item_ids[c - 1]) for c in row]
 
 
-def test_sequence_encoder_reads_the_history_through_an_embedding_collection(sequence):
-    from twotower_rec.model.two_tower import TwoTower
+def test_transformer_encoder_reads_the_history_through_an_embedding_collection(transformer):
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
 
-    model, data, exported, trained_cfg = sequence
-    plain = TwoTower(data.spec, trained_cfg.model, device=torch.device("cpu"))
+    model, data, exported, trained_cfg = transformer
+    plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
     assert plain.query_feature_order[-1] == "history" and "recent_3" in plain.query_feature_order
     assert "history" not in plain.query_tower.feature_names
     assert exported.manifest["query_features"] == plain.query_feature_order
@@ -253,7 +259,8 @@ def test_ensemble_resume_keeps_finished_members_and_retrains_changed_ones(cli, t
     # the same config over re-prepared (different) data: the members are trained again
     result = cli("prepare", "--config", path, "--set", "data.synthetic.num_items=160", cwd=tmp_path)
     assert result.returncode == 0, result.describe()
-    result = cli("train", "--config", path, "--resume", "--set", "train.dense_lr=0.002", cwd=tmp_path)
+    result = cli("train", "--config", path, "--resume", "--set", "train.dense_lr=0.002", "--set",
+                 "data.synthetic.num_items=160", cwd=tmp_path)
     assert result.returncode == 0, result.describe()
     assert "finished earlier" not in result.stderr
     result = cli("train", "--config", path, "--resume", tmp_path / "run" / "last", cwd=tmp_path)
@@ -271,8 +278,8 @@ def test_scripted_causal_tower_reproduces_evaluates_queries_exactly(causal):
     from twotower_rec.model.factory import towers
 
     model, data, exported, trained_cfg = causal
-    assert trained_cfg.train.examples == "sequences" and model.module.causal is not None
-    assert model.module.causal_shared == trained_cfg.features.share_item_table
+    assert trained_cfg.task == "next_item" and model.module.history.vectors > 0
+    assert (model.module.history.shared_table is not None) == trained_cfg.features.share_item_table
     encode_query, _ = towers(model)
     batcher = Batcher(data)
     rows = data.rows(TEST)

@@ -141,18 +141,12 @@ def test_the_first_epochs_shuffle_is_start_up_work(monkeypatch):
     from twotower_rec.distributed.env import DistEnv
     from twotower_rec.train import batch_order
 
-    class Rows:  # a Batcher that hands back the rows it is asked for
-        training_events = None
-
-        def batch(self, rows, negatives=None, training=False):
-            return rows
-
     shuffled = []
     real = batch_order.global_batches
     monkeypatch.setattr(batch_order, "global_batches", lambda *a: shuffled.append(a[3]) or real(*a))
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
     rows = np.arange(100, 200)
-    batches = batch_order.local_batches(Rows(), rows, 10, 2, 0, 0, env)
+    batches = batch_order.local_batches(lambda examples, negatives: rows[examples], rows.size, 10, 2, 0, 0, 0, env)
     assert shuffled == [0]  # before the first batch is asked for
     got = list(batches)
     assert shuffled == [0, 1]

@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from twotower_rec.config import DataConfig, ExportConfig, FeaturesConfig, LossConfig, ModelConfig
+from twotower_rec.config import DataConfig, ExportConfig, FeaturesConfig, ModelConfig
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import prepare
 from twotower_rec.data.raw import RawData
-from twotower_rec.data.sequences import item_before, last_items
-from twotower_rec.export.writer import export
+from twotower_rec.data.query_inputs import item_before, last_items
+from twotower_rec.export.writer import write_export
 from twotower_rec.model.factory import new_model
 from twotower_rec.serving.exported import ExportedModel
 
@@ -45,17 +45,17 @@ def _raw() -> RawData:
     return RawData(inter, users, items, name="hand")
 
 
-@pytest.fixture(scope="module", params=["bag", "sequence"])
+@pytest.fixture(scope="module", params=["bag", "transformer"])
 def paths(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"query-inputs-{request.param}")
     features = FeaturesConfig(user_features=["user_id", "gender"], item_features=["item_id", "genres"],
                               item_dense=[], history_length=HISTORY_LENGTH, recent_items=RECENT)
     data = prepare(_raw(), DataConfig(cache_dir=str(root / "data")), features)
-    model_cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, user_encoder=request.param,
-                            sequence_heads=2)
+    model_cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, history_encoder=request.param,
+                            encoder_heads=2)
     torch.manual_seed(0)
-    model = new_model(model_cfg, LossConfig(), data.spec, torch.device("cpu")).eval()
-    export(model, data, {}, root / "export", export_cfg=ExportConfig(ann="none"))
+    model = new_model(model_cfg, data.spec, device=torch.device("cpu")).eval()
+    write_export(model, data, {}, root / "export", ExportConfig(ann="none"))
     return data, model, ExportedModel.load(root / "export")
 
 

@@ -120,34 +120,37 @@ def _prepared_interactions(tmp_path, with_ratings: bool):
 def test_rating_objectives_need_ratings(objective, tmp_path):
     from twotower_rec.distributed.env import DistEnv
     from twotower_rec.errors import ConfigError
-    from twotower_rec.train.trainer import check_setup
+    from twotower_rec.tasks import make_task
 
     import torch
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
     path, data = _prepared_interactions(tmp_path / "no-ratings", with_ratings=False)
-    cfg = load_config(None, [f"loss.name={objective}"])
+    task = make_task(load_config(None, ["task=pointwise", f"pointwise.objective={objective}"]))
     with pytest.raises(ConfigError) as err:
-        check_setup(cfg, data, env)
+        task.check_data(data, env)
     assert str(path) in str(err.value) and "rating" in str(err.value)
-    check_setup(load_config(None, []), data, env)  # the retrieval objective needs no ratings
+    make_task(load_config(None, [])).check_data(data, env)  # the retrieval task needs no ratings
     _, rated = _prepared_interactions(tmp_path / "ratings", with_ratings=True)
-    check_setup(cfg, rated, env)
+    task.check_data(rated, env)
 
 
 def test_uniform_negatives_must_split_evenly_over_the_processes(tmp_path):
     from twotower_rec.distributed.env import DistEnv
     from twotower_rec.errors import ConfigError
-    from twotower_rec.train.trainer import check_setup
+    from twotower_rec.tasks import make_task
 
     import torch
 
     _, data = _prepared_interactions(tmp_path, with_ratings=True)
     two = DistEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), backend="gloo")
-    for uniform in (1, 3):
-        with pytest.raises(ConfigError, match="loss.uniform_negatives"):
-            check_setup(load_config(None, ["train.batch_size=4", f"loss.uniform_negatives={uniform}"]), data, two)
-    check_setup(load_config(None, ["train.batch_size=4", "loss.uniform_negatives=4"]), data, two)
+    for task in ("retrieval", "next_item", "bpr"):
+        for uniform in (1, 3):
+            cfg = load_config(None, [f"task={task}", "model.history_encoder=causal", "train.batch_size=4",
+                                     f"loss.uniform_negatives={uniform}"])
+            with pytest.raises(ConfigError, match="loss.uniform_negatives"):
+                make_task(cfg).check_data(data, two)
+    make_task(load_config(None, ["train.batch_size=4", "loss.uniform_negatives=4"])).check_data(data, two)
 
 
 # --- 10. evaluation counts events and users apart -------------------------------------------------

@@ -159,7 +159,7 @@ def test_pointwise_objectives_train_and_their_metric_improves(pipeline, cli, tmp
 
     out = tmp_path / objective
     result = cli("train", "--config", pipeline.config_path, "--set", f"train.out_dir={out}",
-                 "--set", f"loss.name={objective}", "--set", "loss.negative_ratio=0", "--set", "train.max_steps=0",
+                 "--set", "task=pointwise", "--set", f"pointwise.objective={objective}", "--set", "train.max_steps=0",
                  "--set", "train.val_every_steps=20", "--set", "train.dense_lr=0.01",
                  "--set", f"train.select_metric={'auroc' if objective == 'bce' else 'neg_rmse'}", cwd=pipeline.root)
     assert result.returncode == 0, result.describe()

@@ -1,4 +1,4 @@
-"""The sequence training mode (``train.examples: sequences``, ``model.user_encoder: causal``).
+"""The next-item task (``task: next_item``, ``model.history_encoder: causal``).
 
 No leak: the causal encoder's output at position t does not move when later items change, and
 no validation or test event enters a training window; the training computation at a position
@@ -24,9 +24,10 @@ from twotower_rec.data import splits
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import prepare
 from twotower_rec.data.synthetic import synthetic
-from twotower_rec.errors import ConfigError
+from twotower_rec.errors import ConfigError, ConfigWarning
 from twotower_rec.losses.softmax import LossContext, future_positives, sequence_loss
 from twotower_rec.model.causal import CausalEncoder
+from twotower_rec.tasks import make_task
 
 HISTORY = 6
 
@@ -44,33 +45,44 @@ def data(tmp_path_factory):
     return _prepared(tmp_path_factory.mktemp("seq"))
 
 
+def _task(*overrides: str):
+    """A next_item task (its loss state made by hand, as ``start`` makes it from the data)."""
+    return make_task(load_config(None, ["task=next_item", "model.history_encoder=causal",
+                                        f"features.history_length={HISTORY}", *overrides]))
+
+
 def _model(data, user_join: str = "concat", history_mean: bool = False):
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, user_encoder="causal", sequence_layers=2,
-                      sequence_dropout=0.0, user_join=user_join, history_mean=history_mean)
-    return TwoTower(data.spec, cfg, device=torch.device("cpu")).eval()
+    cfg = ModelConfig(embedding_dim=8, mlp_dims=[16], output_dim=8, history_encoder="causal", encoder_layers=2,
+                      encoder_dropout=0.0, user_join=user_join, history_mean=history_mean)
+    return new_model(cfg, data.spec, _task(), torch.device("cpu")).eval()
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.examples=sequences"], "needs model.user_encoder=causal"),
-    (["model.user_encoder=causal", "features.recent_items=2"], "features.recent_items=0"),
-    (["model.user_encoder=causal", "features.history_length=0"], "history_length > 0"),
-    (["model.user_encoder=causal", "train.examples=sequences", "loss.global_negatives=false"], "global_negatives"),
-    (["model.user_encoder=causal", "train.examples=sequences", "loss.name=bce"], "in_batch_softmax"),
-    (["model.user_encoder=causal", "train.examples=sequences", "loss.logq=streaming"], "streaming"),
-    (["train.windows=random"], "train.windows"),
-    (["model.user_join=add"], "needs model.user_encoder=causal"),
+    (["task=next_item"], "needs model.history_encoder=causal"),
+    (["model.history_encoder=causal", "features.recent_items=2"], "features.recent_items=0"),
+    (["model.history_encoder=causal", "features.history_length=0"], "history_length > 0"),
+    (["model.history_encoder=causal", "task=next_item", "loss.global_negatives=false"], "global_negatives"),
+    (["model.history_encoder=causal", "task=next_item", "loss.logq=streaming"], "streaming"),
+    (["next_item.windows=random"], "next_item.windows"),
+    (["model.user_join=add"], "needs model.history_encoder=causal"),
     (["model.user_join=sum"], "model.user_join"),
-    (["model.history_mean=true"], "needs model.user_encoder=causal"),
-    (["loss.mask_window_items=true"], "needs train.examples=sequences"),
-    (["loss.future_targets=3"], "needs train.examples=sequences"),
-    (["model.user_encoder=causal", "train.examples=sequences", "loss.future_targets=0"], "must be positive"),
+    (["model.history_mean=true"], "needs model.history_encoder=causal"),
+    (["model.history_encoder=causal", "task=next_item", "train.pipeline=always"], "one by one"),
+    (["model.history_encoder=causal", "task=next_item", "next_item.future_targets=0"], "must be positive"),
 ])
-def test_config_refuses_what_the_sequence_mode_cannot_do(overrides, message):
+def test_config_refuses_what_the_next_item_task_cannot_do(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("override", ["next_item.mask_window_items=true", "next_item.future_targets=3"])
+def test_next_item_options_under_another_task_are_reported(override):
+    with pytest.warns(ConfigWarning, match=rf"{override.split('=')[0]}=.* is read by task=next_item only; "
+                                           "task=retrieval ignores it"):
+        load_config(None, [override])
 
 
 @pytest.mark.parametrize("with_mean", [False, True])
@@ -147,10 +159,10 @@ def test_causal_encoder_dropout_keeps_the_expected_value():
 def test_queries_at_earlier_positions_do_not_see_the_future(tmp_path, shared):
     data = _prepared(tmp_path, share=shared)
     model = _model(data)
-    assert model.causal_shared == shared
+    assert (model.history.shared_table is not None) == shared
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled")[:8]
-    batch = batcher.sequence_batch(windows, 0, 1)
+    batch = batcher.window_batch(windows, 0, 1)
     history = batch.query_features["history"]
     lengths = history.lengths().long()
     row = int(torch.argmax(lengths))  # a window with several inputs
@@ -186,7 +198,7 @@ def test_a_training_position_is_the_query_evaluation_builds(data, user_join, his
     assert features >= 3 and model.query_tower.mlp[0].in_features == (8 if user_join == "add" else 8 * features)
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled")
-    batch = batcher.sequence_batch(windows, 0, 1)
+    batch = batcher.window_batch(windows, 0, 1)
     sequence, offsets = batcher.training_sequences
     train_rows = data.rows(splits.TRAIN)
     with torch.no_grad():
@@ -200,14 +212,14 @@ def test_a_training_position_is_the_query_evaluation_builds(data, user_join, his
 
 
 def test_context_positions_are_read_but_not_scored(data):
-    """train.window_context: the queries of a window's scored positions are the full pass's at
+    """next_item.window_context: the queries of a window's scored positions are the full pass's at
     those positions (the context positions are read by the encoder, then dropped)."""
     model = _model(data)
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled", 3)
     windows = np.concatenate([windows[windows[:, 3] == 3][:6], windows[windows[:, 3] == 0][:4]])
     assert (windows[:, 3] == 3).sum() == 6 and (windows[:, 3] == 0).sum() == 4
-    batch = batcher.sequence_batch(windows, 0, 1)
+    batch = batcher.window_batch(windows, 0, 1)
     with torch.no_grad():
         everything = model.encode_positions(batch.query_features)
         scored, _ = model(batch)
@@ -250,7 +262,7 @@ def test_training_windows_hold_training_events_only(tmp_path, split, kind, conte
         last_train = {user[r]: r for r in train_rows}
         assert all(train_rows[end - 1] == last_train[u] for u, _, end, _ in windows)
     # a batch's query history is exactly the window's inputs, its targets the scored positions'
-    batch = batcher.sequence_batch(windows[:5], 0, 1)
+    batch = batcher.window_batch(windows[:5], 0, 1)
     sequence, _ = batcher.training_sequences
     expected = np.concatenate([sequence[s:e - 1] for _, s, e, _ in windows[:5]])
     assert np.array_equal(batch.query_features["history"].values().numpy(), expected)
@@ -267,8 +279,8 @@ def test_training_windows_hold_training_events_only(tmp_path, split, kind, conte
 def test_the_global_candidates_do_not_depend_on_the_world_size(data):
     batcher = Batcher(data)
     windows = batcher.training_windows(HISTORY, "tiled")[:12]
-    one = batcher.sequence_batch(windows, 0, 1)
-    two = [batcher.sequence_batch(windows, r, 2) for r in range(2)]
+    one = batcher.window_batch(windows, 0, 1)
+    two = [batcher.window_batch(windows, r, 2) for r in range(2)]
     gathered = torch.cat([b.item_ids[:b.num_targets] for b in two])
     assert torch.equal(gathered[gathered > 0], one.item_ids[:one.num_targets])
     assert (gathered[one.num_targets:] == 0).all()  # padding only at the end
@@ -284,7 +296,7 @@ def test_the_global_candidates_do_not_depend_on_the_world_size(data):
 def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mask, future):
     torch.manual_seed(1)
     counts = np.array([0, 5, 1, 3, 8, 2, 1], dtype=np.int64)  # item codes 1..6
-    cfg = LossConfig(temperature=0.5, uniform_negatives=3, future_targets=2 if future else 1)
+    cfg = LossConfig(temperature=0.5, uniform_negatives=3)
     ctx = LossContext(cfg, counts, batch_size=1, device=torch.device("cpu"))
     target_ids = torch.tensor([1, 3, 4, 0])  # deduplicated targets, one padding slot
     negative_ids = torch.tensor([3, 6, 2])  # item 3 is also a target: an accidental hit for its positions
@@ -294,7 +306,7 @@ def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mas
     target_index = torch.tensor([0, 1, 1, 2, 0])
     positions = 5
     # positions 0-2 come from a window holding targets 0 and 1, 3-4 from one holding targets 1
-    # and 2 (and 0 as an input): loss.mask_window_items masks those, loss.future_targets=2 makes
+    # and 2 (and 0 as an input): next_item.mask_window_items masks those, next_item.future_targets=2 makes
     # each position's next two targets in its window its positives
     windows = torch.tensor([[True, True, False, False], [True, True, True, False]])
     in_window = windows[torch.tensor([0, 0, 0, 1, 1])] if window_mask else None
@@ -328,17 +340,19 @@ def test_sequence_loss_equals_a_position_by_position_hand_computation(window_mas
 
 
 def test_the_step_scores_each_position_against_its_next_targets(data):
-    """loss.future_targets=k: the training step hands the loss each position's next k targets
+    """next_item.future_targets=k: the training step hands the loss each position's next k targets
     in its own window (the hand computation above checks the loss itself)."""
     from twotower_rec.train.step import forward_loss
 
     model = _model(data)
     batcher = Batcher(data)
-    batch = batcher.sequence_batch(batcher.training_windows(HISTORY, "tiled")[:8], 0, 1)
-    cfg = LossConfig(temperature=0.5, future_targets=3)
+    batch = batcher.window_batch(batcher.training_windows(HISTORY, "tiled")[:8], 0, 1)
+    three_ahead, next_one = _task("loss.temperature=0.5", "next_item.future_targets=3"), _task("loss.temperature=0.5")
+    cfg = three_ahead.cfg.loss
     ctx = LossContext(cfg, data.item_counts(), 8, torch.device("cpu"))
-    three, _ = forward_loss(model, batch, cfg, ctx)
-    next_only, _ = forward_loss(model, batch, LossConfig(temperature=0.5), ctx)
+    three_ahead.ctx = next_one.ctx = ctx
+    three, _ = forward_loss(model, batch, three_ahead)
+    next_only, _ = forward_loss(model, batch, next_one)
     query, item = model(batch)
     scored = batch.query_features["history"].lengths().long() - batch.first_position
     positives = future_positives(batch.target_index, scored, 3)
@@ -371,7 +385,7 @@ def test_order_signal_sequence_mode_beats_the_bag_which_beats_popularity(cli, tm
     _run(cli, tmp_path, path)
     bag = json.loads((tmp_path / "run" / "eval_test.json").read_text())
     seq_out = tmp_path / "run-seq"
-    _run(cli, tmp_path, path, "--set", "model.user_encoder=causal", "--set", "train.examples=sequences",
+    _run(cli, tmp_path, path, "--set", "model.history_encoder=causal", "--set", "task=next_item",
          "--set", "train.batch_size=32", "--set", "loss.uniform_negatives=32", "--set", f"train.out_dir={seq_out}")
     seq = json.loads((seq_out / "eval_test.json").read_text())
     metrics = json.loads((seq_out / "train_metrics.json").read_text())
@@ -404,14 +418,14 @@ def test_without_user_features_the_causal_state_is_the_whole_query(tmp_path):
     users = np.arange(1, data.spec.num_users + 1)
     kjt = batcher.query_features(users, data.user_offsets[users])
     with torch.no_grad():
-        assert model.encode_positions(batcher.sequence_batch(windows, 0, 1).query_features).shape[1] == 8
+        assert model.encode_positions(batcher.window_batch(windows, 0, 1).query_features).shape[1] == 8
         expected = model.encode_query(kjt)
         scripted = torch.jit.script(build_query_encoder(model, data.spec.query_features, data))
         got = scripted([kjt["history"].values()], [kjt["history"].lengths().long()])
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("override", ["train.examples=events", "train.windows=last", "train.window_context=3"])
+@pytest.mark.parametrize("override", ["task=retrieval", "next_item.windows=last", "next_item.window_context=3"])
 def test_resume_refuses_other_training_windows(override):
     """What a step's rows are (events or windows, and which windows) is fixed for a run: a
     resumption under another would continue a different batch order from the saved step."""
@@ -419,7 +433,7 @@ def test_resume_refuses_other_training_windows(override):
     from twotower_rec.errors import CheckpointError
     from twotower_rec.train.checkpoint import check_resumable
 
-    base = ["model.user_encoder=causal", "train.examples=sequences", "features.history_length=6"]
+    base = ["model.history_encoder=causal", "task=next_item", "features.history_length=6"]
     saved = to_dict(load_config(None, base))
     check_resumable(saved, load_config(None, base))
     with pytest.raises(CheckpointError, match=override.split("=")[0]):

@@ -181,6 +181,8 @@ def test_the_training_events_index_is_start_up_work(split):
     import torch
 
     from twotower_rec.distributed.env import DistEnv
+    from twotower_rec.config import load_config
+    from twotower_rec.tasks import make_task
     from twotower_rec.train.batch_order import local_batches
 
     class Unreadable:  # the split column, once start-up is over
@@ -194,7 +196,9 @@ def test_the_training_events_index_is_start_up_work(split):
         _, data = _prepared(tmp, split)
         rows = data.rows(T)
         env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-        batches = local_batches(Batcher(data), rows, 4, 1, 0, 0, env)
+        batcher, task = Batcher(data), make_task(load_config(None, []))
+        batches = local_batches(lambda examples, negatives: task.batch(batcher, examples, negatives, env),
+                                task.training_examples(batcher), 4, 1, 0, 0, data.spec.num_items, env)
         order = np.random.default_rng([0, 0]).permutation(rows.size)[:4]
         expected = Batcher(data).batch(rows[order], training=True)
         data.split = Unreadable()

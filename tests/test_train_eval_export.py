@@ -210,10 +210,11 @@ def test_sharded_towers_equal_unsharded_towers_with_the_same_weights(trained):
     """Export and serving rebuild the towers unsharded from the gathered weights; the sharded
     (training / evaluation) towers must compute the same function, feature by feature."""
     from twotower_rec.distributed.sharding import full_state_dict
-    from twotower_rec.model.two_tower import TwoTower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
 
     data, spec = trained.data, trained.data.spec
-    plain = TwoTower(spec, trained.trained_cfg.model, device=torch.device("cpu")).eval()
+    plain = new_model(trained.trained_cfg.model, spec, make_task(trained.trained_cfg), torch.device("cpu")).eval()
     plain.load_state_dict(full_state_dict(trained.model))
     items = np.arange(spec.num_items + 1, dtype=np.int64)
     kjt, dense = trained.batcher.item_features(items)

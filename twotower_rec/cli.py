@@ -1,4 +1,4 @@
-"""Command line: one thin function per verb over importable functions.
+"""Command line: one thin function per verb over the Python API (``api.py``): parse, call, print.
 
     twotower-rec download  --dataset movielens-1m --data-dir data
     twotower-rec prepare   --config configs/demo.yaml
@@ -68,15 +68,12 @@ def _config(args):
 
 
 def cmd_prepare(args) -> int:
-    from twotower_rec.data.prepared import prepare
-    from twotower_rec.data.sources import load_raw
+    from twotower_rec.api import prepare
 
     for flag, key in (("dataset", "data.source"), ("data_dir", "data.data_dir"), ("on_bad_rows", "data.on_bad_rows")):
         if getattr(args, flag) is not None:
             args.overrides.append(f"{key}={getattr(args, flag)}")
-    cfg = _config(args)
-    data = prepare(load_raw(cfg.data), cfg.data, cfg.features)
-    print(json.dumps(data.summary()))
+    print(json.dumps(prepare(_config(args)).summary()))
     return 0
 
 
@@ -89,125 +86,35 @@ def cmd_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.errors import ConfigError
-    from twotower_rec.train.ensemble import train_ensemble
-    from twotower_rec.train.trainer import train
+    from twotower_rec.api import train
 
-    cfg = _config(args)
-    resume = None
-    if args.resume is not None:
-        if cfg.model.members > 1 and args.resume:
-            raise ConfigError(f"--resume {args.resume}: an ensemble (model.members={cfg.model.members}) resumes "
-                              f"from its members' folders under {cfg.train.out_dir}; give --resume without a path")
-        resume = Path(args.resume) if args.resume else Path(cfg.train.out_dir) / "last"
-    env = init_distributed()
-    try:
-        if cfg.model.members > 1:
-            train_ensemble(cfg, env, resume=resume is not None)
-        else:
-            train(cfg, env, resume=resume)
-    finally:
-        shutdown()
+    resume = False if args.resume is None else (args.resume or True)
+    train(_config(args), resume=resume)
     return 0
-
-
-def _checkpoint_path(args, cfg) -> Path:
-    return Path(args.checkpoint) if args.checkpoint else Path(cfg.train.out_dir) / "checkpoint"
 
 
 def cmd_evaluate(args) -> int:
-    from twotower_rec.data.batches import Batcher
-    from twotower_rec.data.splits import SPLIT_NAMES
-    from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.evaluation.pointwise import pointwise_metrics
-    from twotower_rec.evaluation.ranking import rank_split
-    from twotower_rec.model.factory import towers
-    from twotower_rec.train.checkpoint import load_trained
+    from twotower_rec.api import evaluate
 
-    cfg = _config(args)
-    env = init_distributed()
-    try:
-        trained = load_trained(_checkpoint_path(args, cfg), cfg.data.cache_dir, env)
-        encode_query, encode_items = towers(trained.model)
-        batcher = Batcher(trained.data)
-        ranking = rank_split(encode_query, encode_items, trained.data, batcher, cfg.eval,
-                             SPLIT_NAMES[cfg.eval.split], seed=cfg.train.seed, device=env.device)
-        pointwise_results = None
-        if trained.cfg.loss.name != "in_batch_softmax":  # every rank scores every pair
-            pointwise_results = pointwise_metrics(trained.model, trained.data, batcher, ranking.rows,
-                                                  trained.cfg.loss, device=env.device)
-    finally:
-        shutdown()
-    if env.is_main:
-        _report_evaluation(args, cfg, trained, ranking, pointwise_results)
+    result = evaluate(_config(args), checkpoint=args.checkpoint, baselines=args.baselines, save_topk=args.save_topk,
+                      output=args.output)
+    if result is not None:  # rank 0
+        print(result.report())
+        print(f"metrics written to {result.path}")
+        if result.topk_path is not None:
+            print(f"ranked lists written to {result.topk_path}")
     return 0
 
 
-def _report_evaluation(args, cfg, trained, ranking, pointwise_results: dict | None) -> None:
-    """Baselines (``--baselines``), the metrics table, ``eval_<split>.json`` and ``--save-topk``."""
-    from twotower_rec.evaluation.metrics import format_table
-    from twotower_rec.evaluation.ranking import save_topk, split_metrics
-
-    data = trained.data
-    if args.baselines:
-        from twotower_rec.evaluation.baselines import NAMES, rank_baseline
-
-        for name in NAMES:  # most-popular is always there
-            ranking.top[name] = rank_baseline(name, data, ranking.rows, cfg.eval, max(cfg.eval.ks))
-    results = split_metrics(ranking, cfg.eval.ks)
-    seen = "seen items filtered" if cfg.eval.filter_seen else "seen items kept"
-    events, users = int(results["model"]["events"]), int(results["model"]["users"])
-    who = f"{users} users" if events == users else f"{events} events of {users} users"
-    print(f"{cfg.eval.split} split, {who}, full catalog of {data.spec.num_items} items, {seen}")
-    print(format_table(results, cfg.eval.ks))
-    if pointwise_results is not None:
-        results["pointwise"] = pointwise_results
-        print(f"pointwise ({trained.cfg.loss.name}): " + ", ".join(
-            f"{k} {v:.4f}" for k, v in pointwise_results.items() if not k.startswith("neg_") and k != "pairs"))
-    if 50 in cfg.eval.ks:
-        model_r, pop_r = results["model"]["recall@50"], results["popularity"]["recall@50"]
-        ratio = model_r / pop_r if pop_r > 0 else float("inf")
-        print(f"Recall@50: model {model_r:.4f} vs most-popular {pop_r:.4f} ({ratio:.1f}x)")
-    out = Path(args.output) if args.output else Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"metrics written to {out}")
-    if args.save_topk:
-        print(f"ranked lists written to {save_topk(ranking, data, args.save_topk)}")
-
-
 def cmd_export(args) -> int:
-    import torch
+    from twotower_rec.api import export
 
-    from twotower_rec.config import to_dict
-    from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.distributed.sharding import full_state_dict
-    from twotower_rec.export.writer import export
-    from twotower_rec.model.factory import new_model
-    from twotower_rec.train.checkpoint import load_trained
-
-    cfg = _config(args)
-    env = init_distributed()
-    try:
-        trained = load_trained(_checkpoint_path(args, cfg), cfg.data.cache_dir, env)
-        state = full_state_dict(trained.model)
-    finally:
-        shutdown()
-    if env.is_main:
-        plain = new_model(trained.cfg.model, trained.cfg.loss, trained.data.spec, torch.device("cpu"))
-        plain.load_state_dict(state)
-        metrics = dict(trained.meta.get("metrics") or {})
-        evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
-        if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
-            metrics[cfg.eval.split] = json.loads(evaluated.read_text())
-        export(plain, trained.data, to_dict(trained.cfg), args.out or cfg.export.dir, metrics=metrics,
-               export_cfg=cfg.export)
+    export(_config(args), checkpoint=args.checkpoint, out=args.out)
     return 0
 
 
 def cmd_recommend(args) -> int:
-    from twotower_rec.serving.exported import ExportedModel
+    from twotower_rec.serving.exported import ExportedModel  # the serving code alone (no TorchRec)
 
     if (args.user is None) == (args.liked is None and not args.feature):
         raise TwoTowerError("give --user ID (a known user), or --liked ID,ID,... and/or --feature NAME=VALUE "
@@ -405,9 +312,20 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+def _show_config_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A :class:`ConfigWarning` as one ``warning:`` line on stderr (rank 0 only); others as Python shows them."""
+    from twotower_rec.errors import ConfigWarning
+
+    if not issubclass(category, ConfigWarning):
+        return _default(message, category, filename, lineno, file, line)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_warnings()
+    warnings.showwarning = _show_config_warning
     try:
         return args.func(args)
     except TwoTowerError as err:

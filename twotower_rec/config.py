@@ -13,17 +13,17 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from twotower_rec.errors import ConfigError
+from twotower_rec.errors import ConfigError, ConfigWarning, check_choice, closest
 
 
 @dataclass
@@ -66,7 +66,7 @@ class DataConfig:
     timestamp_format: str = ""
     rating_column: str = "rating"  # optional in the file: missing -> every rating is 1.0
     genres_separator: str = "|"
-    cache_dir: str = "runs/demo/data"
+    cache_dir: str = ""  # the prepared cache; empty: <run_dir>/data
     # leave_last_out: per user, last event = test, second-last = validation (SASRec / HSTU protocol);
     # temporal: the latest events of the whole log; random: each event drawn with data.seed.
     split: str = "leave_last_out"
@@ -75,7 +75,7 @@ class DataConfig:
     seed: int = 42  # random split
     min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
     # How prepare sorts, deduplicates, splits and encodes the interactions. pandas: in memory
-    # (about 300 bytes a row at its peak: 6.9 GiB for 25M rows); duckdb: out of core, within data.memory_limit,
+    # (a few hundred bytes a row at its peak: README, "Data bigger than memory"); duckdb: out of core, within data.memory_limit,
     # spilling to data.spill_dir; the cache it writes is the same, byte for byte. auto: duckdb
     # when data.interactions_path is a directory of Parquet files, pandas otherwise.
     engine: str = "auto"
@@ -112,15 +112,15 @@ class ModelConfig:
     mlp_dims: list[int] = field(default_factory=lambda: [128])
     output_dim: int = 64
     dropout: float = 0.0
-    # How the query side reads the history: bag (pooled mean) | sequence (transformer over the
-    # unpooled items, output at the most recent one; see twotower_rec/model/sequence.py) |
-    # causal (a causal transformer over the items oldest first, positions counted from the
-    # window's start: its output at position t depends on items 0..t only, so one pass gives a
-    # query at every position; needed by train.examples=sequences, see model/causal.py)
-    user_encoder: str = "bag"
-    sequence_layers: int = 1
-    sequence_heads: int = 2
-    sequence_dropout: float = 0.1
+    # How the query tower reads the history (one file each under twotower_rec/model/): bag (a
+    # mean-pooled bag, pooled with the other features) | transformer (a transformer over the
+    # unpooled items, output at the most recent one; model/transformer.py) | causal (a causal
+    # transformer over the items oldest first: its output at position t depends on items 0..t
+    # only, so one pass gives a query at every position; task=next_item needs it; model/causal.py)
+    history_encoder: str = "bag"
+    encoder_layers: int = 1  # transformer | causal: transformer layers
+    encoder_heads: int = 2  # transformer | causal: attention heads
+    encoder_dropout: float = 0.1  # transformer | causal: dropout inside the encoder
     # How the user features join the causal encoder's state in the query MLP's input: concat
     # (side by side, F * E + E wide) | add (summed into one E-wide vector). causal only.
     user_join: str = "concat"
@@ -136,13 +136,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Retrieval loss: in-batch-negatives sampled softmax."""
+    """The sampled softmax over in-batch candidates that the softmax tasks (``task``: retrieval,
+    next_item) train with: temperature, logQ, accidental hits, mixed negatives."""
 
-    # in_batch_softmax (retrieval) | bce (label = rating >= rating_threshold) | mse (rating regression)
-    name: str = "in_batch_softmax"
-    rating_threshold: float = 4.0
-    negative_ratio: int = 0  # bce: sampled (uniform) negatives with label 0 per positive
     temperature: float = 0.2
+    learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
     # Score each rank's queries against the items of the whole global batch (all-gathered),
     # so the loss, and training, do not depend on the number of processes.
     global_negatives: bool = True
@@ -151,28 +149,12 @@ class LossConfig:
     # frequency estimator (no global pass); none.
     logq: str = "counts"
     logq_weight: float = 1.0  # scale of the correction: 1 = the paper's; 0 = none
-    streaming_hash_size: int = 1 << 20
-    streaming_alpha: float = 0.01
+    streaming_hash_size: int = 1 << 20  # logq=streaming: slots of the estimator's hash table
+    streaming_alpha: float = 0.01  # logq=streaming: the estimator's moving-average rate
     # Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the
     # catalog per global batch join the in-batch candidates (0: in-batch only).
     uniform_negatives: int = 0
     mask_accidental_hits: bool = True  # drop in-batch candidates equal to the row's positive
-    # train.examples=sequences: drop the other items of a position's own window from its
-    # candidates (the user's other events, before or after it, are not negatives)
-    mask_window_items: bool = False
-    # train.examples=sequences: a position's positives are the next k items of its window (1:
-    # the next one only); its loss is the mean of their log-softmax over the same candidates
-    # (a short-horizon form of PinnerFormer's dense all-action loss; BENCHMARKS.md, "Sequence mode")
-    future_targets: int = 1
-    learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
-    # Event mode: 0 computes the [B, N] logits at once; > 0 scores this many candidates at a
-    # time (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
-    chunk_size: int = 0
-    # Event mode: 0 scores every row against every positive of the (global) batch; > 0 against
-    # this many of them, drawn without replacement each step (the same draw on every rank), plus
-    # its own positive and the uniform negatives: [B, 1 + batch_negatives + uniform_negatives]
-    # logits, so a step's cost grows linearly with the batch (BENCHMARKS.md, "Batch scaling").
-    batch_negatives: int = 0
 
 
 @dataclass
@@ -180,24 +162,7 @@ class TrainConfig:
     """The training loop: batch, epochs, optimizers and their schedule, the validation and
     checkpoint schedule, early stopping, and how steps run (pipeline, bf16, threads)."""
 
-    # What one training example is. events: one interaction with the history before it (one
-    # query per row of the batch). sequences: a window of a user's training sequence read by
-    # the causal encoder in one pass (model.user_encoder=causal); the output at each position
-    # is the query that scores the next item, so every position is an example. With sequences
-    # train.batch_size counts windows, not events.
-    examples: str = "events"
-    # sequences: which windows of a user with more than features.history_length + 1 training
-    # events are trained on. last: the last history_length + 1 events only (one window per
-    # user). tiled: windows of history_length + 1 events cut back from the end, overlapping by
-    # one event, so every training event after a user's first is a target once per epoch.
-    windows: str = "tiled"
-    # sequences, tiled: windows start every history_length - window_context items, and in a
-    # window after a user's first the first window_context positions are context only (not
-    # scored), so every target there reads at least that many earlier items, as evaluation's
-    # queries read up to history_length; each item is still a target once per epoch. 0: windows
-    # overlap by one item and every position is scored. Must be below features.history_length.
-    window_context: int = 0
-    batch_size: int = 1024
+    batch_size: int = 1024  # examples a global batch (task=next_item: windows)
     epochs: int = 3
     max_steps: int = 0  # 0: run all epochs
     dense_lr: float = 1e-3
@@ -214,19 +179,15 @@ class TrainConfig:
     table_weight_decay: dict[str, float] = field(default_factory=dict)
     sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only); fused into backward
     val_every_steps: int = 200  # 0: validate only at the end of each epoch
-    val_max_users: int = 2000  # validation during training scores a seeded sample of events (0: all)
+    val_max_users: int = 2000  # validation during training scores a seeded sample of this many events (0: all)
     select_metric: str = "ndcg@10"  # the checkpoint kept is the one best on this validation metric
     early_stopping_patience: int = 0  # stop after this many validations without improvement (0: never)
     log_every_steps: int = 20
     seed: int = 0
-    out_dir: str = "runs/demo"
+    out_dir: str = ""  # checkpoints and metrics; empty: <run_dir>/train
     checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
     bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
-    pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA) | always | never
-    # torch.compile the event-mode in-batch softmax (train/compiled.py): 1.1-1.3x the step on
-    # 2 CPU cores after about 11 s of compiling at the first step, so it pays after some
-    # 3,000-10,000 steps; off by default (runs of the shipped configs are shorter).
-    compile: bool = False
+    pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA, tasks that allow it) | always | never
     num_threads: int = 0  # 0: torch's default
     # Batches built ahead by a background thread while the step runs (in pinned memory on
     # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps;
@@ -258,7 +219,9 @@ class EvalConfig:
     filter_seen: bool = True
     split: str = "test"  # test | validation
     user_chunk: int = 1024  # queries scored against the whole catalog at once
-    max_users: int = 0  # 0: every user; otherwise a seeded sample (for validation during training)
+    # evaluate: 0 scores every event of eval.split; otherwise a seeded sample of this many
+    # (validation during training samples train.val_max_users instead)
+    max_users: int = 0
     # evaluate --baselines (see twotower_rec/evaluation/baselines.py)
     ease_lambda: float = 500.0
     transition_last: int = 3  # last items a transition-model query looks at
@@ -270,7 +233,7 @@ class ExportConfig:
     """The export directory: embedding dtype and the ANN index (kind, parameters, how its recall
     is measured)."""
 
-    dir: str = "runs/demo/export"
+    dir: str = ""  # empty: <run_dir>/export
     dtype: str = "float32"  # item_embeddings.npy: float32 | float16 (half the size; scored in float32)
     ann: str = "hnsw"  # items.faiss: flat (exact) | hnsw | ivf | none
     hnsw_m: int = 32
@@ -282,9 +245,18 @@ class ExportConfig:
 
 
 @dataclass
-class Config:
-    """The whole config, one section per component; each component receives its own section."""
+class CommonConfig:
+    """The sections every run has; :data:`Config` adds one section per task that has options
+    of its own (``twotower_rec/tasks/``)."""
 
+    # The folder of a run: data.cache_dir, train.out_dir and export.dir are <run_dir>/data,
+    # <run_dir>/train and <run_dir>/export unless set.
+    run_dir: str = "runs/demo"
+    # The training mode (twotower_rec/tasks/, one file each): retrieval (in-batch sampled softmax
+    # over events) | pointwise (BCE on a rating threshold, or rating MSE) | next_item (every
+    # position of a window of a user's sequence scores the next item; the causal encoder) |
+    # bpr (pairwise: each positive against the batch's other items)
+    task: str = "retrieval"
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -295,44 +267,71 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
+def _config_class() -> type:
+    """``Config``: :class:`CommonConfig` plus each task's own section (``task.section`` of type
+    ``task.Options``), so a task adds its options from its own file."""
+    from twotower_rec.tasks import TASKS
+
+    sections = [(task.section, task.Options, field(default_factory=task.Options))
+                for task in TASKS.values() if task.Options is not None]
+    return dataclasses.make_dataclass(
+        "Config", sections, bases=(CommonConfig,),
+        namespace={"__doc__": "The whole config: one section per component and per task that has options; each "
+                              "component receives its own section.", "__module__": __name__})
+
+
+Config = _config_class()
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "interactions", "movielens-100k", "movielens-1m", "movielens-latest-small",
                     "movielens-20m", "movielens-25m", "movielens-32m"),
     "data.on_bad_rows": ("error", "skip"),
     "data.split": ("leave_last_out", "temporal", "random"),
     "data.engine": ("auto", "pandas", "duckdb"),
-    "loss.name": ("in_batch_softmax", "bce", "mse"),
     "train.sparse_optimizer": ("rowwise_adagrad", "adagrad", "sgd", "adam"),
     "train.pipeline": ("auto", "always", "never"),
     "train.lr_schedule": ("constant", "cosine"),
-    "model.user_encoder": ("bag", "sequence", "causal"),
+    "model.history_encoder": ("bag", "transformer", "causal"),
     "model.user_join": ("concat", "add"),
-    "train.examples": ("events", "sequences"),
-    "train.windows": ("last", "tiled"),
     "loss.logq": ("counts", "streaming", "none"),
     "export.dtype": ("float32", "float16"),
     "export.ann": ("flat", "hnsw", "ivf", "none"),
     "sharding.compute_kernel": ("fused", "fused_uvm_caching", "dense"),
     "eval.split": ("test", "validation"),
-    "train.select_metric": ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr", "auroc", "accuracy",
-                            "neg_bce", "neg_rmse"),
 }
 # data_parallel is left out: it replicates whole tables on every rank and cannot use the fused
 # kernel, which is what this package is for.
 HASHABLE_FEATURES = ("user_id", "item_id")  # the id features whose spaces can be too large or open-ended
 _SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise")
+RANKING_METRICS = ("ndcg@10", "recall@10", "ndcg@50", "recall@50", "mrr")  # what validation always computes
 _POSITIVE = (
     "data.synthetic.num_users", "data.synthetic.num_items", "data.synthetic.interactions_per_user",
     "data.synthetic.num_clusters", "data.synthetic.num_genres", "data.synthetic.clusters_per_user",
     "model.embedding_dim", "model.output_dim", "train.batch_size", "train.epochs", "train.log_every_steps",
-    "eval.user_chunk", "loss.future_targets",
+    "eval.user_chunk", "model.encoder_layers", "model.encoder_heads",
 )
-
-
-def closest(name: str, options: list[str], prefix: str = "") -> str:
-    """``"; did you mean '...'?"`` naming the option nearest to ``name`` (or "")."""
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
+# Options of earlier versions and where they went (a config naming one gets this in its error).
+MOVED = {
+    "loss.name": "task (in_batch_softmax -> task: retrieval; bce, mse -> task: pointwise with "
+                 "pointwise.objective: bce | mse)",
+    "loss.rating_threshold": "pointwise.rating_threshold",
+    "loss.negative_ratio": "pointwise.negative_ratio",
+    "loss.chunk_size": "retrieval.chunk_size",
+    "loss.batch_negatives": "retrieval.batch_negatives",
+    "loss.future_targets": "next_item.future_targets",
+    "loss.mask_window_items": "next_item.mask_window_items",
+    "train.examples": "task (events -> task: retrieval or pointwise; sequences -> task: next_item)",
+    "train.windows": "next_item.windows",
+    "train.window_context": "next_item.window_context",
+    "train.compile": "retrieval.compile",
+    "model.user_encoder": "model.history_encoder (its value sequence is now transformer)",
+    "model.sequence_layers": "model.encoder_layers",
+    "model.sequence_heads": "model.encoder_heads",
+    "model.sequence_dropout": "model.encoder_dropout",
+}
+# Options of the shared loss section and the encoders that only some settings read: a value
+# set away from its default where nothing reads it is reported (config_warnings).
+_ENCODER_OPTIONS = ("model.encoder_layers", "model.encoder_heads", "model.encoder_dropout")
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -385,6 +384,8 @@ def _merge(obj: Any, data: dict, prefix: str) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
+            if dotted in MOVED:
+                raise ConfigError(f"unknown config key '{dotted}': it was renamed; use {MOVED[dotted]}")
             raise ConfigError(f"unknown config key '{dotted}'{closest(str(key), names, prefix)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -400,20 +401,88 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
-def validate(cfg: Config) -> Config:
-    """Check values that types alone do not catch; raise :class:`ConfigError` naming the key."""
+def validate(cfg: Config, warn: bool = True) -> Config:
+    """Fill the run paths from ``run_dir``, check values that types alone do not catch (raise
+    :class:`ConfigError` naming the key) and the task's own checks.
+
+    Args:
+        cfg: the config, changed in place (empty run paths are filled in).
+        warn: issue a :class:`ConfigWarning` for each option set where nothing reads it.
+
+    Returns:
+        ``cfg``.
+    """
+    from twotower_rec.tasks import TASKS, task_class
+
+    derive_paths(cfg)
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_combinations(cfg)
+    _check_encoders(cfg)
+    for each in TASKS.values():
+        each.check_options(cfg)
+    task = task_class(cfg.task)
+    task.check_config(cfg)
+    selectable = RANKING_METRICS + task.metrics(cfg)
+    if cfg.train.select_metric not in selectable:
+        raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not one of {list(selectable)} "
+                          f"(what validation of task={cfg.task} computes){closest(cfg.train.select_metric, list(selectable))}")
+    if cfg.model.members > 1 and not task.ensembles:
+        raise ConfigError(f"model.members={cfg.model.members}: ensembles are trained for task=retrieval only, not "
+                          f"task={cfg.task}")
+    if warn:
+        for message in config_warnings(cfg):
+            warnings.warn(message, ConfigWarning, stacklevel=2)
     return cfg
+
+
+def derive_paths(cfg: Config) -> None:
+    """``data.cache_dir``, ``train.out_dir`` and ``export.dir`` left empty become ``<run_dir>/data``,
+    ``<run_dir>/train`` and ``<run_dir>/export``."""
+    run = Path(cfg.run_dir)
+    if not cfg.data.cache_dir:
+        cfg.data.cache_dir = str(run / "data")
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = str(run / "train")
+    if not cfg.export.dir:
+        cfg.export.dir = str(run / "export")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """One line per option set away from its default where nothing reads it: the options of a
+    task section (and of the shared ``loss`` section) that ``cfg.task`` does not read, and the
+    encoder options under ``model.history_encoder: bag``."""
+    from twotower_rec.tasks import TASKS, task_class
+
+    task = task_class(cfg.task)
+    sections = ["loss"] + [t.section for t in TASKS.values() if t.Options is not None]
+    defaults = Config()
+    found = []
+    for section in sections:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            key = f"{section}.{f.name}"
+            if task.reads_option(key) or _get(cfg, key) == _get(defaults, key):
+                continue
+            readers = [t.name for t in TASKS.values() if t.reads_option(key)]
+            found.append(f"{key}={_get(cfg, key)} is read by task={' | '.join(readers)} only; task={cfg.task} "
+                         "ignores it")
+    if cfg.model.history_encoder == "bag":
+        for key in _ENCODER_OPTIONS:
+            if _get(cfg, key) != _get(defaults, key):
+                found.append(f"{key}={_get(cfg, key)} configures the transformer and causal history encoders; "
+                             "model.history_encoder=bag ignores it")
+    return found
 
 
 def _check_choices(cfg: Config) -> None:
     """Every enumerated value is one of its choices; every listed sharding type is known."""
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{closest(value, list(choices))}")
+    from twotower_rec.tasks import TASKS
+
+    if cfg.model.history_encoder == "sequence":
+        raise ConfigError("model.history_encoder: 'sequence' is now called 'transformer' (the per-event transformer "
+                          "over the history)")
+    for key, choices in {**_CHOICES, "task": tuple(TASKS)}.items():
+        check_choice(key, _get(cfg, key), choices)
     if not cfg.sharding.sharding_types:
         raise ConfigError("sharding.sharding_types: give at least one sharding type")
     for value in cfg.sharding.sharding_types:
@@ -431,9 +500,7 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {_get(cfg, key)}")
     at_least_zero = {"train.checkpoint_every_steps": " (0 = at the end only)", "train.max_steps": " (0 = all epochs)",
                      "loss.logq_weight": "", "loss.uniform_negatives": "", "features.history_length": "",
-                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)",
-                     "loss.chunk_size": " (0 = all candidates at once)",
-                     "loss.batch_negatives": " (0 = every positive of the batch)"}
+                     "train.progress_every_seconds": "", "data.threads": " (0 = one per core)"}
     if cfg.train.prefetch_batches is not None:
         at_least_zero["train.prefetch_batches"] = " (0 = built between steps; null = 2 with CUDA, 0 on a CPU)"
     for key, meaning in at_least_zero.items():
@@ -450,8 +517,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError("data.synthetic.stay_probability: must lie in [0, 1]")
     if not 0.0 <= cfg.data.synthetic.transition_probability <= 1.0:
         raise ConfigError("data.synthetic.transition_probability: must lie in [0, 1]")
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout: must lie in [0, 1), got {cfg.model.dropout}")
+    for key in ("model.dropout", "model.encoder_dropout"):
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            raise ConfigError(f"{key}: must lie in [0, 1), got {_get(cfg, key)}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
         raise ConfigError(f"eval.ks: give positive cut-offs, got {cfg.eval.ks}")
     for name, buckets in cfg.data.hash_buckets.items():
@@ -469,9 +537,6 @@ def _check_ranges(cfg: Config) -> None:
 
 def _check_combinations(cfg: Config) -> None:
     """Values that must agree with each other."""
-    if cfg.model.members > 1 and cfg.loss.name != "in_batch_softmax":
-        raise ConfigError(f"model.members={cfg.model.members}: ensembles train with loss.name=in_batch_softmax "
-                          f"only, not {cfg.loss.name}")
     if cfg.features.recent_items < 0 or cfg.features.recent_items > cfg.features.history_length:
         raise ConfigError(f"features.recent_items: must lie in [0, features.history_length="
                           f"{cfg.features.history_length}], got {cfg.features.recent_items}")
@@ -481,62 +546,29 @@ def _check_combinations(cfg: Config) -> None:
                           f"rowwise_adagrad only, not {cfg.train.sparse_optimizer}")
     if cfg.data.split == "leave_last_out" and cfg.data.min_interactions < 3:
         raise ConfigError("data.min_interactions: leave-last-out needs at least 3 (train, validation, test)")
-    _check_causal(cfg)
     if "item_id" in cfg.data.hash_buckets and cfg.features.share_item_table:
         raise ConfigError("data.hash_buckets.item_id: the history looks items up by their code in a shared "
                           "table (features.share_item_table), which a hashed item_id table does not have; turn "
                           "one of them off")
-    if cfg.loss.batch_negatives:
-        for key, value, why in (("loss.chunk_size", cfg.loss.chunk_size, "bounds the logits already"),
-                                ("train.compile", cfg.train.compile, "compiles the whole-batch loss only")):
-            if value:
-                raise ConfigError(f"loss.batch_negatives={cfg.loss.batch_negatives} scores a sample of the batch, "
-                                  f"which {key} does not combine with ({why}): set one of them to 0 / false")
     if cfg.data.synthetic.clusters_per_user > cfg.data.synthetic.num_clusters:
         raise ConfigError("data.synthetic.clusters_per_user: must not exceed data.synthetic.num_clusters")
 
 
-def _check_causal(cfg: Config) -> None:
-    """The causal encoder and the sequence training mode: what they need and cannot combine with."""
-    model, features, train, loss = cfg.model, cfg.features, cfg.train, cfg.loss
-    if train.examples == "sequences" and model.user_encoder != "causal":
-        raise ConfigError(f"train.examples=sequences reads every position of a window in one causal pass: it "
-                          f"needs model.user_encoder=causal, not {model.user_encoder}")
-    if model.user_join == "add" and model.user_encoder != "causal":
+def _check_encoders(cfg: Config) -> None:
+    """The history encoders: what the causal one needs and what only it reads."""
+    model, features = cfg.model, cfg.features
+    if model.user_join == "add" and model.history_encoder != "causal":
         raise ConfigError("model.user_join=add sums the user features into the causal encoder's state: it needs "
-                          f"model.user_encoder=causal, not {model.user_encoder}")
-    if model.history_mean and model.user_encoder != "causal":
-        raise ConfigError("model.history_mean joins the causal encoder's state: it needs model.user_encoder=causal, "
-                          f"not {model.user_encoder}")
-    if model.user_encoder == "causal":
+                          f"model.history_encoder=causal, not {model.history_encoder}")
+    if model.history_mean and model.history_encoder != "causal":
+        raise ConfigError("model.history_mean joins the causal encoder's state: it needs "
+                          f"model.history_encoder=causal, not {model.history_encoder}")
+    if model.history_encoder == "causal":
         if features.history_length <= 0:
-            raise ConfigError("model.user_encoder=causal reads the history: set features.history_length > 0")
+            raise ConfigError("model.history_encoder=causal reads the history: set features.history_length > 0")
         if features.recent_items:
-            raise ConfigError("model.user_encoder=causal already reads the last items in order: set "
+            raise ConfigError("model.history_encoder=causal already reads the last items in order: set "
                               f"features.recent_items=0, not {features.recent_items}")
-    if train.examples != "sequences":
-        if loss.mask_window_items:
-            raise ConfigError("loss.mask_window_items masks the items of a position's own window: it needs "
-                              "train.examples=sequences")
-        if loss.future_targets != 1:
-            raise ConfigError(f"loss.future_targets={loss.future_targets} scores a position against the next items "
-                              "of its window: it needs train.examples=sequences (1 in the event mode)")
-        return
-    if loss.name != "in_batch_softmax":
-        raise ConfigError(f"train.examples=sequences trains with loss.name=in_batch_softmax only, not {loss.name}")
-    if loss.batch_negatives:
-        raise ConfigError("loss.batch_negatives samples the event mode's batch; train.examples=sequences scores "
-                          "the batch's deduplicated targets: set loss.batch_negatives=0")
-    if not loss.global_negatives:
-        raise ConfigError("train.examples=sequences scores every position against the global batch's targets: "
-                          "it needs loss.global_negatives=true")
-    if loss.logq == "streaming":
-        raise ConfigError("train.examples=sequences: loss.logq=streaming is not supported (use counts or none)")
-    if train.pipeline == "always":
-        raise ConfigError("train.examples=sequences runs its steps one by one: set train.pipeline to auto or never")
-    if not 0 <= train.window_context < features.history_length:
-        raise ConfigError(f"train.window_context: must lie in [0, features.history_length="
-                          f"{features.history_length}), got {train.window_context}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -599,7 +631,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a config saved in a checkpoint or export (checked like a YAML file)."""
+    """Rebuild a config saved in a checkpoint or export (checked like a YAML file, without
+    warnings: they were given when it was trained)."""
     cfg = Config()
     _merge(cfg, data, "")
-    return validate(cfg)
+    return validate(cfg, warn=False)

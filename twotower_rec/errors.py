@@ -5,6 +5,14 @@ Each names what went wrong where: the file and line, the config key, the checkpo
 directory, and the fix.
 """
 
+import difflib
+
+
+def closest(name: str, options: list[str], prefix: str = "") -> str:
+    """``"; did you mean '...'?"`` naming the option nearest to ``name`` (or "")."""
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
+
 
 class TwoTowerError(ValueError):
     """Base of every user-facing error: the message names the file, row or key and the fix."""
@@ -32,3 +40,13 @@ class UnknownUserError(ExportError):
 
 class AnnError(TwoTowerError):
     """The ANN index cannot be built or read."""
+
+
+class ConfigWarning(UserWarning):
+    """An option is set where nothing reads it (the CLI prints it as one ``warning:`` line)."""
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (of option ``key``) is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{closest(value, list(choices))}")

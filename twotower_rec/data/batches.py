@@ -17,11 +17,11 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from twotower_rec.data.prepared import CSR, PreparedData
-from twotower_rec.data.sequences import gather_ranges, query_inputs, readonly_tensor
+from twotower_rec.data.query_inputs import gather_ranges, query_inputs, readonly_tensor
 from twotower_rec.data.splits import TRAIN
 
 
@@ -71,8 +71,8 @@ class Batch(_TensorFields, Pipelineable):
 
 
 @dataclass
-class SequenceBatch(_TensorFields, Pipelineable):
-    """One training batch of windows (``train.examples: sequences``): this rank's share.
+class WindowBatch(_TensorFields, Pipelineable):
+    """One training batch of windows (``task: next_item``): this rank's share.
 
     ``B`` windows on this rank, ``P`` their positions (targets), ``C`` = ``U' + M'`` this rank's
     candidates: its slice of the global batch's deduplicated targets (``U'``, padded with the
@@ -87,7 +87,7 @@ class SequenceBatch(_TensorFields, Pipelineable):
                     deduplicated targets (every rank's slices in rank order), windows in order,
                     positions oldest first.
     first_position: ``[B]`` int64: each window's first scored position (the ones before it are
-                    context only; ``train.window_context``).
+                    context only; ``next_item.window_context``).
     window_items:   ``[B, U]`` bool: which of the global batch's ``U`` deduplicated targets (every
                     rank's slices, padding included) are items of each window.
     num_targets:    ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
@@ -122,43 +122,6 @@ def _kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -
     )
 
 
-def with_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor:
-    """The same rows with exactly ``keys`` in that order; keys ``features`` lacks get no ids.
-
-    Lets a tower's EmbeddingBagCollection, which expects all of its features, be called with
-    only some of them (a table shared between towers is looked up once per tower's rows).
-    """
-    present = features.to_dict()
-    rows = features.stride()
-    values, lengths = [], []
-    for key in keys:
-        if key in present:
-            values.append(present[key].values())
-            lengths.append(present[key].lengths())
-        else:
-            lengths.append(torch.zeros(rows, dtype=features.lengths().dtype, device=features.device()))
-    return KeyedJaggedTensor(
-        keys=keys,
-        values=torch.cat(values) if values else features.values().new_zeros(0),
-        lengths=torch.cat(lengths),
-    )
-
-
-def slot_kjt(history: JaggedTensor, slots: int, keys: list[str], key: str) -> KeyedJaggedTensor:
-    """``B`` jagged rows of at most ``slots`` ids -> a KJT of ``B * slots`` bags of one id or
-    none (row b's t-th id in bag ``b * slots + t``) under ``key``, the other ``keys`` empty.
-
-    Lets a pooled EmbeddingBagCollection look ids up one by one in a fixed layout: with every
-    rank's rows of the same count, every rank passes the same number of bags.
-    """
-    lengths = history.lengths()
-    rows = lengths.shape[0]
-    per_slot = (torch.arange(slots, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1)
-    empty = torch.zeros(rows * slots, dtype=lengths.dtype, device=lengths.device)
-    return KeyedJaggedTensor(keys=keys, values=history.values(),
-                             lengths=torch.cat([per_slot.to(lengths.dtype) if k == key else empty for k in keys]))
-
-
 class Batcher:
     """Turns row indices of a :class:`PreparedData` into :class:`Batch` objects."""
 
@@ -177,7 +140,7 @@ class Batcher:
         """Query KJT for user codes ``[B]`` as of row ``position[b]`` of that user's sequence.
 
         The query sees only the user's items strictly before ``position`` (see
-        :func:`twotower_rec.data.sequences.query_inputs`); ``position`` = the user's end offset
+        :func:`twotower_rec.data.query_inputs.query_inputs`); ``position`` = the user's end offset
         gives the query after all data.
         """
         return self._query_kjt(user, self.item_sequence, self.user_offsets[user - 1], position)
@@ -204,8 +167,8 @@ class Batcher:
     def training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:
         """(the training events' items back to back, ``[R + 1]`` the number of training events
         before each row); None when every user's training events precede its other events.
-        One scan of the split column (1.3 s at 1.1e8 rows): the trainer's batch iterator reads
-        it when it is made (:func:`twotower_rec.train.batch_order.local_batches`), as start-up."""
+        One scan of the split column (seconds at 1e8 rows: BENCHMARKS.md, "Scale"): the task reads
+        it when the trainer counts its examples (``EventTask.training_examples``), as start-up."""
         is_train = np.asarray(self.data.split) == TRAIN
         later = np.flatnonzero(is_train[1:] & ~is_train[:-1]) + 1  # a training row after a held-out one
         if not (self.user[later] == self.user[later - 1]).any():
@@ -247,9 +210,9 @@ class Batcher:
             skip = np.maximum(window_begin + 1, window_end - stride) - (window_start + 1)
         return np.stack([window_user, window_start, window_end, skip], axis=1).astype(np.int64)
 
-    def sequence_batch(self, windows: np.ndarray, rank: int, world_size: int,
-                       negatives: np.ndarray | None = None) -> SequenceBatch:
-        """Rank ``rank``'s :class:`SequenceBatch` of the global batch's ``windows`` ``[G, 3]``
+    def window_batch(self, windows: np.ndarray, rank: int, world_size: int,
+                       negatives: np.ndarray | None = None) -> WindowBatch:
+        """Rank ``rank``'s :class:`WindowBatch` of the global batch's ``windows`` ``[G, 3]``
         (its contiguous slice of ``G / world_size`` windows) with its share ``negatives`` of
         the uniform negatives. Every rank computes the global batch's deduplicated targets, so
         the candidates gathered from all ranks are the same at any world size."""
@@ -268,7 +231,7 @@ class Batcher:
         if negatives is not None and len(negatives):
             candidates = np.concatenate([candidates, np.asarray(negatives, dtype=candidates.dtype)])
         item_kjt, dense = self.item_features(candidates)
-        return SequenceBatch(
+        return WindowBatch(
             query_features=self._query_kjt(local[:, 0], torch.from_numpy(sequence), local_start, local_end - 1),
             item_features=item_kjt,
             item_dense=dense,

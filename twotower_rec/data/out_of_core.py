@@ -20,13 +20,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from twotower_rec.config import DataConfig
 from twotower_rec.data import splits
 from twotower_rec.errors import DataError
+
+if TYPE_CHECKING:
+    from twotower_rec.config import DataConfig
 
 CHUNK_ROWS = 1 << 20
 

@@ -22,24 +22,28 @@ Layout of ``cache_dir``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from twotower_rec import atomic
-from twotower_rec.config import DataConfig, FeaturesConfig
 from twotower_rec.data import out_of_core, splits
 from twotower_rec.data.features import (HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, collisions, encode,
                                         hash_rows, year_bucket)
 from twotower_rec.data.out_of_core import Interactions
 from twotower_rec.data.raw import RawData
-from twotower_rec.errors import DataError
+from twotower_rec.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from twotower_rec.config import DataConfig, FeaturesConfig
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INFO = "prepared.json"  # how the cache was made: {"split": ..., "ratings": whether the source had any}
@@ -117,12 +121,39 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         vocabularies=vocabularies, source=raw.name, hashed={n: r["buckets"] for n, r in hashing.items()},
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    info = {"split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {})}
+    info = {"split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {}),
+            "prepared_with": prepared_with(data_cfg, features_cfg)}
     (out / INFO).write_text(json.dumps(info, indent=2))
     atomic.swap_in(out, final)
     _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
          f"({time.perf_counter() - started:.1f}s)")
     return PreparedData(final)
+
+
+# The options prepare fixes in the cache (the data.* options that only say how to read the
+# source, such as paths, columns and the engine, are not among them): train, evaluate and
+# export refuse a config whose value differs (PreparedData.check_config).
+PREPARE_FIXED = ("data.source", "data.split", "data.validation_fraction", "data.test_fraction", "data.seed",
+                 "data.min_interactions", "data.hash_buckets", "data.synthetic", "features")
+
+
+def _flat(prefix: str, value) -> dict:
+    if isinstance(value, dict) and value and prefix not in ("data.hash_buckets",):
+        return {k: v for key, inner in value.items() for k, v in _flat(f"{prefix}.{key}", inner).items()}
+    return {prefix: value}
+
+
+def prepared_with(data_cfg: DataConfig, features_cfg: FeaturesConfig) -> dict:
+    """The :data:`PREPARE_FIXED` options' values, one dotted key each (``data.synthetic.*``
+    only for the synthetic source)."""
+    sections = {"data": dataclasses.asdict(data_cfg), "features": dataclasses.asdict(features_cfg)}
+    out = {}
+    for key in PREPARE_FIXED:
+        if key == "data.synthetic" and data_cfg.source != "synthetic":
+            continue
+        section, _, name = key.partition(".")
+        out.update(_flat(key, sections[section][name] if name else sections[section]))
+    return out
 
 
 def _engine(raw: RawData, data_cfg: DataConfig) -> str:
@@ -436,6 +467,23 @@ class PreparedData:
             else:
                 self.item_single[f.name] = np.asarray(load("items", f"{f.name}.npy"))
         self.item_dense = np.asarray(load("items", "dense.npy"))
+
+    def check_config(self, cfg) -> None:
+        """Refuse a config whose options fixed at prepare time (:data:`PREPARE_FIXED`) differ
+        from those this cache was prepared with (caches of earlier versions are not checked).
+
+        Args:
+            cfg: the config of a train, evaluate or export run.
+        """
+        saved = self.info.get("prepared_with")
+        if saved is None:
+            return
+        now = prepared_with(cfg.data, cfg.features)
+        for key in sorted(set(saved) | set(now)):
+            if saved.get(key) != now.get(key) and not (key.startswith("data.synthetic.") and key not in now):
+                raise ConfigError(f"{key}={now.get(key)!r} differs from the prepared data at {self.dir}, prepared with "
+                                  f"{key}={saved.get(key)!r}: prepare fixes it; re-run `twotower-rec prepare` with "
+                                  "this value, or leave it as it was")
 
     @property
     def has_ratings(self) -> bool:

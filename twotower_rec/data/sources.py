@@ -13,14 +13,17 @@ import io
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from twotower_rec.config import DataConfig
 from twotower_rec.data.raw import RawData
 from twotower_rec.data.synthetic import synthetic
 from twotower_rec.errors import DataError
+
+if TYPE_CHECKING:
+    from twotower_rec.config import DataConfig
 
 
 def read_table(path: str | Path, what: str) -> pd.DataFrame:

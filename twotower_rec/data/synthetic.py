@@ -11,11 +11,16 @@ rows fit in a few GiB).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from twotower_rec.config import SyntheticConfig
 from twotower_rec.data.raw import RawData
+
+if TYPE_CHECKING:
+    from twotower_rec.config import SyntheticConfig
 
 
 def synthetic(cfg: SyntheticConfig) -> RawData:
@@ -175,7 +180,7 @@ def write_parquet(cfg: SyntheticConfig, out_dir, users_per_file: int = 500_000, 
     user_tables, rows = [], 0
     for block, first in enumerate(range(0, cfg.num_users, users_per_file)):
         count = min(users_per_file, cfg.num_users - first)
-        block_cfg = SyntheticConfig(**{**cfg.__dict__, "num_users": count})
+        block_cfg = dataclasses.replace(cfg, num_users=count)
         rng = np.random.default_rng([cfg.seed, block + 1])
         users, liked, liked_weight = _users(rng, block_cfg)
         user_of, cluster = _cluster_walks(rng, block_cfg, liked, liked_weight)

@@ -28,6 +28,13 @@ def local_part(array: np.ndarray) -> np.ndarray:
     return part
 
 
+def local_slice(rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous slice of a global batch's ``rows``: ``len(rows) // world_size``
+    of them, the same count on every rank (a batch's rows are a multiple of the world size)."""
+    per_rank = rows.size // world_size
+    return rows[rank * per_rank:(rank + 1) * per_rank]
+
+
 def gather_parts(local: torch.Tensor, total: int) -> torch.Tensor:
     """Every rank's ``local`` (equal shapes), concatenated in rank order, cut to ``total`` rows,
     on ``local``'s device (the gather itself runs on :func:`collective_device`)."""

@@ -41,8 +41,10 @@ class DistEnv:
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             where += f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+        threads = torch.get_num_threads()
         return (f"device: {where}, backend {self.backend}, {self.world_size} process(es), "
-                f"{self.local_world_size} per host; torch {torch.__version__}")
+                f"{self.local_world_size} per host, {threads} thread{'s' if threads != 1 else ''} each; "
+                f"torch {torch.__version__}")
 
 
 def _free_port() -> int:

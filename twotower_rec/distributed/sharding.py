@@ -7,9 +7,10 @@ returns the DMP-wrapped model with materialised tables. One path for one process
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,11 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from twotower_rec.config import ShardingConfig, TrainConfig, closest
 from twotower_rec.distributed.env import DistEnv, collective_device
-from twotower_rec.errors import ConfigError
+from twotower_rec.errors import ConfigError, closest
+
+if TYPE_CHECKING:
+    from twotower_rec.config import ShardingConfig, TrainConfig
 
 # The planner and sharders log warnings meant for TorchRec developers on every start.
 for _name in ("torchrec.distributed.planner", "torchrec.distributed.utils", "root"):
@@ -159,7 +162,8 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
         raise ConfigError("sharding.compute_kernel=fused_uvm_caching keeps tables in CUDA unified memory: "
                           "CUDA only; on CPU use fused (the default)")
     collections = _embedding_collections(model)
-    _attach_table_optimizer(collections, train if training else TrainConfig(sparse_optimizer="sgd"), env)
+    _attach_table_optimizer(collections, train if training else dataclasses.replace(
+        train, sparse_optimizer="sgd", sparse_lr=None, table_weight_decay={}), env)
     sharders = [ConfiguredBagSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
     planner = EmbeddingShardingPlanner(topology=_topology(env), constraints=_constraints(collections, sharding))
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
@@ -174,8 +178,8 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
 
 class DenseLayersWrapper(DefaultDataParallelWrapper):
     """TorchRec's default for the dense layers (DistributedDataParallel) with two or more
-    processes. One process has nothing to average, and DDP's per-step bookkeeping cost 0.7-1.0 ms
-    a step on 2 CPU cores (profile_step.py): its dense layers are only moved to the device, as
+    processes. One process has nothing to average, and DDP's per-step bookkeeping cost a measurable
+    share of a step on 2 CPU cores (benchmarks/profile_step.py): its dense layers are only moved to the device, as
     DDP's wrapping would. State-dict keys are the same either way (DMP strips DDP's prefix)."""
 
     def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
@@ -185,9 +189,20 @@ class DenseLayersWrapper(DefaultDataParallelWrapper):
             dmp._dmp_wrapped_module.to(device)
 
 
+# The history encoders' tables (TwoTower.history) are seeded by the paths they had before the
+# encoder was given to TwoTower as a module, so their initial values (and every result) stay
+# those of earlier versions.
+_SEED_PATHS = {("history", "embeddings"): ["sequence", "embeddings"], ("history", "items"): ["causal_items"]}
+
+
 def _table_key(state_key: str) -> str:
-    """A table's state-dict key without DMP's wrapper prefixes (the same at any world size)."""
+    """A table's seed key: its state-dict key without DMP's wrapper prefixes (the same at any
+    world size), history tables under their earlier paths (:data:`_SEED_PATHS`)."""
     parts = [p for p in state_key.split(".") if p not in ("module", "_dmp_wrapped_module")]
+    for i in range(len(parts) - 1):
+        if (parts[i], parts[i + 1]) in _SEED_PATHS:
+            parts[i:i + 2] = _SEED_PATHS[(parts[i], parts[i + 1])]
+            break
     return ".".join(parts)
 
 

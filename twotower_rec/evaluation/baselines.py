@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from typing import TYPE_CHECKING
 
-from twotower_rec.config import EvalConfig
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.data.sequences import gather_ranges
+from twotower_rec.data.query_inputs import gather_ranges
 from twotower_rec.data.splits import TRAIN
 from twotower_rec.errors import DataError
 from twotower_rec.evaluation.ranking import seen_items
 from twotower_rec.evaluation.topk import chunked_topk
+
+if TYPE_CHECKING:
+    from twotower_rec.config import EvalConfig
 
 NAMES = ("itemknn", "ease", "transition")
 MAX_ITEMS = 40_000

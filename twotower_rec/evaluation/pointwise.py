@@ -1,5 +1,5 @@
 """Metrics of the pointwise objectives (torchmetrics): AUROC, accuracy, F1 (at probability 0.5)
-and BCE for ``bce``; RMSE for ``mse``. Scores come from the model's pointwise head
+and BCE for ``bce``; RMSE for ``mse``. Scores come from the pointwise task's head
 (``scale * cos + bias``, :mod:`twotower_rec.losses.pointwise`).
 """
 
@@ -7,19 +7,34 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
-from torchmetrics.regression import MeanSquaredError
 
-from twotower_rec.config import LossConfig
 from twotower_rec.losses.pointwise import loss, targets
 
 
 @torch.no_grad()
-def pointwise_metrics(model, data, batcher, rows: np.ndarray, cfg: LossConfig, device=None, chunk: int = 4096) -> dict:
-    """Pointwise metrics of the (query, positive item) pairs at ``rows`` (every rank scores all
-    of them, so nothing is synchronised)."""
-    head = model.module if hasattr(model, "module") else model
-    if cfg.name == "bce":
+def pointwise_metrics(model, batcher, rows: np.ndarray, objective: str, threshold: float, device=None,
+                      chunk: int = 4096) -> dict:
+    """Pointwise metrics of the (query, positive item) pairs at ``rows``; every rank scores all
+    of them, so nothing is synchronised.
+
+    Args:
+        model: a TwoTower (or a DMP wrapping one) whose ``head.score`` scores a pair.
+        batcher: builds the pairs' batches.
+        rows: ``[R]`` interaction rows.
+        objective: ``bce`` or ``mse``.
+        threshold: bce's label is ``rating >= threshold``.
+        device: where to run the towers.
+        chunk: rows scored at a time.
+
+    Returns:
+        bce: ``auroc``, ``accuracy``, ``f1``, ``bce``, ``neg_bce``; mse: ``rmse``, ``neg_rmse``;
+        and ``pairs``, the number of pairs.
+    """
+    from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+    from torchmetrics.regression import MeanSquaredError
+
+    tower = model.module if hasattr(model, "module") else model
+    if objective == "bce":
         metrics = {"auroc": BinaryAUROC(sync_on_compute=False), "accuracy": BinaryAccuracy(sync_on_compute=False),
                    "f1": BinaryF1Score(sync_on_compute=False)}
     else:
@@ -29,11 +44,11 @@ def pointwise_metrics(model, data, batcher, rows: np.ndarray, cfg: LossConfig, d
         batch = batcher.batch(rows[begin:begin + chunk])
         if device is not None:
             batch = batch.to(device)
-        query = head.encode_query(batch.query_features).float()
-        item = head.encode_items(batch.item_features, batch.item_dense).float()
-        scores = head.score(query, item).cpu()
-        target = targets(batch.labels.cpu(), cfg)
-        total += float(loss(scores, target, cfg)) * scores.numel()
+        query = tower.encode_query(batch.query_features).float()
+        item = tower.encode_items(batch.item_features, batch.item_dense).float()
+        scores = tower.head.score(query, item).cpu()
+        target = targets(batch.labels.cpu(), objective, threshold)
+        total += float(loss(scores, target, objective)) * scores.numel()
         count += scores.numel()
         for name, metric in metrics.items():
             if name == "rmse":
@@ -41,7 +56,7 @@ def pointwise_metrics(model, data, batcher, rows: np.ndarray, cfg: LossConfig, d
             else:
                 metric.update(torch.sigmoid(scores), target.long())
     out = {name: float(metric.compute()) for name, metric in metrics.items()}
-    if cfg.name == "bce":
+    if objective == "bce":
         out["bce"] = total / max(count, 1)
         out["neg_bce"] = -out["bce"]
     else:

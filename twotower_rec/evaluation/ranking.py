@@ -13,20 +13,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from twotower_rec.config import EvalConfig
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.data.sequences import ranges_csr
+from twotower_rec.data.query_inputs import ranges_csr
 from twotower_rec.data.splits import split_name
 from twotower_rec.distributed.collect import gather_parts, local_part
 from twotower_rec.errors import DataError
 from twotower_rec.evaluation.metrics import ranking_metrics
 from twotower_rec.evaluation.topk import chunked_topk
+
+if TYPE_CHECKING:
+    from twotower_rec.config import EvalConfig
 
 EmbedFn = Callable[..., torch.Tensor]
 

@@ -4,7 +4,7 @@
 :class:`QueryEncoder`, which ``torch.jit.script`` compiles; loading it needs only torch. Its
 raw-value entry point maps strings to codes with the export's vocabularies, then builds the
 history and recent-item inputs with the same functions training batches use
-(:mod:`twotower_rec.data.sequences`, compiled into the module). Calling conventions are in
+(:mod:`twotower_rec.data.query_inputs`, compiled into the module). Calling conventions are in
 ``export/__init__.py``.
 
 Shapes: ``B`` rows, ``D`` one member's output dim, ``K`` members.
@@ -22,9 +22,8 @@ from torch import nn
 
 from twotower_rec.data.features import HISTORY, Feature, fnv1a_finish, recent_position
 from twotower_rec.data.prepared import PreparedData
-from twotower_rec.data.sequences import item_before, last_items
+from twotower_rec.data.query_inputs import item_before, last_items
 from twotower_rec.model.ensemble import Ensemble
-from twotower_rec.model.sequence import SEQUENCE_TABLE
 from twotower_rec.model.two_tower import TwoTower
 
 
@@ -44,7 +43,7 @@ class MemberQueryEncoder(nn.Module):
         self.bags = nn.ModuleList(
             [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
-        # model.user_encoder=sequence or causal: the last input is the history, read by the
+        # model.history_encoder=transformer or causal: the last input is the history, read by the
         # sequence encoder (a list of zero or one, which TorchScript can loop over).
         self.sequence_tables = nn.ModuleList(
             [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
@@ -100,7 +99,7 @@ class QueryEncoder(nn.Module):
     def encode_inputs(self, features: Dict[str, List[List[str]]]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Raw values per feature and row -> the codes :meth:`forward` takes, one ``(values,
         lengths)`` pair per name in ``feature_names``. The history and recent items go through
-        the same functions as training batches (``data/sequences.py``)."""
+        the same functions as training batches (``data/query_inputs.py``)."""
         batch = self._batch_size(features)
         values: List[torch.Tensor] = []
         lengths: List[torch.Tensor] = []
@@ -219,20 +218,17 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
     ``model.query_feature_order``, and a history that shares the item tower's item-id table
     takes its weights from there."""
     by_name = {f.name: f for f in features}
-    tables = {**model.item_tower.embedding_bags.embedding_bags,
-              **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags else {})}
+    item_tables = model.item_tower.embedding_bags.embedding_bags
+    tables = {**item_tables, **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags
+                                else {})}
     names = list(model.query_feature_order)
-    reads_sequence = model.sequence is not None or model.causal is not None
-    ordered = [by_name[name] for name in (names[:-1] if reads_sequence else names)]
+    encoded = model.history.vectors > 0  # the last input is the history encoder's
+    ordered = [by_name[name] for name in (names[:-1] if encoded else names)]
     weights = [tables[f.table].weight.detach() for f in ordered]
     sequence_table = sequence_pooling = None
-    if model.sequence is not None:
-        sequence_table = model.sequence.embeddings.embeddings[SEQUENCE_TABLE].weight.detach()
-        sequence_pooling = copy.deepcopy(model.sequence.pooling).eval()
-    elif model.causal is not None:  # the causal encoder's output at the most recent item
-        sequence_table = (tables[by_name[HISTORY].table].weight.detach() if model.causal_shared
-                          else model.causal_items.embeddings[SEQUENCE_TABLE].weight.detach())
-        sequence_pooling = copy.deepcopy(model.causal).eval()
+    served = model.history.for_serving({name: bag.weight for name, bag in item_tables.items()})
+    if served is not None:  # the history encoder's table and its scriptable module
+        sequence_table, sequence_pooling = served[0], copy.deepcopy(served[1]).eval()
     return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
                               sequence_pooling, model.query_tower.join == "add")
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from twotower_rec import atomic, versions
-from twotower_rec.config import ExportConfig
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
@@ -24,11 +24,26 @@ from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.serving import ann
 from twotower_rec.serving import manifest as export_manifest
 
+if TYPE_CHECKING:
+    from twotower_rec.config import ExportConfig
 
-def export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path,
-           metrics: dict | None = None, export_cfg: ExportConfig | None = None) -> Path:
-    """Write the export directory atomically from an *unsharded* CPU ``model``."""
-    cfg = export_cfg or ExportConfig()
+
+def write_export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path,
+                 export_cfg: ExportConfig, metrics: dict | None = None) -> Path:
+    """Write the export directory atomically from an *unsharded* CPU ``model``.
+
+    Args:
+        model: the trained model, unsharded, on the CPU.
+        data: the prepared data it was trained on.
+        cfg_dict: the config it was trained with (written to the manifest).
+        out_dir: the export directory (replaced whole).
+        export_cfg: the ``export`` section (dtype, ANN index).
+        metrics: validation and evaluation metrics for the manifest.
+
+    Returns:
+        ``out_dir``.
+    """
+    cfg = export_cfg
     out_dir = Path(out_dir)
     tmp = atomic.new_folder(out_dir)
     model = model.eval()
@@ -97,8 +112,8 @@ def _manifest(out: Path, model: TwoTower | Ensemble, data: PreparedData, item_em
         "metrics": metrics or {},
         "ann": ann_info,
         # pointwise models: the pair score is scale * (query . item) + bias (a logit for bce)
-        "pointwise": ({"objective": cfg_dict.get("loss", {}).get("name"), "scale": float(model.score_scale),
-                       "bias": float(model.score_bias)} if model.score_scale is not None else None),
+        "pointwise": ({"objective": cfg_dict["pointwise"]["objective"], **model.head.serving_info()}
+                      if hasattr(model.head, "serving_info") else None),
         "files": export_manifest.file_entries(out),
     }
 

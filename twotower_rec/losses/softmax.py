@@ -9,11 +9,14 @@ candidate is a negative.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from twotower_rec.config import LossConfig
+if TYPE_CHECKING:
+    from twotower_rec.config import LossConfig
 
 
 def logit_offset(like: torch.Tensor, columns: int, log_q: torch.Tensor | None = None,
@@ -22,8 +25,8 @@ def logit_offset(like: torch.Tensor, columns: int, log_q: torch.Tensor | None = 
     zeros without it), and the float minimum where ``masked`` (``[rows, columns]``). It is built
     outside autograd for ``torch.addmm(offset, queries, candidates.t())``, so no pass over the
     logits is recorded for the backward, and none is made in the forward beyond the product: a
-    ``masked_fill_`` ran again on the gradient and a ``sub_`` was one more pass (4-5% of a
-    sequence-mode step, 1.15-1.17x the event-mode loss; BENCHMARKS.md).
+    ``masked_fill_`` ran again on the gradient and a ``sub_`` was one more pass (BENCHMARKS.md,
+    "The ceiling, and one more loss cut").
     ``like`` gives the dtype and device."""
     with torch.no_grad():
         offset = (-log_q.unsqueeze(0).to(like.dtype) if log_q is not None
@@ -72,7 +75,7 @@ def in_batch_softmax(
 
 def softmax_cross_entropy(query: torch.Tensor, item: torch.Tensor, temperature, targets: torch.Tensor,
                           log_q: torch.Tensor | None = None, item_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`in_batch_softmax` as one pure expression, for ``torch.compile`` (``train.compile``):
+    """:func:`in_batch_softmax` as one pure expression, for ``torch.compile`` (``retrieval.compile``):
     row ``b``'s positive is candidate ``targets[b]``; the accidental-hit mask is always built
     (no data-dependent test), so the compiler can fuse it with logQ and the log-softmax and
     never write the ``[B, N]`` mask out. The same value as :func:`in_batch_softmax`."""
@@ -90,7 +93,7 @@ def sampled_batch_softmax(query: torch.Tensor, item: torch.Tensor, temperature, 
                           num_positives: int, item_ids: torch.Tensor | None = None, positive_offset: int = 0,
                           log_q: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`in_batch_softmax` with each row scored against a sample of the batch's positives
-    (``loss.batch_negatives``): the same arguments, plus ``pick`` ``[K]``, the sampled columns
+    (``retrieval.batch_negatives``): the same arguments, plus ``pick`` ``[K]``, the sampled columns
     among the first ``num_positives`` candidates (the batch's positives; any after them, the
     uniform negatives, are all kept). Row ``b``'s candidates are its own positive (column
     ``b + positive_offset``), the picked columns less that one, and the uniform negatives;
@@ -213,9 +216,9 @@ class LossContext:
         self.q = torch.from_numpy(q).to(device)  # float64: (1 - q)^P below needs the precision
         self.streaming = (StreamingFrequency(cfg.streaming_hash_size, cfg.streaming_alpha, device)
                           if cfg.logq == "streaming" else None)
-        # train.compile: a compiled softmax_cross_entropy for the event-mode loss (None: eager)
+        # retrieval.compile: a compiled softmax_cross_entropy for the retrieval loss (None: eager)
         self.kernel = None
-        self.sampler = torch.Generator()  # loss.batch_negatives: reseeded with the step at each draw
+        self.sampler = torch.Generator()  # retrieval.batch_negatives: reseeded with the step at each draw
 
     def candidate_log_q(self, positive_ids: torch.Tensor, num_uniform: int) -> torch.Tensor | None:
         """``[B' + M]`` logQ of the (global) positives ``[B']`` then ``M`` uniform negatives."""
@@ -233,13 +236,12 @@ class LossContext:
         weight = self.cfg.logq_weight
         return log_q if weight == 1.0 else log_q * weight
 
-    def sample_positives(self, num_positives: int, log_q: torch.Tensor | None
+    def sample_positives(self, num_positives: int, log_q: torch.Tensor | None, k: int
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``loss.batch_negatives`` of the step's ``num_positives`` positives, drawn without
+        """``k`` (``retrieval.batch_negatives``) of the step's ``num_positives`` positives, drawn without
         replacement by a generator seeded with the step (every rank draws the same; a resumed
         run the same as an unbroken one), and ``log_q`` for them: an in-batch candidate's
         expected count among the ``K`` picked is ``K / num_positives`` of that among all."""
-        k = self.cfg.batch_negatives
         # drawn on the host, so a GPU run draws what the CPU does; copied from pinned memory,
         # asynchronously (a copy from pageable memory would wait for the stream every step)
         pick = torch.randperm(num_positives, generator=self.sampler.manual_seed(7_919 * self.step + 1))[:k]
@@ -271,10 +273,20 @@ def positives_per_step(cfg: LossConfig, batch_size: int, world_size: int) -> int
 
 
 def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, temperature,
-                   cfg: LossConfig, ctx: LossContext) -> torch.Tensor:
-    """The loss of this rank's rows: ``query`` ``[B, D]``; ``item`` ``[B + M, D]`` and
-    ``item_ids`` ``[B + M]`` hold this rank's positives, then its share of the uniform
-    negatives. With ``cfg.global_negatives`` every rank's candidates join (gathered)."""
+                   cfg: LossConfig, ctx: LossContext, batch_negatives: int = 0, chunk_size: int = 0) -> torch.Tensor:
+    """The loss of this rank's rows.
+
+    Args:
+        query: ``[B, D]`` this rank's queries.
+        item: ``[B + M, D]`` this rank's positives, then its share of the uniform negatives.
+        item_ids: ``[B + M]`` their item codes.
+        temperature: a float, or the learned scalar tensor.
+        cfg: the ``loss`` section; with ``cfg.global_negatives`` every rank's candidates join (gathered).
+        ctx: the loss state (logQ, the step, the optional compiled kernel).
+        batch_negatives: > 0 scores each row against this many of the batch's positives
+            (:func:`sampled_batch_softmax`) instead of all of them.
+        chunk_size: > 0 scores the candidates this many at a time (``losses/chunked.py``).
+    """
     ctx.step += 1
     rows = query.shape[0]
     positives, positive_ids = item[:rows], item_ids[:rows]
@@ -288,13 +300,13 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
     candidate_ids = torch.cat([positive_ids, negative_ids])
     log_q = ctx.candidate_log_q(positive_ids, negatives.shape[0])
     ids = candidate_ids if cfg.mask_accidental_hits else None
-    if 0 < cfg.batch_negatives < positives.shape[0]:  # a sample of K >= the positives would be all of them
-        pick, log_q = ctx.sample_positives(positives.shape[0], log_q)
+    if 0 < batch_negatives < positives.shape[0]:  # a sample of K >= the positives would be all of them
+        pick, log_q = ctx.sample_positives(positives.shape[0], log_q, batch_negatives)
         return sampled_batch_softmax(query, candidates, temperature, pick, positives.shape[0], ids, offset, log_q)
-    if cfg.chunk_size:
+    if chunk_size:
         from twotower_rec.losses.chunked import chunked_in_batch_softmax
 
-        return chunked_in_batch_softmax(query, candidates, temperature, ids, offset, log_q, chunk=cfg.chunk_size)
+        return chunked_in_batch_softmax(query, candidates, temperature, ids, offset, log_q, chunk=chunk_size)
     if ctx.kernel is not None:
         targets = torch.arange(rows, device=query.device) + offset
         return ctx.kernel(query, candidates, temperature, targets, log_q, ids)
@@ -302,7 +314,7 @@ def retrieval_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tens
 
 
 def future_positives(target_index: torch.Tensor, scored: torch.Tensor, k: int) -> torch.Tensor:
-    """``[P, k]`` (``loss.future_targets``): each position's next k targets in its own window,
+    """``[P, k]`` (``next_item.future_targets``): each position's next k targets in its own window,
     as indices into the gathered targets, -1 past the window's end. ``target_index`` ``[P]``
     holds the windows' positions in order, ``scored`` ``[B]`` how many each window has."""
     window = torch.repeat_interleave(torch.arange(scored.shape[0], device=scored.device), scored,
@@ -319,7 +331,7 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
                   target_index: torch.Tensor, global_positions: int, temperature, cfg: LossConfig,
                   ctx: LossContext, window_items: torch.Tensor | None = None,
                   positives: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss of this rank's positions (``train.examples: sequences``): sampled softmax of each
+    """The loss of this rank's positions (``task: next_item``): sampled softmax of each
     position's query ``[P, D]`` over the global batch's deduplicated targets and uniform negatives.
 
     ``item`` ``[C, D]`` / ``item_ids`` ``[C]``: this rank's ``num_targets`` target candidates
@@ -327,9 +339,9 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     so ``target_index`` ``[P]`` indexes the gathered targets. Padding candidates are never
     scored; a uniform negative equal to the position's own target (an accidental hit) is
     masked for that position (``loss.mask_accidental_hits``). With ``window_items`` ``[P, U]``
-    (``loss.mask_window_items``: which gathered targets are items of each position's own window)
+    (``next_item.mask_window_items``: which gathered targets are items of each position's own window)
     those targets, the position's own excepted, are masked too: the user's other events are
-    not negatives. With ``positives`` ``[P, k]`` (:func:`future_positives`, ``loss.future_targets``)
+    not negatives. With ``positives`` ``[P, k]`` (:func:`future_positives`, ``next_item.future_targets``)
     a position's loss is the mean over its positives (-1: none) of their -log-softmax over the
     same candidates; none of them is masked as a window item or an accidental hit. Returns this
     rank's share of the mean over the global batch's ``global_positions``: summed over positions

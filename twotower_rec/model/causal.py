@@ -1,4 +1,4 @@
-"""The causal sequence encoder (``model.user_encoder: causal``): one pass over a user's items,
+"""The causal history encoder (``model.history_encoder: causal``): one pass over a user's items,
 oldest first, gives a state at every position that depends on that position and the ones
 before it only.
 
@@ -13,14 +13,17 @@ encoder computes with a causal and a padding mask (a test checks it) in fewer op
 - the causal mask alone (slot ``t`` attends to slots ``<= t``): with right padding every pad
   slot comes after a row's items, so no valid slot reads one (pad slots' outputs are unused);
 - dropout as one uniform draw and a compare (:meth:`CausalEncoder.drop`) instead of
-  ``bernoulli_``, which on CPU took a fifth of a sequence-mode step (BENCHMARKS.md).
+  ``bernoulli_``, which is slow on CPU (BENCHMARKS.md, "Sequence mode", training speed).
 
-Training with ``train.examples: sequences`` reads every position (:meth:`CausalEncoder.encode`):
+Training with ``task: next_item`` reads every position (:meth:`CausalEncoder.encode`):
 the output at slot ``t`` is the query that scores the item at ``t + 1``. Evaluation, export and
 serving read the history strictly before the scored event and take the output at its most
 recent item (:meth:`CausalEncoder.forward`), which is the training computation at that position.
 
-Plain torch and scriptable: the exported query tower reuses this module as it is. Example::
+:class:`CausalEncoder` is plain torch and scriptable: the exported query tower reuses it as it
+is. :class:`CausalHistory` is the history encoder around it: the history's item table (an
+EmbeddingCollection of its own, or with ``features.share_item_table`` the item tower's
+item-id table, one id per slot of a pooled bag) and the encoder. Example::
 
     encoder = CausalEncoder(dim=8, max_length=4, layers=1, heads=2, dropout=0.0).eval()
     items = torch.randn(3, 8)                      # row 0: 2 items, row 1: 1 item
@@ -32,6 +35,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from twotower_rec.data.features import HISTORY
+from twotower_rec.model.history import UNPOOLED_TABLE, HistoryEncoder
+from twotower_rec.model.kjt import slot_kjt, with_keys
+
+torch.fx.wrap("with_keys")  # a leaf of TorchRec's pipeline trace (model/kjt.py)
 
 
 class CausalEncoder(nn.Module):
@@ -40,6 +52,12 @@ class CausalEncoder(nn.Module):
 
     def __init__(self, dim: int, max_length: int, layers: int, heads: int, dropout: float,
                  with_mean: bool = False) -> None:
+        """Args:
+            dim: ``E``.
+            max_length: ``T``, the slots of a row (``features.history_length``).
+            layers, heads, dropout: the transformer's (``model.encoder_*``).
+            with_mean: each state also carries the mean of the items up to it (``model.history_mean``).
+        """
         super().__init__()
         self.max_length = max_length
         # model.history_mean: each slot's state also carries the mean of the items up to it (a
@@ -59,7 +77,7 @@ class CausalEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Dropout at ``model.sequence_dropout`` in training (identity in evaluation): a share p
+        """Dropout at ``model.encoder_dropout`` in training (identity in evaluation): a share p
         of the entries zeroed, the rest scaled by 1 / (1 - p), the mask drawn by ``rand_like``."""
         if not self.training or self.p == 0.0:
             return x
@@ -119,3 +137,63 @@ class CausalEncoder(nn.Module):
         (``with_mean``: ``[B, 2E]``): the output at each row's most recent item."""
         lengths = lengths.long()
         return self.last(self.encode(self.pad(values, lengths)), lengths)
+
+
+class CausalHistory(HistoryEncoder):
+    """The history through :class:`CausalEncoder`: ``forward`` gives its state at each row's
+    most recent item (``[B, V * E]``, ``V`` 2 with ``model.history_mean``), :meth:`states` the
+    state at every slot (``task: next_item``)."""
+
+    def __init__(self, num_embeddings: int, dim: int, max_length: int, layers: int, heads: int, dropout: float,
+                 with_mean: bool = False, shared_table: str | None = None, join: str = "concat",
+                 device: torch.device | None = None) -> None:
+        """Args:
+            num_embeddings: rows of its own item table (items + 1, row 0 unknown).
+            dim, max_length, layers, heads, dropout, with_mean: the :class:`CausalEncoder`'s.
+            shared_table: the item tower's table the history reads (``features.share_item_table``),
+                or None for a table of its own.
+            join: ``model.user_join``.
+            device: where its own table is built (``meta`` by default).
+        """
+        super().__init__()
+        self.shared_table = shared_table
+        self.items = None if shared_table else EmbeddingCollection(
+            tables=[EmbeddingConfig(name=UNPOOLED_TABLE, embedding_dim=dim, num_embeddings=num_embeddings,
+                                    feature_names=[HISTORY])],
+            device=device or torch.device("meta"))
+        self.encoder = CausalEncoder(dim, max_length, layers, heads, dropout, with_mean)
+        self.vectors = 2 if with_mean else 1
+        self.join = join
+
+    @classmethod
+    def build(cls, spec, cfg, device=None) -> "CausalHistory":
+        """From the feature spec (a history feature naming an item-tower table shares it) and
+        the model section."""
+        history = next(f for f in spec.query_features if f.name == HISTORY)
+        shared = history.table if history.table in {f.table for f in spec.item_features} else None
+        return cls(spec.num_items + 1, cfg.embedding_dim, spec.history_length, cfg.encoder_layers, cfg.encoder_heads,
+                   cfg.encoder_dropout, cfg.history_mean, shared, cfg.user_join, device)
+
+    def states(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``[B, T, V * E]`` the encoder's state at every slot, ``[B]`` history lengths)."""
+        history = features[HISTORY]
+        lengths = history.lengths().long()
+        max_length = self.encoder.max_length
+        if self.shared_table:
+            slots = slot_kjt(history, max_length, item_tower.collection_feature_names, HISTORY)
+            looked_up = item_tower.pool(slots, [HISTORY])[0]  # [B * T, E], zeros in empty slots
+            padded = looked_up.view(lengths.shape[0], max_length, -1)
+        else:
+            out = self.items(with_keys(features, [HISTORY]))
+            if hasattr(out, "wait"):  # a sharded collection returns an awaitable
+                out = out.wait()
+            padded = self.encoder.pad(out[HISTORY].values(), lengths)
+        return self.encoder.encode(padded), lengths
+
+    def forward(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> torch.Tensor:
+        states, lengths = self.states(features, item_tower)
+        return self.encoder.last(states, lengths)
+
+    def for_serving(self, item_tables):
+        table = item_tables[self.shared_table] if self.shared_table else self.items.embeddings[UNPOOLED_TABLE].weight
+        return table.detach(), self.encoder

@@ -11,7 +11,7 @@ early stop (``twotower_rec/train/ensemble.py``), and loaded side by side into th
 
 Example::
 
-    model = Ensemble([TwoTower(spec, cfg, torch.device("cpu")) for _ in range(3)])
+    model = Ensemble([TwoTower(spec, cfg, BagHistory(), device=torch.device("cpu")) for _ in range(3)])
     query = model.encode_query(query_kjt)   # [B, 3 * cfg.output_dim], rows of norm 1
 """
 
@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from twotower_rec.data.batches import Batch
 from twotower_rec.model.two_tower import TwoTower
 
 
@@ -36,7 +35,7 @@ class Ensemble(nn.Module):
         self.scale = 1.0 / math.sqrt(len(members))
         # what export and evaluation read from a two-tower model
         self.query_feature_order = list(members[0].query_feature_order)
-        self.score_scale = None  # retrieval only: pointwise objectives train one TwoTower
+        self.head = None  # ensembles are of retrieval members, whose head (if any) serves no score
 
     def _join(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(parts, dim=1) * self.scale
@@ -49,6 +48,6 @@ class Ensemble(nn.Module):
         """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, K * D]``."""
         return self._join([member.encode_items(features, dense) for member in self.members])
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of B queries and N items -> (``[B, K * D]`` queries, ``[N, K * D]`` items)."""
         return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)

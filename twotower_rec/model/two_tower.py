@@ -1,39 +1,37 @@
-"""TwoTower: a query tower and an item tower.
+"""TwoTower: a query tower and an item tower, given its history encoder and its task's head.
 
-``forward(batch) -> (query_emb [B, D], item_emb [B, D])``; ``encode_query(query_kjt)`` and
+``forward(batch) -> (query_emb [B, D], item_emb [N, D])``; ``encode_query(query_kjt)`` and
 ``encode_items(item_kjt, item_dense)`` embed one side (evaluation and export use them).
 Both outputs are L2-normalised, so their dot product is the cosine similarity the loss,
 evaluation and the exported index all use.
 
-With ``features.share_item_table`` the history feature names the item tower's item-id
-table: it is looked up in the item tower's collection and its pooled vector joins the query
-tower's MLP input after the query tower's own features.
+The query MLP's input is, in this order: the query tower's own pooled features (the user's
+side features, and the history bag when the history encoder is ``pooled``), the pooled features
+borrowed from the item tower (``features.share_item_table``: the history names the item
+tower's item-id table, so it is looked up in the item tower's collection), and the history
+encoder's vectors (``model/history.py``). With ``every_position`` (``task: next_item``) the
+forward gives the query at every scored position of a window instead (:meth:`encode_positions`):
+``P`` = the number of scored positions of the batch's windows.
 
-With ``model.user_encoder: causal`` the history's items, oldest first, are read by the causal
-encoder (``model/causal.py``) from a table of their own (an EmbeddingCollection, sharded like
-the others) or, with ``features.share_item_table``, from the item tower's item-id table (one
-id per slot of a pooled bag); its state at the most recent item joins the query MLP's input
-after the user features (``model.user_join: add``: summed with them). ``encode_positions``
-gives the query at every scored position of a window (``train.examples: sequences``): ``P`` =
-the number of scored positions of the batch's windows.
+The batch is anything with ``query_features`` and ``item_features`` (KJTs), ``item_dense`` and,
+for ``every_position``, ``first_position``: the model imports nothing of the data layer but the
+feature spec.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from typing import TYPE_CHECKING
 
-from twotower_rec.config import ModelConfig
-from twotower_rec.data.batches import Batch, SequenceBatch, slot_kjt, with_keys
 from twotower_rec.data.features import HISTORY, FeatureSpec
-from twotower_rec.errors import ConfigError
-from twotower_rec.model.causal import CausalEncoder
-from twotower_rec.model.sequence import SEQUENCE_TABLE, SequenceEncoder
+from twotower_rec.model.history import HistoryEncoder
+from twotower_rec.model.kjt import with_keys
 from twotower_rec.model.towers import Tower
+
+if TYPE_CHECKING:
+    from twotower_rec.config import ModelConfig
 
 # TorchRec's train pipeline traces ``forward`` with torch.fx to find each sharded collection's
 # input; re-keying a KJT iterates its keys, which a trace cannot do. As a leaf call the
@@ -43,74 +41,57 @@ torch.fx.wrap("with_keys")
 
 
 class TwoTower(nn.Module):
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, device: torch.device | None = None,
-                 pointwise_head: bool = False, learned_temperature: float | None = None) -> None:
+    """Query and item towers over one feature spec."""
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig, history: HistoryEncoder, head: nn.Module | None = None,
+                 device: torch.device | None = None, every_position: bool = False) -> None:
+        """Args:
+            spec: the prepared data's features and tables.
+            cfg: the model section (dims, MLP, dropout).
+            history: how the query tower reads the history (``model/history.py``).
+            head: the task's own parameters (a pointwise score, a learned temperature), or None.
+            device: where tables are built (``meta`` by default: sharding materialises them).
+            every_position: ``forward`` gives a query per scored position of each window
+                (the history encoder must have ``states``: the causal one).
+        """
         super().__init__()
-        # loss.learn_temperature: log of the softmax temperature, trained with the towers.
-        self.log_temperature = (nn.Parameter(torch.tensor(float(np.log(learned_temperature))))
-                                if learned_temperature is not None else None)
-        # Pointwise objectives (BCE, MSE) score a pair as scale * cos(query, item) + bias.
-        self.score_scale = nn.Parameter(torch.tensor(5.0)) if pointwise_head else None
-        self.score_bias = nn.Parameter(torch.tensor(0.0)) if pointwise_head else None
+        self.head = head
+        self.history = history
+        self.every_position = every_position
         item_tables = {f.table for f in spec.item_features}
-        sequence = cfg.user_encoder == "sequence" and HISTORY in spec.query_keys
-        causal = cfg.user_encoder == "causal" and HISTORY in spec.query_keys
-        query = [f for f in spec.query_features if not ((sequence or causal) and f.name == HISTORY)]
+        query = [f for f in spec.query_features if history.pooled or f.name != HISTORY]
         own = [f for f in query if f.table not in item_tables]
         self.borrowed = [f.name for f in query if f.table in item_tables]
-        self.sequence = None
-        if sequence:
-            shared = any(f.name == HISTORY and f.table in item_tables for f in spec.query_features)
-            if HISTORY in self.borrowed or shared:
-                raise ConfigError("model.user_encoder=sequence reads the history through its own table: "
-                                  "it cannot be combined with features.share_item_table")
-            self.sequence = SequenceEncoder(spec.num_items + 1, cfg.embedding_dim, spec.history_length,
-                                            cfg.sequence_layers, cfg.sequence_heads, cfg.sequence_dropout, device)
-        self.causal = None
-        self.causal_shared = False  # the causal encoder reads the item tower's item-id table
-        self.causal_items = None  # else this table of its own
-        if causal:
-            history = next(f for f in spec.query_features if f.name == HISTORY)
-            self.causal_shared = history.table in item_tables
-            if not self.causal_shared:
-                self.causal_items = EmbeddingCollection(
-                    tables=[EmbeddingConfig(name=SEQUENCE_TABLE, embedding_dim=cfg.embedding_dim,
-                                            num_embeddings=spec.num_items + 1, feature_names=[HISTORY])],
-                    device=device or torch.device("meta"))
-            self.causal = CausalEncoder(cfg.embedding_dim, spec.history_length, cfg.sequence_layers,
-                                        cfg.sequence_heads, cfg.sequence_dropout, cfg.history_mean)
-        reads_history = sequence or causal
-        # The order the query MLP sees its inputs: its own features, borrowed ones, the sequence.
-        self.query_feature_order = [f.name for f in own] + self.borrowed + ([HISTORY] if reads_history else [])
-        history_width = 2 if causal and cfg.history_mean else 1 if reads_history else 0
-        extra = cfg.embedding_dim * (len(self.borrowed) + history_width)
+        # The order the query MLP sees its inputs: its own features, borrowed ones, the history's vectors.
+        self.query_feature_order = ([f.name for f in own] + self.borrowed
+                                    + ([HISTORY] if history.vectors else []))
+        extra = cfg.embedding_dim * (len(self.borrowed) + history.vectors)
         self.query_tower = Tower(own, cfg.embedding_dim, extra, cfg.mlp_dims, cfg.output_dim, cfg.dropout, device,
-                                 join=cfg.user_join if causal else "concat")
+                                 join=history.join)
+        lent = [f for f in spec.query_features if f.table in item_tables]
         self.item_tower = Tower(spec.item_features, cfg.embedding_dim, len(spec.item_dense), cfg.mlp_dims,
-                                cfg.output_dim, cfg.dropout, device,
-                                lent_features=[f for f in spec.query_features if f.table in item_tables])
+                                cfg.output_dim, cfg.dropout, device, lent_features=lent)
+        # The query KJT feeds the query collection as it is when that holds exactly its keys
+        # (so TorchRec's pipeline can distribute its ids ahead), else re-keyed; likewise items.
+        self._query_kjt_whole = self.query_tower.collection_feature_names == spec.query_keys
+        self._items_lend = bool(lent)
 
     def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Query KJT (B rows) -> ``[B, D]``."""
-        if self.causal is not None:
-            states, lengths = self._causal_states(features)
-            return self.query_tower(self._own(features), self.causal.last(states, lengths))
-        if not self.borrowed and self.sequence is None:
-            return self.query_tower(features, features.values().new_zeros(features.stride(), 0).float())
         extra = []
         if self.borrowed:
             lent = with_keys(features, self.item_tower.collection_feature_names)
             extra += self.item_tower.pool(lent, self.borrowed)
-        if self.sequence is not None:
-            extra.append(self.sequence(with_keys(features, [HISTORY])))
-        own = with_keys(features, self.query_tower.collection_feature_names)
-        return self.query_tower(own, torch.cat(extra, dim=1))
+        if self.history.vectors:
+            extra.append(self.history(features, self.item_tower))
+        dense = torch.cat(extra, dim=1) if extra else features.values().new_zeros(features.stride(), 0).float()
+        return self.query_tower(self._own(features), dense)
 
     def encode_positions(self, features: KeyedJaggedTensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """Query KJT of B windows (``history``: each window's input items, oldest first) ->
         ``[P, D]``: the query at every position from ``first`` ``[B]`` on (default 0: all),
         windows in order, positions oldest first."""
-        states, lengths = self._causal_states(features)
+        states, lengths = self.history.states(features, self.item_tower)
         slots = torch.arange(states.shape[1], device=states.device).unsqueeze(0)
         valid = slots < lengths.unsqueeze(1)
         if first is not None:
@@ -122,44 +103,23 @@ class TwoTower(nn.Module):
 
     def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
         """The query tower's own features of ``features`` (None when it has none)."""
+        if self._query_kjt_whole:
+            return features
         names = self.query_tower.collection_feature_names
         return with_keys(features, names) if names else None
 
-    def _causal_states(self, features: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``[B, T, E]`` the causal encoder's state at every slot, ``[B]`` history lengths)."""
-        history = features[HISTORY]
-        lengths = history.lengths().long()
-        if self.causal_shared:
-            slots = slot_kjt(history, self.causal.max_length, self.item_tower.collection_feature_names, HISTORY)
-            looked_up = self.item_tower.pool(slots, [HISTORY])[0]  # [B * T, E], zeros in empty slots
-            padded = looked_up.view(lengths.shape[0], self.causal.max_length, -1)
-        else:
-            out = self.causal_items(with_keys(features, [HISTORY]))
-            if hasattr(out, "wait"):  # a sharded collection returns an awaitable
-                out = out.wait()
-            padded = self.causal.pad(out[HISTORY].values(), lengths)
-        return self.causal.encode(padded), lengths
-
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
         """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""
-        if self.borrowed or self.causal_shared:  # the collection also holds features lent to the query side
+        if self._items_lend:  # the collection also holds features lent to the query side
             features = with_keys(features, self.item_tower.collection_feature_names)
         return self.item_tower(features, dense)
 
-    def temperature(self) -> torch.Tensor:
-        """The learned softmax temperature (a scalar within [0.01, 1])."""
-        return self.log_temperature.clamp(float(np.log(0.01)), 0.0).exp()
-
-    def score(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` x ``[B, D]`` -> ``[B]``: the pointwise logit (BCE) or predicted rating (MSE)
-        of each (query row, item row) pair."""
-        return self.score_scale * (query * item).sum(dim=-1) + self.score_bias
-
-    def forward(self, batch: Batch | SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of B queries and N items (B positives, then any sampled negatives) ->
-        (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1. A :class:`SequenceBatch` of
-        windows gives ``[P, D]`` queries, one per position, and its ``[C, D]`` candidates."""
-        if isinstance(batch, SequenceBatch):
-            return (self.encode_positions(batch.query_features, batch.first_position),
-                    self.encode_items(batch.item_features, batch.item_dense))
-        return self.encode_query(batch.query_features), self.encode_items(batch.item_features, batch.item_dense)
+        (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1. With ``every_position``, a batch
+        of windows gives ``[P, D]`` queries, one per scored position, and its ``[C, D]`` candidates."""
+        if self.every_position:
+            query = self.encode_positions(batch.query_features, batch.first_position)
+        else:
+            query = self.encode_query(batch.query_features)
+        return query, self.encode_items(batch.item_features, batch.item_dense)

@@ -24,7 +24,7 @@ import torch
 
 from twotower_rec import atomic
 from twotower_rec.data.features import HISTORY, recent_position
-from twotower_rec.data.sequences import query_inputs, ranges_csr
+from twotower_rec.data.query_inputs import query_inputs, ranges_csr
 from twotower_rec.errors import ExportError, UnknownUserError
 from twotower_rec.evaluation.topk import chunked_topk
 from twotower_rec.serving import manifest as export_manifest

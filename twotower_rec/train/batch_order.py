@@ -1,25 +1,27 @@
-"""Which training rows each rank reads at each step, the same at any number of processes.
+"""Which examples each rank reads at each step, the same at any number of processes.
 
-Each epoch shuffles the training rows with a generator seeded by (``train.seed``, epoch) and
-cuts them into full global batches; each global batch is cut into ``world_size`` contiguous
-slices, one per rank, so the examples and their order do not depend on the number of
-processes. Uniform negatives of a global batch are drawn from (seed, epoch, batch) and sliced
-the same way. With ``train.examples: sequences`` the rows are windows of users' training
-sequences (``Batcher.training_windows``), shuffled and cut the same way.
+Each epoch shuffles the task's training examples (rows, or windows of users' sequences) with a
+generator seeded by (``train.seed``, epoch) and cuts them into full global batches; the task
+turns a global batch into this rank's batch (a contiguous slice of it, or its share of the
+whole), so the examples and their order do not depend on the number of processes. Uniform
+negatives of a global batch are drawn from (seed, epoch, batch) and sliced the same way.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from twotower_rec.config import TrainConfig
-from twotower_rec.data.batches import Batch, Batcher, SequenceBatch
+from twotower_rec.distributed.collect import local_slice
 from twotower_rec.distributed.env import DistEnv
+
+if TYPE_CHECKING:
+    from twotower_rec.config import TrainConfig
 
 
 def global_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -35,58 +37,48 @@ def num_global_batches(num_rows: int, batch_size: int) -> int:
     return max(1, num_rows // batch_size)
 
 
-def local_slice(rows: np.ndarray, env: DistEnv) -> np.ndarray:
-    """This rank's contiguous slice of a global batch's ``rows`` (equal for every rank)."""
-    per_rank = rows.size // env.world_size
-    return rows[env.rank * per_rank:(env.rank + 1) * per_rank]
+def local_batches(make_batch: Callable[[np.ndarray, np.ndarray | None], Any], num_examples: int, batch_size: int,
+                  epochs: int, seed: int, num_negatives: int, num_items: int, env: DistEnv, epoch: int = 0,
+                  index: int = 0) -> Iterator[Any]:
+    """This rank's batches from batch ``index`` of ``epoch`` on.
+
+    The first epoch's shuffle is made here, when the iterator is made (start-up work), not when
+    the first batch is asked for.
+
+    Args:
+        make_batch: ``(global batch's example positions [G], this rank's negatives [M'] or
+            None) -> batch`` (the task's :meth:`~twotower_rec.tasks.base.Task.batch`).
+        num_examples: the examples an epoch shuffles.
+        batch_size: ``G``, examples a global batch.
+        epochs: epochs in all.
+        seed: ``train.seed``.
+        num_negatives: uniform negatives a global batch (item codes in ``[1, num_items]``).
+        num_items: the catalog's size.
+        env: the process group.
+        epoch, index: the first batch to yield (the saved data position).
+    """
+    first = global_batches(num_examples, batch_size, seed, epoch) if epoch < epochs else []
+    return _local_batches(make_batch, num_examples, first, batch_size, epochs, seed, num_negatives, num_items, env,
+                          epoch, index)
 
 
-def local_batches(batcher: Batcher, train_rows: np.ndarray, batch_size: int, epochs: int, seed: int,
-                  num_negatives: int, env: DistEnv, epoch: int = 0, index: int = 0) -> Iterator[Batch]:
-    """This rank's slices of the global batches (and of their ``num_negatives`` uniform
-    negatives) from batch ``index`` of ``epoch`` on, built on the CPU.
-
-    The first epoch's shuffle and the index of which events a training row may see are made
-    here, when the iterator is made (start-up work: 5.9 s and 1.3 s for 9e7 of 1.1e8 rows),
-    not when the first batch is asked for."""
-    first = global_batches(train_rows.size, batch_size, seed, epoch) if epoch < epochs else []
-    batcher.training_events  # noqa: B018 (computed and cached now)
-    return _local_batches(batcher, train_rows, first, batch_size, epochs, seed, num_negatives, env, epoch, index)
-
-
-def _local_batches(batcher: Batcher, train_rows: np.ndarray, first: list[np.ndarray], batch_size: int, epochs: int,
-                   seed: int, num_negatives: int, env: DistEnv, epoch: int, index: int) -> Iterator[Batch]:
+def _local_batches(make_batch, num_examples: int, first: list[np.ndarray], batch_size: int, epochs: int, seed: int,
+                   num_negatives: int, num_items: int, env: DistEnv, epoch: int, index: int) -> Iterator[Any]:
     for e in range(epoch, epochs):
-        batches = first if e == epoch else global_batches(train_rows.size, batch_size, seed, e)
+        batches = first if e == epoch else global_batches(num_examples, batch_size, seed, e)
         for i in range(index, len(batches)):
             negatives = None
             if num_negatives:
                 draw = np.random.default_rng([seed, e, i, 7])
-                negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
-            yield batcher.batch(train_rows[local_slice(batches[i], env)], negatives, training=True)
-        index = 0
-
-
-def local_sequence_batches(batcher: Batcher, windows: np.ndarray, batch_size: int, epochs: int, seed: int,
-                           num_negatives: int, env: DistEnv, epoch: int = 0,
-                           index: int = 0) -> Iterator[SequenceBatch]:
-    """This rank's :class:`SequenceBatch` of each global batch of ``windows`` ``[W, 4]`` (and its
-    share of the batch's ``num_negatives`` uniform negatives), from batch ``index`` of ``epoch`` on."""
-    for e in range(epoch, epochs):
-        batches = global_batches(windows.shape[0], batch_size, seed, e)
-        for i in range(index, len(batches)):
-            negatives = None
-            if num_negatives:
-                draw = np.random.default_rng([seed, e, i, 7])
-                negatives = local_slice(draw.integers(1, batcher.spec.num_items + 1, num_negatives), env)
-            yield batcher.sequence_batch(windows[batches[i]], env.rank, env.world_size, negatives)
+                negatives = local_slice(draw.integers(1, num_items + 1, num_negatives), env.rank, env.world_size)
+            yield make_batch(batches[i], negatives)
         index = 0
 
 
 def prefetch_depth(train: TrainConfig, device: torch.device) -> int:
     """How many batches :class:`BatchesAhead` builds ahead: ``train.prefetch_batches``, or when
     it is null 2 with CUDA and 0 on a CPU, where the thread competes with the step for the cores
-    and the GIL (half the examples/s at batch 256 on 2 cores: BENCHMARKS.md)."""
+    and the GIL (BENCHMARKS.md, "The GPU path on CPU processes")."""
     if train.prefetch_batches is not None:
         return train.prefetch_batches
     return 2 if device.type == "cuda" else 0
@@ -102,7 +94,7 @@ class BatchesAhead:
 
     _END = object()
 
-    def __init__(self, batches: Iterator[Batch], depth: int, pin_memory: bool = False) -> None:
+    def __init__(self, batches: Iterator[Any], depth: int, pin_memory: bool = False) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(batches, pin_memory), daemon=True,
@@ -118,7 +110,7 @@ class BatchesAhead:
                 continue
         return False
 
-    def _fill(self, batches: Iterator[Batch], pin_memory: bool) -> None:
+    def _fill(self, batches: Iterator[Any], pin_memory: bool) -> None:
         try:
             for batch in batches:
                 if not self._put(batch.pin_memory() if pin_memory else batch):
@@ -131,7 +123,7 @@ class BatchesAhead:
     def __iter__(self) -> "BatchesAhead":
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Any:
         item = self._queue.get()
         if item is self._END:
             self._queue.put(item)  # stay exhausted

@@ -30,6 +30,7 @@ from twotower_rec.data.prepared import PreparedData
 from twotower_rec.distributed.env import DistEnv, barrier, seed_rank_streams, world
 from twotower_rec.errors import CheckpointError, ConfigError
 from twotower_rec.model.factory import build_model
+from twotower_rec.tasks import TASKS, make_task
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -194,27 +195,28 @@ def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Train
     trained_cfg = config_of(path)
     trained_cfg.data.cache_dir = str(cache_dir)
     data = PreparedData(cache_dir)
-    model = build_model(trained_cfg, data, env, training=False)
+    model = build_model(trained_cfg, make_task(trained_cfg), data, env, training=False)
     meta = load(path, model, data.spec)
     model.eval()
     return Trained(model, data, meta, trained_cfg)
 
 
 # Config sections that must not change between a run and its resumption.
-_RESUME_FIXED = ("features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
-                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.table_weight_decay",
-                 "train.warmup_steps", "train.lr_schedule", "train.examples", "train.windows",
-                 "train.window_context", "data.cache_dir")
+# (and every task's own section: _resume_fixed)
+_RESUME_FIXED = ("task", "features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer", "train.dense_lr", "train.sparse_lr", "train.weight_decay",
+                 "train.table_weight_decay", "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
     """Refuse to resume under a config that changed what the saved run trains (``saved``:
     the checkpoint's config as a dict)."""
     current = to_dict(cfg)
-    for key in _RESUME_FIXED:
+    for key in _RESUME_FIXED + tuple(t.section for t in TASKS.values() if t.section):
         a, b = saved, current
         for part in key.split("."):
             a, b = a.get(part), b.get(part)
+        if isinstance(a, dict) and isinstance(b, dict) and a != b:  # name the option, not the section
+            key, a, b = next((f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
         if a != b:
             raise CheckpointError(
                 f"--resume: {key} was {a} in the checkpoint and is {b} now; resume with the same value "

@@ -25,6 +25,7 @@ from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.model.factory import build_model
+from twotower_rec.tasks import make_task
 from twotower_rec.train import checkpoint
 from twotower_rec.train.trainer import TrainResult, train
 from twotower_rec.train.validation import validate, validation_config
@@ -72,6 +73,13 @@ def _load_member(model, k: int, path: Path) -> None:
 
 
 def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResult:
+    """Train ``model.members`` members, then save them side by side as ``<out_dir>/checkpoint``.
+
+    Args:
+        cfg: the ensemble's config (``model.members`` > 1).
+        env: the process group.
+        resume: keep finished members and continue unfinished ones from their ``last``.
+    """
     members, metric = cfg.model.members, cfg.train.select_metric
     data = PreparedData(cfg.data.cache_dir)
     results = []
@@ -92,10 +100,11 @@ def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResu
         results.append({"steps": result.steps, "examples_per_second": result.examples_per_second,
                         "best_step": best["step"], f"best_validation_{metric}": best[metric]})
 
-    model = build_model(cfg, data, env, training=False)  # loaded, validated and saved: never stepped
+    task = make_task(cfg)
+    model = build_model(cfg, task, data, env, training=False)  # loaded, validated and saved: never stepped
     for k in range(members):
         _load_member(model, k, Path(member_config(cfg, k).train.out_dir) / "checkpoint")
-    validation = validate(model, data, Batcher(data), validation_config(cfg.eval, cfg.train), cfg.loss,
+    validation = validate(model, data, Batcher(data), validation_config(cfg.eval, cfg.train), task,
                           cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
     path = checkpoint.save(out_dir / "checkpoint", model, cfg, data.spec, 0, {"validation": validation})

@@ -20,7 +20,7 @@ from twotower_rec.config import TrainConfig
 def dense_adamw(params, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the dense layers (``train.weight_decay``; 0 = Adam), as one fused kernel over
     all of them: on a CPU torch's default is a loop over the parameters, several small ops
-    each, about 5x slower for these models (BENCHMARKS.md, "Performance")."""
+    each, much slower for these models (BENCHMARKS.md, "The dense optimizer as one fused kernel")."""
     return torch.optim.AdamW(params, lr=train.dense_lr, weight_decay=train.weight_decay, fused=True)
 
 

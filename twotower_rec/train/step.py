@@ -8,47 +8,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 from torchrec.distributed import DistributedModelParallel
 
-from twotower_rec.config import LossConfig
-from twotower_rec.data.batches import Batch, SequenceBatch
-from twotower_rec.data.features import HISTORY
 from twotower_rec.distributed.env import DistEnv
-from twotower_rec.losses.pointwise import pointwise_loss
-from twotower_rec.losses.softmax import LossContext, future_positives, retrieval_loss, sequence_loss
+
+if TYPE_CHECKING:
+    from twotower_rec.tasks import Task
 
 
-def forward_loss(model: DistributedModelParallel, batch: Batch | SequenceBatch, loss_cfg: LossConfig, ctx: LossContext,
+def forward_loss(model: DistributedModelParallel, batch: Any, task: Task,
                  bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to back-propagate, its detached value) for this rank's slice of a global batch;
     the ``(losses, output)`` pair TorchRec's train pipelines expect from a forward.
 
-    ``bf16`` autocasts the towers (``train.bf16``); the loss is computed in float32 either way.
+    Args:
+        model: the sharded model.
+        batch: this rank's batch (the task's).
+        task: the run's task, which computes the loss of the embeddings.
+        bf16: autocast the towers (``train.bf16``); the loss is computed in float32 either way.
     """
     autocast = torch.autocast(batch.item_ids.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
-        query, item = model(batch)  # [B, D], [B + negatives, D]
-    query, item = query.float(), item.float()
-    if isinstance(batch, SequenceBatch):  # [P, D] queries, one per position; [C, D] candidates
-        temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
-        scored = batch.query_features[HISTORY].lengths().long() - batch.first_position  # [B] positions a window
-        window_items = positives = None
-        if loss_cfg.mask_window_items:  # [P, U]: each scored position's row of its window's items
-            window_items = batch.window_items.repeat_interleave(scored, dim=0,
-                                                                output_size=batch.target_index.shape[0])
-        if loss_cfg.future_targets > 1:  # [P, k]: the next k targets of each position's window
-            positives = future_positives(batch.target_index, scored, loss_cfg.future_targets)
-        loss = sequence_loss(query, item, batch.item_ids, batch.num_targets, batch.target_index,
-                             batch.global_positions, temperature, loss_cfg, ctx, window_items, positives)
-    elif loss_cfg.name != "in_batch_softmax":
-        loss = pointwise_loss(model, query, item, batch.labels, loss_cfg)
-    else:
-        temperature = model.module.temperature() if loss_cfg.learn_temperature else loss_cfg.temperature
-        loss = retrieval_loss(query, item, batch.item_ids, temperature, loss_cfg, ctx)
+        query, item = model(batch)  # [B, D] (or [P, D], one per position), [B + negatives, D]
+    loss = task.loss(model, query.float(), item.float(), batch)
     return loss, loss.detach()
 
 
@@ -77,12 +64,11 @@ class LossLog:
         return values.tolist()
 
 
-def train_step(model: DistributedModelParallel, optimizer, batch: Batch, loss_cfg: LossConfig, ctx: LossContext,
-               bf16: bool = False) -> torch.Tensor:
+def train_step(model: DistributedModelParallel, optimizer, batch: Any, task: Task, bf16: bool = False) -> torch.Tensor:
     """One step on this rank's slice of a global batch; returns this rank's loss, detached and
     on the device (no host sync: :class:`LossLog` reads it later)."""
     with record_function("## forward + loss ##"):
-        loss, value = forward_loss(model, batch, loss_cfg, ctx, bf16)
+        loss, value = forward_loss(model, batch, task, bf16)
     with record_function("## backward (fused table update) ##"):
         loss.backward()
     with record_function("## dense optimizer ##"):
@@ -97,27 +83,36 @@ class Stepper:
     the forward and backward of batch i. The pipeline reads batches ahead of the step count,
     which stays the data position: a resumed run restarts from the first batch not trained."""
 
-    def __init__(self, model: DistributedModelParallel, optimizer, loss_cfg: LossConfig, ctx: LossContext,
-                 batches: Iterator[Batch], env: DistEnv, pipeline: str = "auto", bf16: bool = False) -> None:
-        self.model, self.optimizer, self.loss_cfg, self.ctx, self.bf16 = model, optimizer, loss_cfg, ctx, bf16
+    def __init__(self, model: DistributedModelParallel, optimizer, task: Task, batches: Iterator[Any], env: DistEnv,
+                 pipeline: str = "auto", bf16: bool = False) -> None:
+        """Args:
+            model: the sharded model.
+            optimizer: the combined (fused table + dense) optimizer.
+            task: the run's task: its loss, and whether the pipeline may run it (``task.pipelined``).
+            batches: this rank's batches.
+            env: the process group.
+            pipeline: ``train.pipeline``.
+            bf16: ``train.bf16``.
+        """
+        self.model, self.optimizer, self.task, self.bf16 = model, optimizer, task, bf16
         self.batches, self.device = batches, env.device
-        # positions in the global batch of the last step (train.examples=sequences); 0 otherwise
-        self.last_examples = 0
+        # examples of the global batch of the last step (the task's count)
+        self.last_examples = task.cfg.train.batch_size
         self.pipeline = None
-        if pipeline == "always" or (pipeline == "auto" and env.device.type == "cuda"):
+        if task.pipelined and (pipeline == "always" or (pipeline == "auto" and env.device.type == "cuda")):
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(
                 model, optimizer, env.device, execute_all_batches=True,
-                custom_model_fwd=lambda b: forward_loss(model, b, loss_cfg, ctx, bf16))
+                custom_model_fwd=lambda b: forward_loss(model, b, task, bf16))
 
     def step(self) -> torch.Tensor:
         """One training step on the next batch; this rank's loss on the device (see :class:`LossLog`)."""
         if self.pipeline is None:
             batch = next(self.batches)
-            self.last_examples = batch.global_positions if isinstance(batch, SequenceBatch) else 0
-            return train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True), self.loss_cfg,
-                              self.ctx, self.bf16)
+            self.last_examples = self.task.step_examples(batch)
+            return train_step(self.model, self.optimizer, batch.to(self.device, non_blocking=True), self.task,
+                              self.bf16)
         return self.pipeline.progress(self.batches)
 
     def pause(self) -> None:

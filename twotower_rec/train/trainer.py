@@ -1,12 +1,11 @@
-"""The training loop: batches -> sharded TwoTower -> loss -> fused + dense step, with the
-validation, early-stopping and checkpoint schedule around it.
+"""The training loop: the task's batches -> sharded TwoTower -> the task's loss -> fused +
+dense step, with the validation, early-stopping and checkpoint schedule around it.
 
-Each global batch of ``train.batch_size`` rows is cut into ``world_size`` contiguous slices,
-one per rank (``batch_order.py``), so the examples and their order do not depend on the number
-of processes; with ``loss.global_negatives`` every rank scores its queries against the whole
-global batch's items, so N processes compute what one process computes. With
-``train.examples: sequences`` the rows are windows of users' training sequences and each
-step's examples are their positions (``Batcher.training_windows``, ``SequenceBatch``).
+Each global batch of ``train.batch_size`` examples (``batch_order.py``) is cut by the task into
+this rank's batch, so the examples and their order do not depend on the number of processes;
+with ``loss.global_negatives`` every rank scores its queries against the whole global batch's
+items, so N processes compute what one process computes. What an example is (an interaction,
+a window of a user's sequence) is the task's (``twotower_rec/tasks/``).
 
 Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and export),
 ``<out_dir>/last`` (weights, optimizer state, RNG, step and data position, every
@@ -33,12 +32,10 @@ from twotower_rec.data.splits import TRAIN
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.errors import ConfigError
-from twotower_rec.losses.softmax import LossContext, positives_per_step
 from twotower_rec.model.factory import build_model
+from twotower_rec.tasks import Task, make_task
 from twotower_rec.train import checkpoint
-from twotower_rec.train.batch_order import (BatchesAhead, local_batches, local_sequence_batches, num_global_batches,
-                                           prefetch_depth)
-from twotower_rec.train.compiled import compiled_loss
+from twotower_rec.train.batch_order import BatchesAhead, local_batches, num_global_batches, prefetch_depth
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
 from twotower_rec.train.validation import validate, validation_config
@@ -70,78 +67,70 @@ class TrainerState:
 
 
 def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainResult:
-    """Train; with ``resume`` (a checkpoint written with optimizer state, e.g. ``<out_dir>/last``)
-    continue from its step and data position, at this or any other world size."""
+    """Train one model (``model.members`` 1) on ``data.cache_dir``.
+
+    Args:
+        cfg: the run's validated config.
+        env: the process group (:func:`twotower_rec.distributed.env.init_distributed`).
+        resume: a checkpoint written with optimizer state (e.g. ``<out_dir>/last``) to continue
+            from its step and data position, at this or any other world size; None: from scratch.
+    """
     entered = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     data = PreparedData(cfg.data.cache_dir)
-    check_setup(cfg, data, env)
-    model = build_model(cfg, data, env)
+    task = make_task(cfg)
+    check_setup(cfg, task, data, env)
+    model = build_model(cfg, task, data, env)
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
         print(env.describe(), file=sys.stderr, flush=True)
         print(sharding.describe_plan(model), file=sys.stderr, flush=True)
-    state, streaming = TrainerState(), None
+    state, task_state = TrainerState(), None
     if resume is not None:
-        state, streaming = _resume(resume, cfg, model, optimizer, data, env)
-    return Trainer(cfg, env, data, model, optimizer, state, streaming, entered).run()
+        state, task_state = _resume(resume, cfg, model, optimizer, data, env)
+    return Trainer(cfg, task, env, data, model, optimizer, state, task_state, entered).run()
 
 
-def check_setup(cfg: Config, data: PreparedData, env: DistEnv) -> None:
-    """What the config can only be checked against with the data and the world size."""
+def check_setup(cfg: Config, task: Task, data: PreparedData, env: DistEnv) -> None:
+    """What the config can only be checked against with the data and the world size (the
+    task's own checks included)."""
+    data.check_config(cfg)
     world = env.world_size
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
                           f"{world}: the global batch is cut into one equal slice per process")
-    uniform = cfg.loss.uniform_negatives if cfg.loss.name == "in_batch_softmax" else 0
-    if uniform % world:
-        raise ConfigError(f"loss.uniform_negatives={uniform} must be divisible by the world size {world}: each "
-                          f"process draws an equal share (e.g. {max(world, uniform - uniform % world)})")
     train_rows = data.rows(TRAIN).size
     if train_rows < world:
         raise ConfigError(f"only {train_rows} training rows for {world} processes")
-    if cfg.train.examples == "sequences":
-        windows = Batcher(data).training_windows(data.spec.history_length, cfg.train.windows,
-                                                 cfg.train.window_context).shape[0]
-        if windows < world:
-            raise ConfigError(f"only {windows} training windows (users with two or more training events) for "
-                              f"{world} processes")
-    if cfg.loss.name in ("bce", "mse") and not data.has_ratings:
-        raise ConfigError(f"loss.name={cfg.loss.name} learns from ratings, but {data.spec.source} has no rating "
-                          f"column (data.rating_column), so every rating is 1.0: add one, or train with "
-                          "loss.name=in_batch_softmax")
+    task.check_data(data, env)
 
 
 def _resume(resume: str | Path, cfg: Config, model: DistributedModelParallel, optimizer, data: PreparedData,
             env: DistEnv) -> tuple[TrainerState, dict | None]:
     """Weights, optimizer and RNG state from ``resume``, in place; the trainer state and the
-    streaming frequency estimator's state to continue from."""
+    task's saved state (its loss's, e.g. the streaming frequency estimator) to continue from."""
     init_optimizer_state(optimizer, model)
     meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec, cfg)
     if env.is_main:
         print(f"resumed from {meta['path']} at step {meta['trainer']['step']} (written by "
               f"{meta['world_size']} process(es), now {env.world_size})", file=sys.stderr, flush=True)
-    return TrainerState(**meta["trainer"]), meta["extra"].get("streaming")
+    return TrainerState(**meta["trainer"]), meta["extra"]
 
 
 class Trainer:
     """One run of the loop over a built (and possibly resumed) model and optimizer."""
 
-    def __init__(self, cfg: Config, env: DistEnv, data: PreparedData, model: DistributedModelParallel, optimizer,
-                 state: TrainerState, streaming: dict | None = None, entered: float | None = None) -> None:
-        self.cfg, self.env, self.data, self.model, self.optimizer, self.state = cfg, env, data, model, optimizer, state
+    def __init__(self, cfg: Config, task: Task, env: DistEnv, data: PreparedData, model: DistributedModelParallel,
+                 optimizer, state: TrainerState, task_state: dict | None = None, entered: float | None = None) -> None:
+        self.cfg, self.task, self.env, self.data = cfg, task, env, data
+        self.model, self.optimizer, self.state = model, optimizer, state
         self.entered = entered  # when train() began: start-up time is measured from it
         self.batcher = Batcher(data)
-        self.train_rows = data.rows(TRAIN)
-        # train.examples=sequences: the rows shuffled into batches are windows of users' sequences
-        self.windows = (self.batcher.training_windows(data.spec.history_length, cfg.train.windows,
-                                                      cfg.train.window_context)
-                        if cfg.train.examples == "sequences" else None)
-        num_rows = self.windows.shape[0] if self.windows is not None else self.train_rows.size
+        self.num_examples = task.training_examples(self.batcher)
         self.out_dir = Path(cfg.train.out_dir)
         self.best_path, self.last_path = self.out_dir / "checkpoint", self.out_dir / "last"
-        self.batches_per_epoch = num_global_batches(num_rows, cfg.train.batch_size)
+        self.batches_per_epoch = num_global_batches(self.num_examples, cfg.train.batch_size)
         self.total_steps = self.batches_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
@@ -153,17 +142,8 @@ class Trainer:
                              mininterval=1.0, dynamic_ncols=True)
         self.plain_progress = shown and not sys.stderr.isatty()  # a log file: plain lines, not a bar
         self.last_line = time.monotonic()
-        self.ctx = LossContext(cfg.loss, data.item_counts(),
-                               positives_per_step(cfg.loss, cfg.train.batch_size, env.world_size), env.device)
-        self.ctx.step = state.step
-        if cfg.train.compile and cfg.train.examples == "events" and cfg.loss.name == "in_batch_softmax":
-            self.ctx.kernel = compiled_loss()
-            if env.is_main:
-                print("train.compile: the in-batch softmax is compiled at the first step (about 10 s on 2 cores)",
-                      file=sys.stderr, flush=True)
+        task.start(data, env, state.step, task_state)
         self.loss_log = LossLog()
-        if streaming is not None and self.ctx.streaming is not None:
-            self.ctx.streaming.load_state_dict(streaming)
 
     def run(self) -> TrainResult:
         """Steps until the last epoch, ``train.max_steps`` or early stopping; then a last
@@ -173,16 +153,14 @@ class Trainer:
         started, examples_here = time.perf_counter(), 0
         # Loading the cache, building the model and the first epoch's order, before the first step.
         self.startup_seconds = started - self.entered if self.entered is not None else None
-        # sequence windows are not pipelined (see README, "GPU")
-        stepper = Stepper(self.model, self.optimizer, cfg.loss, self.ctx, batches, self.env,
-                          "never" if self.windows is not None else cfg.train.pipeline, cfg.train.bf16)
+        stepper = Stepper(self.model, self.optimizer, self.task, batches, self.env, cfg.train.pipeline, cfg.train.bf16)
         self.model.train()
         try:
             while state.step < self.total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
                 set_dense_lr(self.optimizer, self.model,
                              cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train))
                 self.loss_log.add(stepper.step())
-                examples = stepper.last_examples or cfg.train.batch_size  # sequences: the positions
+                examples = stepper.last_examples
                 end_of_epoch = self._advance(examples)
                 examples_here += examples
                 if state.step % cfg.train.log_every_steps == 0 or state.step == self.total_steps:
@@ -208,15 +186,11 @@ class Trainer:
     def _batches(self):
         """This rank's batches from the saved data position on (see ``batch_order.py``), built
         ``train.prefetch_batches`` ahead in a background thread."""
-        loss, train = self.cfg.loss, self.cfg.train
-        num_negatives = (loss.uniform_negatives if loss.name == "in_batch_softmax"
-                         else loss.negative_ratio * train.batch_size if loss.name == "bce" else 0)
-        if self.windows is not None:
-            batches = local_sequence_batches(self.batcher, self.windows, train.batch_size, train.epochs, train.seed,
-                                             num_negatives, self.env, self.state.epoch, self.state.batch)
-        else:
-            batches = local_batches(self.batcher, self.train_rows, train.batch_size, train.epochs, train.seed,
-                                    num_negatives, self.env, self.state.epoch, self.state.batch)
+        train, task = self.cfg.train, self.task
+        batches = local_batches(lambda examples, negatives: task.batch(self.batcher, examples, negatives, self.env),
+                                self.num_examples, train.batch_size, train.epochs, train.seed,
+                                task.negatives_per_batch(), self.data.spec.num_items, self.env, self.state.epoch,
+                                self.state.batch)
         depth = prefetch_depth(train, self.env.device)
         if not depth:
             return batches
@@ -262,7 +236,7 @@ class Trainer:
     def _validate_and_keep_best(self) -> None:
         """Validate; save the weights if they improved; set ``stopped_early`` when patience runs out."""
         state, metric = self.state, self.metric
-        result = validate(self.model, self.data, self.batcher, self.validation_cfg, self.cfg.loss, self.cfg.train.seed)
+        result = validate(self.model, self.data, self.batcher, self.validation_cfg, self.task, self.cfg.train.seed)
         state.validation.append({"step": state.step, **result})
         value = result[metric]
         improved = value > state.best
@@ -281,19 +255,17 @@ class Trainer:
         state.stopped_early = bool(patience) and state.stale >= patience
 
     def _save_last(self) -> None:
-        extra = {"streaming": self.ctx.streaming.state_dict()} if self.ctx.streaming is not None else {}
         checkpoint.save(self.last_path, self.model, self.cfg, self.data.spec, self.state.step, optimizer=self.optimizer,
-                        trainer_state=asdict(self.state), extra=extra)
+                        trainer_state=asdict(self.state), extra=self.task.state_dict())
 
     def _finish(self, rate: float) -> TrainResult:
         """Write ``train_metrics.json`` and the summary line (rank 0)."""
         state, metric = self.state, self.metric
         metrics = {"steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
-                   "examples_per_second": rate, "startup_seconds": self.startup_seconds, "world_size": self.env.world_size, "best_step": state.best_step,
+                   "examples_per_second": rate, "startup_seconds": self.startup_seconds,
+                   "world_size": self.env.world_size, "best_step": state.best_step,
                    f"best_validation_{metric}": state.best, "stopped_early": state.stopped_early,
-                   "validation": state.validation}
-        if self.cfg.loss.learn_temperature:
-            metrics["learned_temperature"] = float(self.model.module.temperature())
+                   "validation": state.validation, **self.task.train_summary(self.model)}
         if self.env.is_main:
             (self.out_dir / "train_metrics.json").write_text(json.dumps({**metrics, "losses": state.losses}, indent=2))
             final = f"{metrics['final_loss']:.4f}" if state.losses else "n/a"

@@ -1,14 +1,17 @@
-"""A sequence-aware encoder of the history (``model.user_encoder: sequence``), SASRec-style.
+"""The per-event transformer (``model.history_encoder: transformer``), SASRec-style.
 
-The pooled history bag forgets which item came last. Here the history's items are looked up
-unpooled in a TorchRec ``EmbeddingCollection`` (shardable like the bags), given a learned
-position embedding counted from the most recent item (0 = the last item before the event),
-passed through a small transformer encoder, and the output at the most recent item is the
-history's vector. Every item in the history precedes the event, so attention over all of
-them leaks nothing.
+The pooled bag forgets which item came last. Here the history's items are looked up unpooled
+in a TorchRec ``EmbeddingCollection`` (shardable like the bags), given a learned position
+embedding counted from the most recent item (0 = the last item before the event), passed
+through a small transformer encoder, and the output at the most recent item is the history's
+vector. Every item in the history precedes the event, so attention over all of them leaks
+nothing. One transformer pass per event: the causal encoder (``model/causal.py``) reads every
+position of a window in one pass instead.
 
-:class:`SequencePooling` is plain torch and scriptable: the exported query tower reuses it
+:class:`TransformerPooling` is plain torch and scriptable: the exported query tower reuses it
 as it is, so serving computes exactly what training does.
+
+Shapes: ``B`` rows, ``T`` = ``max_length``, ``E`` embedding dim, ``N`` = ``sum(lengths)``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,21 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from twotower_rec.data.features import HISTORY
+from twotower_rec.model.history import UNPOOLED_TABLE, HistoryEncoder
+from twotower_rec.model.kjt import with_keys
 
-SEQUENCE_TABLE = "t_history_sequence"
+torch.fx.wrap("with_keys")  # a leaf of TorchRec's pipeline trace (model/kjt.py)
 
 
-class SequencePooling(nn.Module):
+class TransformerPooling(nn.Module):
     """``(values [N, E], lengths [B])`` of per-row item embeddings, oldest first -> ``[B, E]``."""
 
     def __init__(self, dim: int, max_length: int, layers: int, heads: int, dropout: float) -> None:
+        """Args:
+            dim: ``E``.
+            max_length: ``T``, the most items a row has.
+            layers, heads, dropout: the transformer's (``model.encoder_*``).
+        """
         super().__init__()
         self.max_length = max_length
         self.positions = nn.Embedding(max_length, dim)
@@ -57,22 +67,38 @@ class SequencePooling(nn.Module):
         return last * (lengths > 0).unsqueeze(1).to(last.dtype)
 
 
-class SequenceEncoder(nn.Module):
-    """History KJT (key ``history``) -> ``[B, E]`` via an EmbeddingCollection and :class:`SequencePooling`."""
+class TransformerHistory(HistoryEncoder):
+    """History KJT (key ``history``) -> ``[B, E]`` via an EmbeddingCollection of its own and
+    :class:`TransformerPooling`."""
 
     def __init__(self, num_embeddings: int, dim: int, max_length: int, layers: int, heads: int, dropout: float,
                  device: torch.device | None = None) -> None:
+        """Args:
+            num_embeddings: rows of its item table (items + 1, row 0 unknown).
+            dim: ``E``.
+            max_length: ``T`` (``features.history_length``).
+            layers, heads, dropout: the transformer's (``model.encoder_*``).
+            device: where the table is built (``meta`` by default: sharding materialises it).
+        """
         super().__init__()
         self.embeddings = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=SEQUENCE_TABLE, embedding_dim=dim, num_embeddings=num_embeddings,
+            tables=[EmbeddingConfig(name=UNPOOLED_TABLE, embedding_dim=dim, num_embeddings=num_embeddings,
                                     feature_names=[HISTORY])],
             device=device or torch.device("meta"))
-        self.pooling = SequencePooling(dim, max_length, layers, heads, dropout)
+        self.pooling = TransformerPooling(dim, max_length, layers, heads, dropout)
 
-    def forward(self, history: KeyedJaggedTensor) -> torch.Tensor:
-        """History KJT (key ``history``, B rows) -> ``[B, E]``."""
-        out = self.embeddings(history)
+    @classmethod
+    def build(cls, spec, cfg, device=None) -> "TransformerHistory":
+        """From the feature spec and the model section (``model.encoder_*``)."""
+        return cls(spec.num_items + 1, cfg.embedding_dim, spec.history_length, cfg.encoder_layers,
+                   cfg.encoder_heads, cfg.encoder_dropout, device)
+
+    def forward(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> torch.Tensor:
+        out = self.embeddings(with_keys(features, [HISTORY]))
         if hasattr(out, "wait"):  # a sharded collection returns an awaitable
             out = out.wait()
         jagged = out[HISTORY]
         return self.pooling(jagged.values(), jagged.lengths())
+
+    def for_serving(self, item_tables):
+        return self.embeddings.embeddings[UNPOOLED_TABLE].weight.detach(), self.pooling
