@@ -69,7 +69,8 @@ def test_training_with_chunks_equals_training_without_at_one_and_two_processes(t
     cfg["train"].update({"batch_size": 64, "max_steps": 5, "val_every_steps": 0})
     cfg["loss"] = {"temperature": 0.1, "uniform_negatives": 16, "learn_temperature": True}
     path = prepared_config(tmp_path, cfg, "chunks")
-    losses = training_losses(tmp_path, path, [(name, nproc, [f"retrieval.chunk_size={chunk}"]) for name, nproc, chunk in (
+    losses = training_losses(tmp_path, path, [(name, nproc, [f"retrieval.chunk_size={chunk}"])
+                                              for name, nproc, chunk in (
         ("whole", 1, 0), ("chunks-ws1", 1, 24), ("chunks-ws2", 2, 24))])
     assert len(losses["whole"]) == 5
     for name in ("chunks-ws1", "chunks-ws2"):

@@ -236,7 +236,8 @@ def sequence_runs(setup):
     base = ["--set", "model.history_encoder=causal", "--set", "task=next_item", "--set", "train.batch_size=16",
             "--set", "loss.uniform_negatives=8", "--set", "model.encoder_dropout=0.0", "--set", "train.max_steps=4"]
     options = {"own": base, "shared": [*base, *shared_data, "--set", "next_item.window_context=4",
-                                       "--set", "next_item.mask_window_items=true", "--set", "next_item.future_targets=3"]}
+                                       "--set", "next_item.mask_window_items=true",
+                                       "--set", "next_item.future_targets=3"]}
     references = {name: train(root, config, f"seq-{name}-ws1", 1, *extra) for name, extra in options.items()}
     return root, config, options, references
 

@@ -116,7 +116,8 @@ def _module_imports(module: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("where", [("twotower_rec.api", ("evaluate", "_load")), ("twotower_rec.api", ("export", "_load")),
+@pytest.mark.parametrize("where", [("twotower_rec.api", ("evaluate", "_load")),
+                                   ("twotower_rec.api", ("export", "_load")),
                                    ("twotower_rec.cli", ("cmd_recommend",)), ("twotower_rec.cli", ("cmd_serve",))])
 def test_evaluate_export_and_serve_use_nothing_of_training_but_checkpoint_loading(where):
     module, functions = where
@@ -197,3 +198,43 @@ def test_user_facing_errors_are_defined_in_one_module():
         assert len(modules) == 1, (name, modules)
     outside = {name for name, modules in defined.items() if modules != ["twotower_rec.errors"]}
     assert outside <= {"RequestError"}, outside  # the HTTP server's status-carrying exception
+
+
+def _undocumented_arguments() -> list[str]:
+    """Public functions and methods of the package that take arguments but whose docstring has
+    no ``Args:`` section. Exempt: ``forward`` (its shapes are in the class docstring), the CLI's
+    argparse plumbing, a dataclass's generated ``__init__``, and a method overriding one its base
+    class documents with ``Args:``."""
+    import importlib
+    import inspect
+
+    missing = []
+    for module_name in sorted(MODULES):
+        if module_name == "twotower_rec.cli" or module_name.endswith("__main__"):
+            continue
+        module = importlib.import_module(module_name)
+        functions = [(None, f) for f in vars(module).values()
+                     if inspect.isfunction(f) and f.__module__ == module_name]
+        for cls in (c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module_name):
+            if not cls.__name__.startswith("_"):
+                functions += [(cls, f) for name, f in vars(cls).items() if inspect.isfunction(f)
+                              or isinstance(f, (classmethod, staticmethod))]
+        for cls, f in functions:
+            f = getattr(f, "__func__", f)
+            name = f.__name__
+            if (name.startswith("_") and name != "__init__") or name == "forward":
+                continue
+            parameters = [p for p in inspect.signature(f).parameters if p not in ("self", "cls")]
+            if not parameters or "Args:" in (inspect.getdoc(f) or ""):
+                continue
+            if name == "__init__" and f.__code__.co_filename == "<string>":
+                continue  # a dataclass's own: its fields are documented where they are declared
+            inherited = cls is not None and any("Args:" in (getattr(getattr(base, name, None), "__doc__", "") or "")
+                                                for base in cls.__mro__[1:])
+            if not inherited:
+                missing.append(f"{module_name}.{cls.__name__ + '.' if cls else ''}{name}")
+    return missing
+
+
+def test_public_functions_document_their_arguments():
+    assert not _undocumented_arguments()

@@ -139,7 +139,12 @@ def _checkpoint(cfg: Config, checkpoint: str | Path | None) -> Path:
 def checkpoint_overrides(cfg: Config, trained: Config) -> list[str]:
     """One line per option of the model and the task (``task``, ``model``, ``loss`` and the task
     sections) where ``cfg`` differs from the config the checkpoint was trained with: ``evaluate``
-    and ``export`` rebuild the model from the checkpoint's, so those values are ignored."""
+    and ``export`` rebuild the model from the checkpoint's, so those values are ignored.
+
+    Args:
+        cfg: the config ``evaluate`` or ``export`` was given.
+        trained: the config saved in the checkpoint.
+    """
     from twotower_rec.tasks import TASKS
 
     sections = ["task", "model", "loss"] + [t.section for t in TASKS.values() if t.section]

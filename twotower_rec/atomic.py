@@ -32,7 +32,11 @@ _FAULT_COUNTS: dict[str, int] = {}
 def fault(phase: str) -> None:
     """Crash-test hook: ``TWOTOWER_KILL_DURING_SAVE=<phase>[:<n>]`` SIGKILLs this process the
     n-th time (default: the first) a save reaches ``phase``: ``between_renames`` here,
-    ``shards_written`` in checkpoints."""
+    ``shards_written`` in checkpoints.
+
+    Args:
+        phase: the point the save has reached.
+    """
     wanted = os.environ.get("TWOTOWER_KILL_DURING_SAVE", "")
     name, _, nth = wanted.partition(":")
     if name != phase:
@@ -48,7 +52,11 @@ def owner() -> str:
 
 
 def new_folder(final: Path) -> Path:
-    """An empty folder beside ``final`` to write its replacement into (after :func:`recover`)."""
+    """An empty folder beside ``final`` to write its replacement into (after :func:`recover`).
+
+    Args:
+        final: the folder to replace; it need not exist yet.
+    """
     final = Path(final)
     recover(final)
     tmp = final.parent / f".{final.name}.tmp-{owner()}"
@@ -58,7 +66,12 @@ def new_folder(final: Path) -> Path:
 
 
 def swap_in(tmp: Path, final: Path) -> None:
-    """Replace the folder ``final`` by the complete folder ``tmp`` (see the module docstring)."""
+    """Replace the folder ``final`` by the complete folder ``tmp`` (see the module docstring).
+
+    Args:
+        tmp: the folder :func:`new_folder` gave, written whole; it becomes ``final``.
+        final: the folder replaced; it need not exist.
+    """
     (tmp / COMPLETE).touch()
     old = final.parent / f".{final.name}.old-{owner()}"
     shutil.rmtree(old, ignore_errors=True)
@@ -73,7 +86,13 @@ def swap_in(tmp: Path, final: Path) -> None:
 def recover(final: Path, wait_seconds: float = 5.0) -> None:
     """Finish or roll back an interrupted :func:`swap_in` of ``final``, and delete the
     temporary folders of writers that have gone. A live writer in the middle of a swap is
-    given ``wait_seconds`` to finish it."""
+    given ``wait_seconds`` to finish it.
+
+    Args:
+        final: the folder about to be read or written.
+        wait_seconds: how long to wait while a live writer has renamed ``final`` away and not yet
+            put its new folder in place; after that the old folder is put back.
+    """
     final = Path(final)
     deadline = time.monotonic() + wait_seconds
     while not final.exists():

@@ -75,9 +75,10 @@ class DataConfig:
     seed: int = 42  # random split
     min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
     # How prepare sorts, deduplicates, splits and encodes the interactions. pandas: in memory
-    # (a few hundred bytes a row at its peak: README, "Data bigger than memory"); duckdb: out of core, within data.memory_limit,
-    # spilling to data.spill_dir; the cache it writes is the same, byte for byte. auto: duckdb
-    # when data.interactions_path is a directory of Parquet files, pandas otherwise.
+    # (a few hundred bytes a row at its peak: README, "Data bigger than memory"); duckdb: out of
+    # core, within data.memory_limit, spilling to data.spill_dir; the cache it writes is the
+    # same, byte for byte. auto: duckdb when data.interactions_path is a directory of Parquet
+    # files, pandas otherwise.
     engine: str = "auto"
     memory_limit: str = "4GB"  # duckdb: its memory_limit (e.g. 500MB, 4GB); past it, it spills to disk
     threads: int = 0  # duckdb: worker threads (0: one per core); each needs some of data.memory_limit
@@ -425,8 +426,9 @@ def validate(cfg: Config, warn: bool = True) -> Config:
     task.check_config(cfg)
     selectable = RANKING_METRICS + task.metrics(cfg)
     if cfg.train.select_metric not in selectable:
-        raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not one of {list(selectable)} "
-                          f"(what validation of task={cfg.task} computes){closest(cfg.train.select_metric, list(selectable))}")
+        metric = cfg.train.select_metric
+        raise ConfigError(f"train.select_metric: '{metric}' is not one of {list(selectable)} (what validation of "
+                          f"task={cfg.task} computes){closest(metric, list(selectable))}")
     if cfg.model.members > 1 and not task.ensembles:
         raise ConfigError(f"model.members={cfg.model.members}: ensembles are trained for task=retrieval only, not "
                           f"task={cfg.task}")
@@ -438,7 +440,11 @@ def validate(cfg: Config, warn: bool = True) -> Config:
 
 def derive_paths(cfg: Config) -> None:
     """``data.cache_dir``, ``train.out_dir`` and ``export.dir`` left empty become ``<run_dir>/data``,
-    ``<run_dir>/train`` and ``<run_dir>/export``."""
+    ``<run_dir>/train`` and ``<run_dir>/export``.
+
+    Args:
+        cfg: the config, changed in place.
+    """
     run = Path(cfg.run_dir)
     if not cfg.data.cache_dir:
         cfg.data.cache_dir = str(run / "data")
@@ -451,7 +457,11 @@ def derive_paths(cfg: Config) -> None:
 def config_warnings(cfg: Config) -> list[str]:
     """One line per option set away from its default where nothing reads it: the options of a
     task section (and of the shared ``loss`` section) that ``cfg.task`` does not read, and the
-    encoder options under ``model.history_encoder: bag``."""
+    encoder options under ``model.history_encoder: bag``.
+
+    Args:
+        cfg: the config, compared with the defaults of :data:`Config`.
+    """
     from twotower_rec.tasks import TASKS, task_class
 
     task = task_class(cfg.task)
@@ -572,7 +582,13 @@ def _check_encoders(cfg: Config) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'train.batch_size=2048'`` -> (['train', 'batch_size'], 2048); the value is read as YAML."""
+    """``'train.batch_size=2048'`` -> (['train', 'batch_size'], 2048); the value is read as YAML.
+
+    Args:
+        text: one ``--set`` value, ``KEY=VALUE`` with a dotted key. A value that is not valid YAML
+            is kept as plain text (e.g. ``%d/%m/%Y``) unless it starts like a list, mapping or
+            quoted string.
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. train.batch_size=2048")
     key, raw = text.split("=", 1)
@@ -589,7 +605,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    """Defaults, then the YAML file at ``path``, then ``overrides``; validated.
+
+    Args:
+        path: a YAML config file; None: the defaults only.
+        overrides: ``KEY=VALUE`` strings as ``--set`` takes them (:func:`parse_override`),
+            applied in order after the file, so a later one wins.
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -627,12 +649,21 @@ def _utf8_text(path: Path) -> str:
 
 
 def to_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts, one per section, as checkpoints and exports save it.
+
+    Args:
+        cfg: the config.
+    """
     return dataclasses.asdict(cfg)
 
 
 def from_dict(data: dict) -> Config:
     """Rebuild a config saved in a checkpoint or export (checked like a YAML file, without
-    warnings: they were given when it was trained)."""
+    warnings: they were given when it was trained).
+
+    Args:
+        data: the nested dicts :func:`to_dict` wrote; a missing key keeps its default.
+    """
     cfg = Config()
     _merge(cfg, data, "")
     return validate(cfg, warn=False)

@@ -9,7 +9,13 @@ import difflib
 
 
 def closest(name: str, options: list[str], prefix: str = "") -> str:
-    """``"; did you mean '...'?"`` naming the option nearest to ``name`` (or "")."""
+    """``"; did you mean '...'?"`` naming the option nearest to ``name`` (or "").
+
+    Args:
+        name: the misspelt name.
+        options: the valid names; "" only when there are none.
+        prefix: written before the match, e.g. the section of a dotted key (``train.``).
+    """
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
@@ -47,6 +53,12 @@ class ConfigWarning(UserWarning):
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise :class:`ConfigError` unless ``value`` (of option ``key``) is one of ``choices``."""
+    """Raise :class:`ConfigError` unless ``value`` (of option ``key``) is one of ``choices``.
+
+    Args:
+        key: the dotted option name the message names.
+        value: its value.
+        choices: the valid values.
+    """
     if value not in choices:
         raise ConfigError(f"{key}: '{value}' is not one of {list(choices)}{closest(value, list(choices))}")

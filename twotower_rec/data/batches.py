@@ -53,11 +53,12 @@ class _TensorFields:
 class Batch(_TensorFields, Pipelineable):
     """One training or scoring batch.
 
-    query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows.
-    item_features:  KJT over ``FeatureSpec.item_keys``, ``B`` rows.
-    item_dense:     ``[B, Dd]`` float32.
-    labels:         ``[B]`` float32 (the rating).
-    item_ids:       ``[B]`` int64 item codes of the positives (for masking and logQ).
+    Args:
+        query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows.
+        item_features: KJT over ``FeatureSpec.item_keys``, ``B`` rows.
+        item_dense: ``[B, Dd]`` float32.
+        labels: ``[B]`` float32 (the rating).
+        item_ids: ``[B]`` int64 item codes of the positives (for masking and logQ).
     """
 
     query_features: KeyedJaggedTensor
@@ -78,20 +79,21 @@ class WindowBatch(_TensorFields, Pipelineable):
     candidates: its slice of the global batch's deduplicated targets (``U'``, padded with the
     OOV code 0 so every rank holds as many), then its share of the uniform negatives (``M'``).
 
-    query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows; ``history`` holds each
-                    window's input items, oldest first.
-    item_features:  KJT over ``FeatureSpec.item_keys``, ``C`` rows (the candidates).
-    item_dense:     ``[C, Dd]`` float32.
-    item_ids:       ``[C]`` int64 item codes of the candidates.
-    target_index:   ``[P]`` int64: each scored position's target among the global batch's
-                    deduplicated targets (every rank's slices in rank order), windows in order,
-                    positions oldest first.
-    first_position: ``[B]`` int64: each window's first scored position (the ones before it are
-                    context only; ``next_item.window_context``).
-    window_items:   ``[B, U]`` bool: which of the global batch's ``U`` deduplicated targets (every
-                    rank's slices, padding included) are items of each window.
-    num_targets:    ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
-    global_positions: ``P`` summed over every rank: the loss is a mean over them.
+    Args:
+        query_features: KJT over ``FeatureSpec.query_keys``, ``B`` rows; ``history`` holds each
+            window's input items, oldest first.
+        item_features: KJT over ``FeatureSpec.item_keys``, ``C`` rows (the candidates).
+        item_dense: ``[C, Dd]`` float32.
+        item_ids: ``[C]`` int64 item codes of the candidates.
+        target_index: ``[P]`` int64: each scored position's target among the global batch's
+            deduplicated targets (every rank's slices in rank order), windows in order,
+            positions oldest first.
+        first_position: ``[B]`` int64: each window's first scored position (the ones before it are
+            context only; ``next_item.window_context``).
+        window_items: ``[B, U]`` bool: which of the global batch's ``U`` deduplicated targets (every
+            rank's slices, padding included) are items of each window.
+        num_targets: ``U'``: how many of the ``C`` candidates are targets (the rest: uniform).
+        global_positions: ``P`` summed over every rank: the loss is a mean over them.
     """
 
     query_features: KeyedJaggedTensor
@@ -126,6 +128,11 @@ class Batcher:
     """Turns row indices of a :class:`PreparedData` into :class:`Batch` objects."""
 
     def __init__(self, data: PreparedData) -> None:
+        """Keep ``data`` and views of its memory-mapped interaction columns (not copies).
+
+        Args:
+            data: the prepared cache whose interaction rows the batches are built from.
+        """
         self.data = data
         self.spec = data.spec
         # Views of the memory-mapped columns, not copies (the maps are C-contiguous already): a
@@ -142,6 +149,12 @@ class Batcher:
         The query sees only the user's items strictly before ``position`` (see
         :func:`twotower_rec.data.query_inputs.query_inputs`); ``position`` = the user's end offset
         gives the query after all data.
+
+        Args:
+            user: ``[B]`` user codes (1-based).
+            position: ``[B]`` int64 row indices into the interaction columns (rows of the whole
+                table, not positions within the user's run): the query reads the user's items from
+                the user's first row up to, not including, this row.
         """
         return self._query_kjt(user, self.item_sequence, self.user_offsets[user - 1], position)
 
@@ -149,7 +162,12 @@ class Batcher:
         """Query KJT for training rows ``[B]`` whose features hold only the user's earlier
         *training* events: under a random or temporal split a validation or test event can
         come before a training row, and a held-out item must not be a training input. Under
-        leave-last-out (training events first) this is :meth:`query_features`."""
+        leave-last-out (training events first) this is :meth:`query_features`.
+
+        Args:
+            rows: ``[B]`` int64 indices of training rows of the interaction columns; each gives the
+                query's user and where its history ends.
+        """
         user = self.user[rows]
         if self.training_events is None:
             return self.query_features(user, rows)
@@ -193,7 +211,16 @@ class Batcher:
         ``length - context`` items, so every item after a user's first is a target once; in a
         window that does not start at the user's first item the first ``context`` positions are
         context, so each of its targets is scored with at least ``context`` earlier items
-        (``context`` 0: windows overlapping by one item, none skipped)."""
+        (``context`` 0: windows overlapping by one item, none skipped).
+
+        Args:
+            length: the most input positions of a window (``features.history_length``): a window
+                holds at most ``length + 1`` items.
+            kind: ``"last"`` (one window per user, every position scored) or ``"tiled"``.
+            context: ``tiled`` only: the positions at the start of a window (one that does not start
+                at the user's first item) that are context, not scored; less than ``length``.
+                Default 0: every window's positions are scored.
+        """
         _, offsets = self.training_sequences
         begin, end = offsets[:-1], offsets[1:]
         user = np.arange(1, self.spec.num_users + 1)
@@ -212,10 +239,20 @@ class Batcher:
 
     def window_batch(self, windows: np.ndarray, rank: int, world_size: int,
                        negatives: np.ndarray | None = None) -> WindowBatch:
-        """Rank ``rank``'s :class:`WindowBatch` of the global batch's ``windows`` ``[G, 3]``
+        """Rank ``rank``'s :class:`WindowBatch` of the global batch's ``windows`` ``[G, 4]``
         (its contiguous slice of ``G / world_size`` windows) with its share ``negatives`` of
         the uniform negatives. Every rank computes the global batch's deduplicated targets, so
-        the candidates gathered from all ranks are the same at any world size."""
+        the candidates gathered from all ranks are the same at any world size.
+
+        Args:
+            windows: ``[G, 4]`` int64 windows ``(user, start, end, skip)`` of the global batch, rows
+                of :meth:`training_windows`; ``G`` a multiple of ``world_size``.
+            rank: this rank's index, in ``[0, world_size)``: which slice of the windows and of the
+                deduplicated targets it takes.
+            world_size: the number of ranks the global batch is split over.
+            negatives: ``[M']`` item codes of this rank's uniform negatives, appended to its
+                candidates after the targets; None or empty: no negatives.
+        """
         sequence, _ = self.training_sequences
         start, end, skip = windows[:, 1], windows[:, 2], windows[:, 3]
         targets = gather_ranges(sequence, start + 1 + skip, end - start - 1 - skip)
@@ -258,7 +295,11 @@ class Batcher:
         return held
 
     def item_features(self, item: np.ndarray) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-        """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``."""
+        """Item KJT and ``[B, Dd]`` dense features for item codes ``[B]``.
+
+        Args:
+            item: ``[B]`` int64 item codes (0: the OOV item); a code may repeat.
+        """
         ones = np.ones(item.shape[0], dtype=np.int64)
         values, lengths = [], []
         for name in self.spec.item_keys:
@@ -282,6 +323,12 @@ class Batcher:
         side: the item KJT, dense features and ``item_ids`` then hold ``B + M`` rows, the
         first ``B`` being the positives. ``training`` rows see only earlier training events
         (:meth:`training_query_features`); other rows see every earlier event.
+
+        Args:
+            rows: ``[B]`` indices of rows of the interaction columns.
+            extra_items: ``[M]`` item codes appended after the positives; None or empty: none.
+            training: whether the queries see only earlier training events (for training rows);
+                False: every earlier event (for evaluation rows).
         """
         rows = np.asarray(rows, dtype=np.int64)
         item = self.item[rows]

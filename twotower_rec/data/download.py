@@ -44,7 +44,16 @@ def _open(url: str, timeout: float):
 
 
 def download(dataset: str, data_dir: str | Path, timeout: float = 30.0, progress: bool = True) -> Path:
-    """Download and unpack ``dataset`` under ``data_dir``; returns the unpacked folder."""
+    """Download and unpack ``dataset`` under ``data_dir``; returns the unpacked folder.
+
+    Args:
+        dataset: a key of :data:`ARCHIVES` (``movielens-100k``, ``movielens-1m``, ...).
+        data_dir: the folder the archive is downloaded to and unpacked under, as
+            ``data_dir/<archive name>`` (e.g. ``ml-1m``); created if missing. When that folder exists
+            and is not empty it is returned as it is, without a download.
+        timeout: seconds each HTTP request (the checksum, the archive) may wait for the server.
+        progress: whether to show a progress bar of the download on stderr.
+    """
     if dataset not in ARCHIVES:
         raise DataError(f"unknown dataset '{dataset}': choose one of {sorted(ARCHIVES)}")
     name = ARCHIVES[dataset]

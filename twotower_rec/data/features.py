@@ -31,13 +31,26 @@ RECENT = "recent_"  # recent_1 .. recent_k: the k most recent items before the e
 
 
 def recent_position(name: str) -> int:
-    """``recent_m`` -> m (1 = the last item before the event); 0 for any other feature."""
+    """``recent_m`` -> m (1 = the last item before the event); 0 for any other feature.
+
+    Args:
+        name: a feature name.
+    """
     return int(name[len(RECENT):]) if name.startswith(RECENT) and name[len(RECENT):].isdigit() else 0
 
 
 @dataclass
 class Feature:
-    """One sparse feature and its table. ``pooling`` is how a bag of ids becomes one vector."""
+    """One sparse feature and its table. ``pooling`` is how a bag of ids becomes one vector.
+
+    Args:
+        name: the feature's key in the KJTs (``user_id``, ``history``, ``recent_1``, ``genres``, ...).
+        tower: ``"query"`` or ``"item"``.
+        num_embeddings: rows of its table: the vocabulary's size + 1 (row 0: OOV), or the number of
+            hash buckets + 1 for a hashed id.
+        pooling: ``"sum"`` or ``"mean"``.
+        table: the table's name; empty: ``t_<name>``. Features that name the same table share it.
+    """
 
     name: str
     tower: str  # "query" | "item"
@@ -52,7 +65,19 @@ class Feature:
 
 @dataclass
 class FeatureSpec:
-    """What crosses from ``prepare`` to training, export and serving (as feature_spec.json)."""
+    """What crosses from ``prepare`` to training, export and serving (as feature_spec.json).
+
+    Args:
+        query_features, item_features: each tower's sparse features, in KJT key order.
+        item_dense: the names of the dense item features (the ``Dd`` columns of ``items/dense.npy``).
+        history_length: the most items in the ``history`` bag (``features.history_length``).
+        num_users: ``U``, the users (codes 1..U).
+        num_items: ``V``, the items with training events (codes 1..V).
+        vocabularies: small categorical vocabularies: feature -> raw values in index order
+            (index = position + 1).
+        source: the name of the data the cache was prepared from (``RawData.name``).
+        hashed: hashed id features -> their number of buckets (``data.hash_buckets``); empty: none.
+    """
 
     query_features: list[Feature]
     item_features: list[Feature]
@@ -81,6 +106,11 @@ class FeatureSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "FeatureSpec":
+        """The spec that :meth:`to_json` wrote as ``text``.
+
+        Args:
+            text: the contents of a ``feature_spec.json``.
+        """
         data = json.loads(text)
         data["query_features"] = [Feature(**f) for f in data["query_features"]]
         data["item_features"] = [Feature(**f) for f in data["item_features"]]
@@ -98,17 +128,30 @@ def _json_default(value):
 
 
 def build_vocabulary(train_values: pd.Series) -> pd.Index:
-    """Distinct training values in first-seen order; index position + 1 is the encoded id."""
+    """Distinct training values in first-seen order; index position + 1 is the encoded id.
+
+    Args:
+        train_values: one feature's values on the training rows; missing values are left out.
+    """
     return pd.Index(pd.unique(train_values.dropna()))
 
 
 def encode(values, vocabulary: pd.Index) -> np.ndarray:
-    """Raw values -> int64 ids, ``OOV`` (0) for values not in ``vocabulary``. Vectorized."""
+    """Raw values -> int64 ids, ``OOV`` (0) for values not in ``vocabulary``. Vectorized.
+
+    Args:
+        values: ``[N]`` raw values of one feature.
+        vocabulary: that feature's vocabulary (:func:`build_vocabulary`).
+    """
     return (vocabulary.get_indexer(pd.Index(values)) + 1).astype(np.int64)
 
 
 def year_bucket(year: np.ndarray) -> np.ndarray:
-    """5-year buckets (1993 -> 1990); unknown years (< 0) stay -1."""
+    """5-year buckets (1993 -> 1990); unknown years (< 0) stay -1.
+
+    Args:
+        year: ``[N]`` years, negative where unknown.
+    """
     year = np.asarray(year, dtype=np.int64)
     return np.where(year >= 0, (year // 5) * 5, -1)
 
@@ -119,7 +162,14 @@ def _mul32(a: int, b: int) -> int:
 
 
 def fnv1a_finish(h: int) -> int:
-    """MurmurHash3's finaliser on a 32-bit FNV-1a state: consecutive ids spread over all rows."""
+    """MurmurHash3's finaliser on a 32-bit FNV-1a state: consecutive ids spread over all rows.
+
+    Args:
+        h: the 32-bit FNV-1a hash of an id's UTF-8 bytes.
+
+    Returns:
+        The finalised 32-bit hash; the id's row is ``1 + hash % buckets``.
+    """
     h ^= h >> 16
     h = _mul32(h, 0x85EBCA6B)
     h ^= h >> 13
@@ -131,7 +181,14 @@ def hash_rows(ids, buckets: int, chunk: int = 1 << 20) -> np.ndarray:
     """``[N]`` int64 rows ``1 + hash(str(id)) % buckets`` of raw ids (row 0 stays the unknown
     value): 32-bit FNV-1a over the UTF-8 bytes of the id's text, then :func:`fnv1a_finish`,
     vectorized over chunks of ids. The served tower computes the same per id
-    (``export/query_encoder.py``, ``hash_row``)."""
+    (``export/query_encoder.py``, ``hash_row``).
+
+    Args:
+        ids: ``[N]`` raw ids: integers, or values whose ``str`` is the id's text.
+        buckets: the number of hashed rows (the table has ``buckets + 1``).
+        chunk: how many ids are hashed at once; it bounds the memory of the byte matrix of a
+            chunk (its ids times the longest id's bytes).
+    """
     ids = np.asarray(ids)
     out = np.empty(ids.size, dtype=np.int64)
     for lo in range(0, ids.size, chunk):
@@ -161,7 +218,16 @@ def _mul32_array(a: np.ndarray, b: int) -> np.ndarray:
 
 
 def collisions(rows: np.ndarray, buckets: int) -> dict:
-    """How hashing ``ids`` into ``rows`` went: ids, buckets, ids sharing their row with another, and that rate."""
+    """How hashing ``ids`` into ``rows`` went: ids, buckets, ids sharing their row with another, and that rate.
+
+    Args:
+        rows: ``[N]`` the hashed row of each distinct id (:func:`hash_rows`).
+        buckets: the number of hashed rows.
+
+    Returns:
+        ``buckets``, ``ids`` (``N``), ``rows_used``, ``colliding_ids`` and ``collision_rate``
+        (``colliding_ids / N``, rounded to 6 places).
+    """
     counts = np.bincount(rows, minlength=buckets + 1)
     colliding = int(counts[counts > 1].sum())
     return {"buckets": int(buckets), "ids": int(rows.size), "rows_used": int((counts > 0).sum()),

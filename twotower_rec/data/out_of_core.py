@@ -40,7 +40,15 @@ def _log(message: str) -> None:
 
 @dataclass
 class Interactions:
-    """What the rest of ``prepare`` needs of the interactions once their files are written."""
+    """What the rest of ``prepare`` needs of the interactions once their files are written.
+
+    Args:
+        num_rows: ``R``, the kept events.
+        num_users: ``U``, the kept users.
+        raw_user_ids: ``[U]`` raw id of user code c at c - 1.
+        user_id_codes: ``[U + 1]`` the ``user_id`` feature: the code, or 0 for a user without training events.
+        item_vocab: raw ids of the items with training events, sorted; code = position + 1.
+    """
 
     num_rows: int
     num_users: int
@@ -50,7 +58,12 @@ class Interactions:
 
 
 def connect(data_cfg: DataConfig, spill_dir: Path):
-    """A DuckDB connection held to ``data.memory_limit``, spilling into ``spill_dir``."""
+    """A DuckDB connection held to ``data.memory_limit``, spilling into ``spill_dir``.
+
+    Args:
+        data_cfg: the ``data`` section (``memory_limit``, ``threads``).
+        spill_dir: the folder DuckDB writes its temporary files to (:func:`spill_folder`).
+    """
     import duckdb
 
     con = duckdb.connect()
@@ -73,14 +86,28 @@ def duckdb_out_of_memory() -> type[Exception]:
 
 
 def spill_folder(data_cfg: DataConfig, final: Path) -> Path:
-    """``data.spill_dir``, or a new temporary folder beside the cache (the same disk)."""
+    """``data.spill_dir``, or a new temporary folder beside the cache (the same disk).
+
+    Args:
+        data_cfg: the ``data`` section (``spill_dir``).
+        final: the cache folder (``data.cache_dir``); the new folder's name starts with its name.
+
+    Returns:
+        A new, empty folder inside ``data.spill_dir``, or beside ``final`` when ``data.spill_dir`` is empty.
+    """
     parent = Path(data_cfg.spill_dir) if data_cfg.spill_dir else final.parent
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.spill-", dir=parent))
 
 
 def register_frame(con, inter: pd.DataFrame, name: str) -> None:
-    """Today's readers' table as a DuckDB view ``raw`` with ``pos``, the row's file order."""
+    """Today's readers' table as a DuckDB view ``raw`` with ``pos``, the row's file order.
+
+    Args:
+        con: the DuckDB connection (:func:`connect`).
+        inter: the interactions table (``user, item, timestamp, rating``, ``RawData.interactions``).
+        name: the source's name, for error messages.
+    """
     import pyarrow as pa
 
     columns = {}
@@ -99,7 +126,13 @@ def register_frame(con, inter: pd.DataFrame, name: str) -> None:
 def register_parquet(con, files: list[Path], data_cfg: DataConfig) -> bool:
     """A directory's Parquet files as the view ``raw`` (user, item, timestamp, rating, pos);
     the file order is the files' name order, then their rows. Returns whether a rating column
-    exists. Missing ids, times or ratings are errors naming the file and row."""
+    exists. Missing ids, times or ratings are errors naming the file and row.
+
+    Args:
+        con: the DuckDB connection (:func:`connect`).
+        files: the Parquet files, in name order.
+        data_cfg: the ``data`` section (the user, item, timestamp and rating column names).
+    """
     import pyarrow.parquet as pq
 
     starts, total = [], 0
@@ -155,7 +188,16 @@ def _ident(name: str) -> str:
 
 def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataConfig) -> Interactions:
     """Order, deduplicate, filter, split and encode the view ``raw``; write ``interactions/*.npy``,
-    ``raw_user_ids.npy`` and ``raw_item_ids.npy`` into ``out``."""
+    ``raw_user_ids.npy`` and ``raw_item_ids.npy`` into ``out``.
+
+    Args:
+        con: the DuckDB connection holding the view ``raw`` (:func:`register_frame`,
+            :func:`register_parquet`).
+        out: the new cache folder being written.
+        spill: the spill folder (:func:`spill_folder`); it also holds a temporary column of item indices.
+        name: the source's name, for messages.
+        data_cfg: the ``data`` section (``min_interactions``, the split and its fractions and seed).
+    """
     started = time.perf_counter()
     total, spilled = _first_events(con, name, data_cfg, started)
     raw_user_ids, user_offsets, dropped = _kept_users(con, name, data_cfg)
@@ -340,4 +382,9 @@ def _chunk_splitter(data_cfg: DataConfig, user_offsets: np.ndarray, num_rows: in
 
 
 def remove_spill(spill: Path) -> None:
+    """Delete the spill folder and everything in it; a missing folder is not an error.
+
+    Args:
+        spill: the folder :func:`spill_folder` made.
+    """
     shutil.rmtree(spill, ignore_errors=True)

@@ -58,7 +58,11 @@ def _require_columns(frame: pd.DataFrame, columns, table: str) -> None:
 
 
 def title_tokens(titles: pd.Series) -> pd.Series:
-    """'Toy Story (1995)' -> ['toy', 'story']: lower-case words, the trailing year removed."""
+    """'Toy Story (1995)' -> ['toy', 'story']: lower-case words, the trailing year removed.
+
+    Args:
+        titles: item titles; a missing title gives no words.
+    """
     cleaned = titles.fillna("").astype(str).str.lower().str.replace(r"\(\d{4}\)\s*$", "", regex=True)
     return cleaned.str.findall(r"[^\W_]+")
 
@@ -81,7 +85,16 @@ class _Events:
 
 def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) -> "PreparedData":
     """Sort, filter, split, build vocabularies on training rows, encode, and write the cache
-    (in memory, or out of core with ``data.engine: duckdb``: the same files)."""
+    (in memory, or out of core with ``data.engine: duckdb``: the same files).
+
+    Args:
+        raw: the source's tables (:func:`twotower_rec.data.sources.load_raw`).
+        data_cfg: the ``data`` section (``cache_dir``, the split, ``engine``, ``hash_buckets``, ...).
+        features_cfg: the ``features`` section.
+
+    Returns:
+        The written cache at ``data.cache_dir``, opened.
+    """
     started = time.perf_counter()
     final = Path(data_cfg.cache_dir)
     if _engine(raw, data_cfg) == "duckdb":
@@ -145,7 +158,12 @@ def _flat(prefix: str, value) -> dict:
 
 def prepared_with(data_cfg: DataConfig, features_cfg: FeaturesConfig) -> dict:
     """The :data:`PREPARE_FIXED` options' values, one dotted key each (``data.synthetic.*``
-    only for the synthetic source)."""
+    only for the synthetic source).
+
+    Args:
+        data_cfg: the ``data`` section.
+        features_cfg: the ``features`` section.
+    """
     sections = {"data": dataclasses.asdict(data_cfg), "features": dataclasses.asdict(features_cfg)}
     out = {}
     for key in PREPARE_FIXED:
@@ -400,7 +418,13 @@ def _write_item_metadata(out: Path, raw: RawData, items: pd.DataFrame, item_voca
 
 @dataclass
 class CSR:
-    """A jagged column: row ``r`` holds ``values[offsets[r]:offsets[r + 1]]``."""
+    """A jagged column: row ``r`` holds ``values[offsets[r]:offsets[r + 1]]``.
+
+    Args:
+        offsets: ``[N + 1]`` int64 where each of the ``N`` rows starts in ``values`` (an item
+            column: ``N = V + 1`` rows by item code, row 0 empty).
+        values: ``[offsets[N]]`` the rows' values back to back.
+    """
 
     offsets: np.ndarray
     values: np.ndarray
@@ -408,7 +432,13 @@ class CSR:
 
 def trained_user_ids(user: np.ndarray, split: np.ndarray, num_users: int) -> np.ndarray:
     """``[U + 1]`` the ``user_id`` feature of each user code: the code itself for a user with
-    training events, 0 (OOV) for one without; row 0 is the unknown user."""
+    training events, 0 (OOV) for one without; row 0 is the unknown user.
+
+    Args:
+        user: ``[R]`` each event's user code (1-based).
+        split: ``[R]`` each event's split code.
+        num_users: ``U``, the number of user codes.
+    """
     codes = np.zeros(num_users + 1, dtype=np.int64)
     trained = np.unique(user[split == splits.TRAIN])
     codes[trained] = trained
@@ -421,6 +451,12 @@ class PreparedData:
     them a chunk at a time, so a process holds the pages it touches, not the columns."""
 
     def __init__(self, cache_dir: str | Path) -> None:
+        """Open the cache: read its feature spec, memory-map its columns.
+
+        Args:
+            cache_dir: the folder ``prepare`` wrote (``data.cache_dir``); a swap a kill interrupted
+                is finished first.
+        """
         self.dir = Path(cache_dir)
         atomic.recover(self.dir)
         spec_path = self.dir / "feature_spec.json"
@@ -495,7 +531,14 @@ class PreparedData:
         return int(self.user.shape[0])
 
     def raw_items_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Raw item ids of interaction rows, including items unseen in training (code 0)."""
+        """Raw item ids of interaction rows, including items unseen in training (code 0).
+
+        Args:
+            rows: ``[N]`` indices of rows of the interaction columns.
+
+        Returns:
+            ``[N]`` object array of the raw item ids.
+        """
         codes = np.asarray(self.item)[rows]
         raw = np.where(codes > 0, self.raw_item_ids[np.maximum(codes - 1, 0)], None).astype(object)
         oov_rows = np.load(self.dir / "interactions" / "oov_rows.npy")
@@ -507,7 +550,14 @@ class PreparedData:
 
     def rows(self, split: int) -> np.ndarray:
         """Row indices of one split, in (user, time) order; computed once, a chunk of the
-        memory-mapped split column at a time (no whole-column copy)."""
+        memory-mapped split column at a time (no whole-column copy).
+
+        Args:
+            split: the split's code (``splits.TRAIN``, ``VALIDATION`` or ``TEST``).
+
+        Returns:
+            ``[N]`` int64 row indices, read-only: every caller shares the array.
+        """
         if split not in self._rows:
             split_column = self.split
             self._rows[split] = np.concatenate(

@@ -31,13 +31,27 @@ from twotower_rec.data.features import HISTORY, recent_position
 
 
 def gather_ranges(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate ``source[s:s + n]`` for each (s, n) without a Python loop."""
+    """Concatenate ``source[s:s + n]`` for each (s, n) without a Python loop.
+
+    Args:
+        source: a 1-D array.
+        starts: ``[B]`` where each range starts in ``source``.
+        lengths: ``[B]`` each range's length.
+
+    Returns:
+        ``[sum(lengths)]`` the ranges back to back, in order.
+    """
     offsets = np.cumsum(lengths) - lengths  # where each range starts in the output
     return source[np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))]
 
 
 def ranges_csr(sequence: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR ``(offsets [B + 1], values)`` of every query's items ``sequence[start:end]`` (what it had seen)."""
+    """CSR ``(offsets [B + 1], values)`` of every query's items ``sequence[start:end]`` (what it had seen).
+
+    Args:
+        sequence: ``[S]`` the users' items back to back, oldest first.
+        starts, ends: ``[B]`` each query's range ``[start, end)`` of ``sequence``.
+    """
     lengths = ends - starts
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     return offsets, sequence[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
@@ -46,7 +60,13 @@ def ranges_csr(sequence: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tu
 def last_items(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
                n: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each query's last ``n`` items of ``sequence[start:end]``, oldest first: jagged
-    ``(values [sum(lengths)], lengths [B])``. TorchScript-compatible."""
+    ``(values [sum(lengths)], lengths [B])``. TorchScript-compatible.
+
+    Args:
+        sequence: ``[S]`` int64 the users' items back to back, oldest first.
+        starts, ends: ``[B]`` int64 each query's range ``[start, end)`` of ``sequence``.
+        n: the most items a query keeps (``features.history_length``).
+    """
     lengths = torch.clamp(ends - starts, min=0, max=n)
     total = int(lengths.sum())
     # output position p of query b (from cumsum[b] - lengths[b] on) reads ends[b] - cumsum[b] + p
@@ -56,7 +76,13 @@ def last_items(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
 
 def item_before(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, m: int) -> torch.Tensor:
     """``[B]`` the ``m``-th last item of ``sequence[start:end]`` (``m`` = 1: the last), 0 (the
-    unknown code) when there are fewer than ``m``. TorchScript-compatible."""
+    unknown code) when there are fewer than ``m``. TorchScript-compatible.
+
+    Args:
+        sequence: ``[S]`` int64 the users' items back to back, oldest first.
+        starts, ends: ``[B]`` int64 each query's range ``[start, end)`` of ``sequence``.
+        m: which item from the end, 1 or more.
+    """
     if sequence.numel() == 0:
         return torch.zeros_like(ends)
     picked = torch.index_select(sequence, 0, torch.clamp(ends - m, min=0))
@@ -66,7 +92,11 @@ def item_before(sequence: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor
 def readonly_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over ``array``'s memory, also when it is a read-only memory map of the prepared
     cache: the query inputs only ever read it, so torch's warning about wrapping a
-    non-writable array does not apply."""
+    non-writable array does not apply.
+
+    Args:
+        array: a numpy array, or a memory map of one; the tensor shares its memory.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
         return torch.from_numpy(np.asarray(array))
@@ -82,6 +112,15 @@ def query_inputs(names: list[str], user: np.ndarray, sequence: torch.Tensor, sta
     fewer), and any other name a side feature looked up by user code in ``side_features[name]``
     (an array over user codes, row 0 the unknown user; ``user_id`` too, 0 for a user without
     training events).
+
+    Args:
+        names: the query features, in order (``FeatureSpec.query_keys``).
+        user: ``[B]`` user codes (1-based).
+        sequence: ``[S]`` int64 the users' items back to back, oldest first.
+        starts, ends: ``[B]`` each query's range ``[start, end)`` of ``sequence``.
+        history_length: the most items in ``history``.
+        side_features: feature name -> ``[U + 1]`` codes by user code, for every name that is
+            neither ``history`` nor ``recent_m``.
     """
     user = np.asarray(user, dtype=np.int64)
     starts_t = torch.from_numpy(np.asarray(starts, dtype=np.int64))

@@ -18,6 +18,20 @@ import pandas as pd
 
 @dataclass
 class RawData:
+    """The tables one reader returns (their columns: the module docstring).
+
+    Args:
+        interactions: the events, ``user, item, timestamp, rating``, in the source's order; empty
+            when ``interactions_files`` is set.
+        users: ``user`` plus categorical side features.
+        items: ``item``, ``genres``, ``year`` and ``title`` (those the source has).
+        name: where the interactions came from, for messages (and ``FeatureSpec.source``).
+        users_name, items_name: where the user and item tables came from, for messages.
+        has_ratings: False when the source had no rating column (every rating reads 1.0).
+        interactions_files: the Parquet files the out-of-core ``prepare`` reads instead of
+            ``interactions``, in name order; None: ``interactions`` holds the events.
+    """
+
     interactions: pd.DataFrame
     users: pd.DataFrame
     items: pd.DataFrame

@@ -27,7 +27,12 @@ if TYPE_CHECKING:
 
 
 def read_table(path: str | Path, what: str) -> pd.DataFrame:
-    """A CSV, TSV or Parquet file as a DataFrame; errors name the file (and line, for text)."""
+    """A CSV, TSV or Parquet file as a DataFrame; errors name the file (and line, for text).
+
+    Args:
+        path: a ``.csv`` or ``.txt`` (comma-separated), ``.tsv`` or ``.parquet`` file.
+        what: what the file holds (``interactions``, ``users``, ...), for error messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file not found: {path}")
@@ -85,7 +90,13 @@ def _side_table(path: str | None, id_column: str, key: str, interactions: pd.Dat
 
 
 def interactions_source(cfg: DataConfig) -> RawData:
-    """Your own data: an interactions table plus optional user and item feature tables."""
+    """Your own data: an interactions table plus optional user and item feature tables.
+
+    Args:
+        cfg: the ``data`` section (``interactions_path``: a file or a directory of Parquet files;
+            ``users_path``, ``items_path``, the column names, ``timestamp_format``,
+            ``genres_separator``, ``engine``).
+    """
     if not cfg.interactions_path:
         raise DataError("data.source=interactions needs data.interactions_path")
     path = Path(cfg.interactions_path)
@@ -344,7 +355,12 @@ def _title_year(titles: pd.Series) -> np.ndarray:
 
 
 def movielens(cfg: DataConfig) -> RawData:
-    """MovieLens 100K, 1M and the CSV family (latest-small, 20M, 25M, 32M) from ``cfg.data_dir``."""
+    """MovieLens 100K, 1M and the CSV family (latest-small, 20M, 25M, 32M) from ``cfg.data_dir``.
+
+    Args:
+        cfg: the ``data`` section (``source``: which archive; ``data_dir``: the folder it unpacked to;
+            ``on_bad_rows``).
+    """
     if not cfg.data_dir:
         raise DataError(f"data.source={cfg.source} needs data.data_dir (or --data-dir): the unpacked archive")
     root = Path(cfg.data_dir)
@@ -434,7 +450,11 @@ def _require_file_columns(frame: pd.DataFrame, columns: list[str], path: Path) -
 
 
 def load_raw(cfg: DataConfig) -> RawData:
-    """The source named by ``cfg.source``."""
+    """The source named by ``cfg.source``.
+
+    Args:
+        cfg: the ``data`` section.
+    """
     if cfg.source == "synthetic":
         return synthetic(cfg.synthetic)
     if cfg.source == "interactions":

@@ -24,7 +24,11 @@ if TYPE_CHECKING:
 
 
 def synthetic(cfg: SyntheticConfig) -> RawData:
-    """Generate a deterministic data set from ``cfg.seed``."""
+    """Generate a deterministic data set from ``cfg.seed``.
+
+    Args:
+        cfg: the ``data.synthetic`` section (sizes, clusters, probabilities, seed).
+    """
     rng = np.random.default_rng(cfg.seed)
     items, item_cluster, item_weight = _items(rng, cfg)
     users, liked, liked_weight = _users(rng, cfg)
@@ -166,6 +170,15 @@ def write_parquet(cfg: SyntheticConfig, out_dir, users_per_file: int = 500_000, 
 
     Block ``b`` draws from a generator seeded by (``cfg.seed``, b), so its events differ from
     :func:`synthetic`'s for the same config; memory is one block's. Returns the counts.
+
+    Args:
+        cfg: the ``data.synthetic`` section.
+        out_dir: the folder to write into; created if missing.
+        users_per_file: the users in each block (one interactions file each).
+        log: called with a progress line after each block.
+
+    Returns:
+        ``{"interactions", "users", "items"}``: how many of each were written.
     """
     from pathlib import Path
 

@@ -24,6 +24,17 @@ DEVICE_VARIABLE = "TWOTOWER_DEVICE"
 
 @dataclass(frozen=True)
 class DistEnv:
+    """Where this process runs: its rank, device and process group.
+
+    Args:
+        rank: this process's global rank.
+        local_rank: its rank on this host (the CUDA device index).
+        world_size: the number of processes.
+        device: the device this process computes on.
+        backend: the process group's backend: ``nccl`` on CUDA, ``gloo`` on CPU.
+        local_world_size: processes on this host (torchrun's ``LOCAL_WORLD_SIZE``).
+    """
+
     rank: int
     local_rank: int
     world_size: int
@@ -59,7 +70,11 @@ def _gpus_present() -> bool:
 
 
 def choose_device(local_rank: int) -> torch.device:
-    """The device ``TWOTOWER_DEVICE`` asks for (see :data:`DEVICE_VARIABLE`)."""
+    """The device ``TWOTOWER_DEVICE`` asks for (see :data:`DEVICE_VARIABLE`).
+
+    Args:
+        local_rank: this process's rank on its host: the index of its CUDA device.
+    """
     wanted = os.environ.get(DEVICE_VARIABLE, "auto").strip().lower() or "auto"
     if wanted not in ("auto", "cuda", "cpu"):
         raise ValueError(f"{DEVICE_VARIABLE}={wanted!r}: expected auto, cuda or cpu")
@@ -136,7 +151,11 @@ def collective_device() -> torch.device:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a clock."""
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a clock.
+
+    Args:
+        device: the device to wait for; a no-op unless it is CUDA.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -149,7 +168,15 @@ def barrier() -> None:
 
 def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:
     """Seed torch, numpy and random; model init uses ``seed`` on every rank so tables agree
-    (call :func:`seed_rank_streams` after building the model)."""
+    (call :func:`seed_rank_streams` after building the model).
+
+    Args:
+        seed: the run's seed: torch's on every rank.
+        rank: this process's rank, added to ``seed`` for numpy's and random's global streams.
+
+    Returns:
+        A numpy generator seeded with ``seed`` alone, the same on every rank.
+    """
     random.seed(seed + rank)
     torch.manual_seed(seed)
     np.random.seed(seed + rank)
@@ -159,6 +186,11 @@ def seed_everything(seed: int, rank: int = 0) -> np.random.Generator:
 def seed_rank_streams(seed: int, rank: int) -> None:
     """After the (identical) model init: give every rank but 0 its own torch stream, so dropout
     masks differ across ranks as they differ across the rows of one process's batch. Rank 0
-    continues the init stream, so a world of one draws what it always drew."""
+    continues the init stream, so a world of one draws what it always drew.
+
+    Args:
+        seed: the run's seed, as given to :func:`seed_everything`.
+        rank: this process's rank.
+    """
     if rank:
         torch.manual_seed(seed * 1_000_003 + rank)

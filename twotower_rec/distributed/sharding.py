@@ -109,7 +109,11 @@ SPARSE_LR_DEFAULTS = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 0.05, "ad
 
 
 def sparse_lr(train: TrainConfig) -> float:
-    """The table learning rate: ``train.sparse_lr``, or the optimizer's default when it is null."""
+    """The table learning rate: ``train.sparse_lr``, or the optimizer's default when it is null.
+
+    Args:
+        train: the ``train`` section (``sparse_lr``, ``sparse_optimizer``).
+    """
     return SPARSE_LR_DEFAULTS[train.sparse_optimizer] if train.sparse_lr is None else train.sparse_lr
 
 
@@ -157,6 +161,16 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
     ``training=False`` (evaluation, export) attaches plain SGD instead of the configured table
     optimizer: its state is never used there, and a checkpoint trained with a CUDA-only
     optimizer setting (fused Adam, decay on a one-feature table) loads on any machine.
+
+    Args:
+        model: the unsharded model, its tables on ``meta``.
+        env: this process's rank, device and world.
+        sharding: the ``sharding`` section: the sharding types the planner may choose, the compute kernel.
+        train: the ``train`` section: the table optimizer and its settings, and the seed of the tables' init.
+        training: ``False`` attaches plain SGD instead of the configured table optimizer (see above).
+
+    Returns:
+        The DMP-wrapped model, its tables initialised by :func:`init_tables`.
     """
     if sharding.compute_kernel == "fused_uvm_caching" and env.device.type != "cuda":
         raise ConfigError("sharding.compute_kernel=fused_uvm_caching keeps tables in CUDA unified memory: "
@@ -183,6 +197,13 @@ class DenseLayersWrapper(DefaultDataParallelWrapper):
     DDP's wrapping would. State-dict keys are the same either way (DMP strips DDP's prefix)."""
 
     def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
+        """Wrap ``dmp``'s dense layers in DDP with two or more processes; with one, move them to ``device``.
+
+        Args:
+            dmp: the model being wrapped.
+            env: TorchRec's sharding environment (its ``world_size``).
+            device: this rank's device.
+        """
         if env.world_size > 1:
             super().wrap(dmp, env, device)
         else:
@@ -214,6 +235,10 @@ def init_tables(model: nn.Module, seed: int) -> None:
     Each rank fills only the rows and columns of its own shards, and every placement (one
     process, table-, row- or column-wise over N) starts from the same tables, which is what
     lets N-process training reproduce one-process training.
+
+    Args:
+        model: the model, sharded (DMP) or not; its tables are filled in place.
+        seed: the run's seed (``train.seed``).
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
@@ -239,7 +264,11 @@ def init_tables(model: nn.Module, seed: int) -> None:
 
 
 def describe_plan(model: DistributedModelParallel) -> str:
-    """One line per table: sharding type, compute kernel, ranks."""
+    """One line per table: sharding type, compute kernel, ranks.
+
+    Args:
+        model: the DMP-wrapped model whose plan to describe.
+    """
     lines = []
     for module_path, module_plan in model.plan.plan.items():
         for table, spec in module_plan.items():  # type: ignore[union-attr]
@@ -249,7 +278,14 @@ def describe_plan(model: DistributedModelParallel) -> str:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU copies of every tensor, on every rank (a collective: all ranks call it)."""
+    """Unsharded CPU copies of every tensor, on every rank (a collective: all ranks call it).
+
+    Args:
+        model: the model, its tables sharded tensors or plain ones.
+
+    Returns:
+        Its state dict's keys, each with the whole tensor on the CPU.
+    """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 

@@ -51,7 +51,13 @@ def _train_matrix(data: PreparedData) -> torch.Tensor:
 
 
 def item_item(name: str, data: PreparedData, cfg: EvalConfig) -> torch.Tensor:
-    """The ``[V + 1, V + 1]`` item-to-item score matrix of a baseline."""
+    """The ``[V + 1, V + 1]`` item-to-item score matrix of a baseline.
+
+    Args:
+        name: the baseline, one of ``NAMES``.
+        data: the prepared data; only its training rows are used.
+        cfg: the ``eval`` section (``ease_lambda`` for ``ease``).
+    """
     if data.spec.num_items > MAX_ITEMS:
         raise DataError(f"--baselines builds dense item x item matrices: {data.spec.num_items} items is more than "
                         f"{MAX_ITEMS}")
@@ -109,7 +115,15 @@ def _history_weights(name: str, data: PreparedData, user: np.ndarray, position: 
 
 
 def rank_baseline(name: str, data: PreparedData, rows: np.ndarray, cfg: EvalConfig, k: int) -> torch.Tensor:
-    """Top-``k`` item codes ``[Q, k]`` of one baseline for the events ``rows`` (-1 pads)."""
+    """Top-``k`` item codes ``[Q, k]`` of one baseline for the events ``rows`` (-1 pads).
+
+    Args:
+        name: the baseline, one of ``NAMES``.
+        data: the prepared data.
+        rows: ``[Q]`` interaction rows of the evaluated events; each query is its user's events before its row.
+        cfg: the ``eval`` section: ``filter_seen``, ``user_chunk`` (queries scored at a time), the baselines' settings.
+        k: items per list; clipped to ``[1, V]``.
+    """
     user = np.asarray(data.user)[rows]
     seen = seen_items(data, user, rows) if cfg.filter_seen else (None, None)
     invalid = torch.zeros(data.spec.num_items + 1, dtype=torch.bool)

@@ -10,7 +10,16 @@ import torch
 
 
 def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """``top_items`` ``[Q, K]`` ranked item codes, ``targets`` ``[Q]`` -> Recall/HR/NDCG@k and MRR."""
+    """``top_items`` ``[Q, K]`` ranked item codes, ``targets`` ``[Q]`` -> Recall/HR/NDCG@k and MRR.
+
+    Args:
+        top_items: ``[Q, K]`` ranked item codes per query, best first (``-1`` pads short lists).
+        targets: ``[Q]`` the held-out item code of each query.
+        ks: the cut-offs ``k``.
+
+    Returns:
+        Means over the queries: ``recall@k``, ``hr@k`` and ``ndcg@k`` for each ``k`` in ``ks``, and ``mrr``.
+    """
     if top_items.shape[0] == 0:
         raise ValueError("no queries to evaluate")
     hit = top_items == targets.unsqueeze(1)  # [Q, K]; at most one True per row
@@ -29,7 +38,15 @@ def ranking_metrics(top_items: torch.Tensor, targets: torch.Tensor, ks: list[int
 
 
 def format_table(results: dict[str, dict[str, float]], ks: list[int]) -> str:
-    """Models as rows, metrics as columns."""
+    """Models as rows, metrics as columns.
+
+    Args:
+        results: model name -> its metrics: ``recall@k`` and ``ndcg@k`` for each ``k`` in ``ks``, and ``mrr``.
+        ks: the cut-offs shown.
+
+    Returns:
+        The table as text: a header line, a rule, one line per model.
+    """
     columns = [f"{m}@{k}" for m in ("recall", "ndcg") for k in ks] + ["mrr"]
     header = f"{'model':<12}" + "".join(f"{c:>11}" for c in columns)
     lines = [header, "-" * len(header)]

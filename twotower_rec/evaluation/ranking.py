@@ -35,7 +35,16 @@ EmbedFn = Callable[..., torch.Tensor]
 
 
 def seen_items(data: PreparedData, user: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR of each query's items at rows ``[user start, position)``: what the user had seen."""
+    """CSR of each query's items at rows ``[user start, position)``: what the user had seen.
+
+    Args:
+        data: the prepared data.
+        user: ``[Q]`` user codes.
+        position: ``[Q]`` interaction rows; query ``q`` saw its user's items before row ``position[q]``.
+
+    Returns:
+        ``(offsets [Q + 1], values)``: query ``q``'s item codes are ``values[offsets[q]:offsets[q + 1]]``.
+    """
     return ranges_csr(np.asarray(data.item), data.user_offsets[user - 1], position)
 
 
@@ -45,6 +54,12 @@ def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 409
     """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended).
 
     Under a process group each rank encodes its share of the catalog; all ranks get the whole.
+
+    Args:
+        encode_items: the item tower, ``(kjt, dense) -> [B, D]``.
+        batcher: builds the item features of item codes.
+        chunk: items encoded at a time.
+        device: where to run ``encode_items``; ``None``: the features stay where ``batcher`` builds them.
     """
     codes = np.arange(batcher.spec.num_items + 1, dtype=np.int64)
     local = local_part(codes)
@@ -64,6 +79,15 @@ def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, 
 
     Under a process group each rank encodes its share of the queries; with ``gather`` all
     ranks get the whole, without it each keeps its (padded) share of :func:`local_part`.
+
+    Args:
+        encode_query: the query tower, ``kjt -> [B, D]``.
+        batcher: builds the query features.
+        user: ``[Q]`` user codes.
+        position: ``[Q]`` interaction rows; query ``q`` sees its user's events strictly before row ``position[q]``.
+        chunk: queries encoded at a time.
+        device: where to run ``encode_query``; ``None``: the features stay where ``batcher`` builds them.
+        gather: return every rank's queries (``True``) or only this rank's padded share.
     """
     local_user, local_position = local_part(user), local_part(position)
     parts = []
@@ -76,7 +100,16 @@ def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, 
 
 def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: tuple | None,
                  chunk: int) -> torch.Tensor:
-    """Top-``k`` item codes ``[Q, k]``; never the OOV code 0 nor a seen item (``-1`` pads short lists)."""
+    """Top-``k`` item codes ``[Q, k]``; never the OOV code 0 nor a seen item (``-1`` pads short lists).
+
+    Args:
+        query_emb: ``[Q, D]`` query embeddings.
+        item_emb: ``[V + 1, D]`` item embeddings by item code; row 0 is the OOV bucket.
+        k: items per list; clipped to ``[1, V]``.
+        seen: CSR ``(offsets [Q + 1], values)`` of item codes to leave out per query (:func:`seen_items`);
+            ``None``: leave none out.
+        chunk: queries scored against the whole catalog at a time.
+    """
     invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool)
     invalid[0] = True
     offsets, values = seen if seen is not None else (None, None)
@@ -87,6 +120,14 @@ def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: 
 
 
 def evaluation_rows(data: PreparedData, split: int, max_users: int, seed: int) -> np.ndarray:
+    """``[Q]`` interaction rows of the events of ``split`` to evaluate, in row order.
+
+    Args:
+        data: the prepared data.
+        split: the split code (``TRAIN``, ``VALIDATION`` or ``TEST`` of ``data/splits.py``).
+        max_users: keep a random sample of this many events when there are more; ``0``: keep every event.
+        seed: seed of the sample.
+    """
     rows = data.rows(split)
     if max_users and rows.size > max_users:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_users, replace=False))
@@ -95,7 +136,14 @@ def evaluation_rows(data: PreparedData, split: int, max_users: int, seed: int) -
 
 @dataclass
 class SplitRanking:
-    """Ranked item codes per evaluated event: ``top[name]`` ``[Q, K]`` (``-1`` pads short lists)."""
+    """Ranked item codes per evaluated event: ``top[name]`` ``[Q, K]`` (``-1`` pads short lists).
+
+    Args:
+        rows: ``[Q]`` interaction rows of the evaluated events.
+        user: ``[Q]`` their user codes.
+        targets: ``[Q]`` their held-out item codes.
+        top: list name (``model``, ``popularity``, a baseline) -> ``[Q, K]`` ranked item codes, best first.
+    """
 
     rows: np.ndarray
     user: np.ndarray
@@ -106,7 +154,20 @@ class SplitRanking:
 def rank_split(encode_query: EmbedFn, encode_items: EmbedFn, data: PreparedData, batcher: Batcher, cfg: EvalConfig,
                split: int, seed: int = 0, with_popularity: bool = True,
                device: torch.device | None = None) -> SplitRanking:
-    """Rank the catalog for every event of ``split`` with the model (and most-popular)."""
+    """Rank the catalog for every event of ``split`` with the model (and most-popular).
+
+    Args:
+        encode_query: the query tower, ``kjt -> [B, D]``.
+        encode_items: the item tower, ``(kjt, dense) -> [B, D]``.
+        data: the prepared data.
+        batcher: builds the towers' features from ``data``.
+        cfg: the ``eval`` section: ``ks`` (lists are ``max(ks)`` long), ``filter_seen``, ``max_users``,
+            ``user_chunk``.
+        split: the split code to evaluate (``data/splits.py``).
+        seed: seed of the ``max_users`` sample.
+        with_popularity: also rank by training interaction counts (``top["popularity"]``).
+        device: where to run the towers; ``None``: the features stay where ``batcher`` builds them.
+    """
     rows = evaluation_rows(data, split, cfg.max_users, seed)
     if rows.size == 0:
         raise DataError(f"the {split_name(split)} split of {data.dir} is empty: nothing to evaluate")
@@ -137,20 +198,49 @@ def evaluate(
     with_popularity: bool = True,
     device: torch.device | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``."""
+    """Metrics of the model (and most-popular) on one split: ``{"model": {...}, "popularity": {...}}``.
+
+    Args:
+        encode_query: the query tower, ``kjt -> [B, D]``.
+        encode_items: the item tower, ``(kjt, dense) -> [B, D]``.
+        data: the prepared data.
+        batcher: builds the towers' features from ``data``.
+        cfg: the ``eval`` section: ``ks``, ``filter_seen``, ``max_users``, ``user_chunk``.
+        split: the split code to evaluate (``data/splits.py``).
+        seed: seed of the ``max_users`` sample.
+        with_popularity: also rank by training interaction counts (``popularity``).
+        device: where to run the towers; ``None``: the features stay where ``batcher`` builds them.
+    """
     ranking = rank_split(encode_query, encode_items, data, batcher, cfg, split, seed, with_popularity, device)
     return split_metrics(ranking, cfg.ks)
 
 
 def split_metrics(ranking: SplitRanking, ks: list[int]) -> dict[str, dict[str, float]]:
     """Each ranked list's metrics, with the number of evaluated ``events`` and of distinct
-    ``users`` (one event per user under leave-last-out; any number under the other splits)."""
+    ``users`` (one event per user under leave-last-out; any number under the other splits).
+
+    Args:
+        ranking: the ranked lists of :func:`rank_split`.
+        ks: the cut-offs ``k``.
+    """
     counts = {"events": float(ranking.rows.size), "users": float(np.unique(ranking.user).size)}
     return {name: {**ranking_metrics(top, ranking.targets, ks), **counts} for name, top in ranking.top.items()}
 
 
 def save_topk(ranking: SplitRanking, data: PreparedData, path: str | Path, name: str = "model") -> Path:
-    """Each evaluated event's ranked raw item ids and its held-out raw item id (.npz or .parquet)."""
+    """Each evaluated event's ranked raw item ids and its held-out raw item id (.npz or .parquet).
+
+    Columns: ``user``, ``held_out_item``, ``top_items`` (and ``timestamp`` in a .npz).
+
+    Args:
+        ranking: the ranked lists of :func:`rank_split`.
+        data: the prepared data ``ranking`` was made from (for the raw ids).
+        path: the file to write; its suffix, ``.npz`` or ``.parquet``, picks the format (folders are created).
+        name: which list of ``ranking.top`` to save.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     top = ranking.top[name].numpy()

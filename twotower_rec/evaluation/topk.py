@@ -23,9 +23,20 @@ def chunked_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` columns of ``queries @ items.T`` ``[Q, N]`` -> (scores ``[Q, k]``, indices ``[Q, k]``).
 
-    ``exclude_offsets`` ``[Q + 1]`` / ``exclude_values``: CSR of columns to drop per query
-    (items already seen). ``invalid_columns``: a ``[N]`` bool mask dropped for every query
-    (the out-of-vocabulary row).
+    Args:
+        queries: ``[Q, D]`` query vectors.
+        items: ``[N, D]`` catalog rows.
+        k: columns per query; clipped to ``N``.
+        exclude_offsets, exclude_values: CSR of columns to drop per query (items already seen): query ``q``'s are
+            ``exclude_values[exclude_offsets[q]:exclude_offsets[q + 1]]``, ``exclude_offsets`` ``[Q + 1]``;
+            ``None``: drop none.
+        chunk: queries scored at a time.
+        invalid_columns: ``[N]`` bool mask of columns dropped for every query (the out-of-vocabulary row).
+        max_scores: the most scores held at once; lowers ``chunk`` on a large catalog (same result).
+
+    Returns:
+        Scores and column indices, best first. A dropped column scores ``-inf``: it is listed only when fewer
+        than ``k`` columns are left.
     """
     k = min(k, items.shape[0])
     chunk = max(1, min(chunk, max_scores // max(items.shape[0], 1)))  # rows are independent: same result

@@ -37,6 +37,18 @@ class MemberQueryEncoder(nn.Module):
     def __init__(self, weights: list[torch.Tensor], poolings: list[str], mlp: nn.Sequential,
                  sequence_table: torch.Tensor | None = None, sequence_pooling: nn.Module | None = None,
                  join_add: bool = False) -> None:
+        """Copy the tables into frozen ``nn.EmbeddingBag`` modules; ``mlp`` and ``sequence_pooling`` are used as given.
+
+        Args:
+            weights: one ``[rows, E]`` table per pooled input, in input order (cloned).
+            poolings: each table's pooling, ``"sum"`` or ``"mean"``.
+            mlp: the query tower's MLP; its output is L2-normalised into the ``[B, D]`` embeddings.
+            sequence_table: ``[V + 1, E]`` item table of a history encoder (``model.history_encoder=transformer``
+                or ``causal``), which reads the last input; ``None``: every input is pooled.
+            sequence_pooling: that history encoder, scriptable, ``(values [N, E], lengths [B]) -> [B, n * E]``;
+                given with ``sequence_table``.
+            join_add: sum the ``E``-wide inputs (``model.user_join=add``) instead of concatenating them.
+        """
         super().__init__()
         self.join_add = join_add  # model.user_join=add: the inputs (E-wide parts) are summed, not concatenated
         self.dim = sequence_table.shape[1] if sequence_table is not None else 1
@@ -77,6 +89,15 @@ class QueryEncoder(nn.Module):
     def __init__(self, members: list[MemberQueryEncoder], feature_names: list[str] | None = None,
                  vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0,
                  hashed: dict[str, int] | None = None) -> None:
+        """Combine the member encoders; without ``vocabularies`` only :meth:`forward` (codes) works.
+
+        Args:
+            members: one :class:`MemberQueryEncoder` per model member, all taking the same inputs.
+            feature_names: the query features in input order (``model.query_feature_order``).
+            vocabularies: per feature, raw value (a string) -> code (:func:`raw_vocabularies`), for ``encode_raw``.
+            history_length: how many of a raw history's last items ``history`` keeps.
+            hashed: hashed id feature (``data.hash_buckets``) -> its bucket count; :func:`hash_row` gives its codes.
+        """
         super().__init__()
         self.members = nn.ModuleList(members)
         self.scale = 1.0 / float(np.sqrt(len(members)))
@@ -91,7 +112,12 @@ class QueryEncoder(nn.Module):
 
     @torch.jit.export
     def encode_raw(self, features: Dict[str, List[List[str]]]) -> torch.Tensor:
-        """Raw values (strings), ``B`` rows per feature -> ``[B, K * D]``; see ``export/__init__.py``."""
+        """Raw values (strings), ``B`` rows per feature -> ``[B, K * D]``; see ``export/__init__.py``.
+
+        Args:
+            features: query feature name -> one list of raw values per row, ``B`` rows for every feature given;
+                unknown values and features left out are the out-of-vocabulary bucket.
+        """
         values, lengths = self.encode_inputs(features)
         return self.forward(values, lengths)
 
@@ -99,7 +125,11 @@ class QueryEncoder(nn.Module):
     def encode_inputs(self, features: Dict[str, List[List[str]]]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Raw values per feature and row -> the codes :meth:`forward` takes, one ``(values,
         lengths)`` pair per name in ``feature_names``. The history and recent items go through
-        the same functions as training batches (``data/query_inputs.py``)."""
+        the same functions as training batches (``data/query_inputs.py``).
+
+        Args:
+            features: as :meth:`encode_raw` takes them; a feature left out is ``B`` empty rows.
+        """
         batch = self._batch_size(features)
         values: List[torch.Tensor] = []
         lengths: List[torch.Tensor] = []
@@ -185,7 +215,12 @@ def _utf8(text: str) -> List[int]:
 
 def hash_row(text: str, buckets: int) -> int:
     """The row of a hashed raw id, ``1 + hash % buckets``: what ``features.hash_rows`` gives
-    ``prepare`` for the same id, one string at a time (TorchScript)."""
+    ``prepare`` for the same id, one string at a time (TorchScript).
+
+    Args:
+        text: the raw id as a string.
+        buckets: the feature's number of hash buckets (``data.hash_buckets``).
+    """
     h = 2166136261
     for byte in _utf8(text):
         h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
@@ -194,7 +229,12 @@ def hash_row(text: str, buckets: int) -> int:
 
 def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str, int]]:
     """Raw value (as a string) -> code for every query feature (code 0: unknown). A user's raw
-    id has a code only when the user had training events (``PreparedData.user_features``)."""
+    id has a code only when the user had training events (``PreparedData.user_features``).
+
+    Args:
+        data: the prepared data.
+        names: the query features; a hashed one (``data.hash_buckets``) gets an empty vocabulary.
+    """
     out = {}
     for name in names:
         keep = None
@@ -236,7 +276,13 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
 def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
                         data: PreparedData | None = None) -> QueryEncoder:
     """A :class:`QueryEncoder` from an unsharded TwoTower (or Ensemble: one member encoder each).
-    With ``data`` the encoder also maps raw values (``encode_raw``)."""
+
+    Args:
+        model: the trained model, unsharded; its query-side tables are copied, its query MLPs used as they are.
+        features: the query features (``FeatureSpec.query_features``): each one's table and pooling.
+        data: the prepared data, for the raw-value vocabularies, the history length and the hash buckets;
+            ``None``: an encoder of codes only (no ``encode_raw``).
+    """
     members = list(model.members) if isinstance(model, Ensemble) else [model]
     names = list(model.query_feature_order)
     vocabularies = raw_vocabularies(data, names) if data is not None else {}

@@ -87,10 +87,18 @@ def chunked_in_batch_softmax(query: torch.Tensor, item: torch.Tensor, temperatur
                              chunk: int = 4096) -> torch.Tensor:
     """The in-batch softmax loss of :func:`~twotower_rec.losses.softmax.in_batch_softmax` (same
     arguments, same value and gradients up to float32 summation order), computed over ``chunk``
-    candidates at a time so no ``[B, N]`` matrix is ever held: ``query`` ``[B, D]``, ``item``
-    ``[N, D]`` with row ``b``'s positive at ``b + positive_offset``, optional ``item_ids``
-    ``[N]`` (accidental hits masked) and ``log_q`` ``[N]``; ``temperature`` a float or a scalar
-    tensor (its gradient is returned when it requires one)."""
+    candidates at a time so no ``[B, N]`` matrix is ever held.
+
+    Args:
+        query: ``[B, D]`` the queries.
+        item: ``[N, D]`` the candidates; row ``b``'s positive is candidate ``b + positive_offset``.
+        temperature: a float or a scalar tensor (its gradient is returned when it requires one).
+        item_ids: ``[N]`` the candidates' item codes: a candidate with its row's positive's id is masked in that
+            row (an accidental hit); ``None``: no mask.
+        positive_offset: the candidate of row 0's positive.
+        log_q: ``[N]`` subtracted from each candidate's logit (logQ correction); ``None``: no correction.
+        chunk: ``C``, the candidates scored at a time (>= 1).
+    """
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
     return _ChunkedSoftmax.apply(query, item, temperature, item_ids, positive_offset, log_q, chunk)

@@ -19,14 +19,26 @@ OBJECTIVES = ("bce", "mse")
 
 
 def targets(ratings: torch.Tensor, objective: str, threshold: float) -> torch.Tensor:
-    """``[B]`` ratings -> ``[B]`` labels (bce: 1.0 at or above ``threshold``) or the ratings (mse)."""
+    """``[B]`` ratings -> ``[B]`` labels (bce: 1.0 at or above ``threshold``) or the ratings (mse).
+
+    Args:
+        ratings: ``[B]`` the positives' ratings.
+        objective: ``bce`` or ``mse``.
+        threshold: bce's label is ``rating >= threshold``; mse ignores it.
+    """
     if objective == "bce":
         return (ratings >= threshold).float()
     return ratings.float()
 
 
 def loss(scores: torch.Tensor, target: torch.Tensor, objective: str) -> torch.Tensor:
-    """Mean BCE of ``[N]`` logits, or mean squared error of ``[N]`` predicted ratings."""
+    """Mean BCE of ``[N]`` logits, or mean squared error of ``[N]`` predicted ratings.
+
+    Args:
+        scores: ``[N]`` the pairs' scores: logits (bce) or predicted ratings (mse).
+        target: ``[N]`` their labels (bce) or ratings (mse), as :func:`targets` gives them.
+        objective: ``bce`` or ``mse``.
+    """
     if objective == "bce":
         return F.binary_cross_entropy_with_logits(scores, target)
     return F.mse_loss(scores, target)

@@ -19,6 +19,11 @@ class BagHistory(HistoryEncoder):
 
     @classmethod
     def build(cls, spec, cfg, device=None) -> "BagHistory":
-        """Args (unused; every encoder is built alike): spec, the feature spec; cfg, the model
-        section; device, where tables go."""
+        """The bag encoder; its arguments are unused (every encoder is built alike).
+
+        Args:
+            spec: the feature spec.
+            cfg: the ``model`` section.
+            device: where tables go.
+        """
         return cls()

@@ -78,7 +78,11 @@ class CausalEncoder(nn.Module):
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout at ``model.encoder_dropout`` in training (identity in evaluation): a share p
-        of the entries zeroed, the rest scaled by 1 / (1 - p), the mask drawn by ``rand_like``."""
+        of the entries zeroed, the rest scaled by 1 / (1 - p), the mask drawn by ``rand_like``.
+
+        Args:
+            x: the activations, of any shape.
+        """
         if not self.training or self.p == 0.0:
             return x
         return x * torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # the mask as 0 / 1 floats, in place
@@ -87,7 +91,14 @@ class CausalEncoder(nn.Module):
                out_bias: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
         """``[B, T, E]`` -> ``[B, T, E]``: multi-head self-attention with a layer's ``self_attn``
         weights (passed as tensors: TorchScript types a module argument by its first compiled
-        shape), ``causal`` ``[T, T]`` added to the scores (-inf above the diagonal)."""
+        shape).
+
+        Args:
+            x: ``[B, T, E]`` the layer's normalised input.
+            in_weight, in_bias: ``[3E, E]`` and ``[3E]``, the query, key and value projection (``in_proj_*``).
+            out_weight, out_bias: ``[E, E]`` and ``[E]``, the output projection (``out_proj``).
+            causal: ``[T, T]`` added to the scores: 0 on and below the diagonal, -inf above it.
+        """
         rows, slots, dim = x.shape
         heads = self.heads
         qkv = F.linear(x, in_weight, in_bias)
@@ -97,9 +108,12 @@ class CausalEncoder(nn.Module):
         return F.linear(mixed.transpose(1, 2).reshape(rows, slots, dim), out_weight, out_bias)
 
     def encode(self, padded: torch.Tensor) -> torch.Tensor:
-        """``padded`` ``[B, T, E]`` (each row's items in its first slots, zeros after) -> ``[B, T, E]``
-        (``with_mean``: ``[B, T, 2E]``, then the mean of the items in slots 0..t): slot t's
-        output reads slots 0..t only (pad slots' outputs are unused)."""
+        """``[B, T, E]`` -> ``[B, T, E]`` (``with_mean``: ``[B, T, 2E]``, then the mean of the items in
+        slots 0..t): slot t's output reads slots 0..t only (pad slots' outputs are unused).
+
+        Args:
+            padded: ``[B, T, E]`` each row's items in its first slots, oldest first, zeros after (:meth:`pad`).
+        """
         slots = torch.arange(padded.shape[1], device=padded.device)
         x = self.drop(self.input_norm(padded + self.positions(slots).unsqueeze(0)))
         causal = torch.full((slots.shape[0], slots.shape[0]), float("-inf"), device=padded.device,
@@ -117,7 +131,12 @@ class CausalEncoder(nn.Module):
 
     def pad(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Jagged ``values`` ``[N, E]`` -> ``[B, T, E]`` right-padded with zeros (at most T per row:
-        the callers never pass more)."""
+        the callers never pass more).
+
+        Args:
+            values: ``[N, E]`` every row's items, row after row, each row's oldest first.
+            lengths: ``[B]`` (long) each row's item count.
+        """
         rows = lengths.shape[0]
         starts = torch.cumsum(lengths, 0) - lengths
         row = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths)
@@ -127,7 +146,12 @@ class CausalEncoder(nn.Module):
         return padded
 
     def last(self, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """``[B, T, E]`` states -> ``[B, E]`` the state at each row's most recent item (zeros when empty)."""
+        """``[B, T, E]`` states -> ``[B, E]`` the state at each row's most recent item (zeros when empty).
+
+        Args:
+            states: ``[B, T, E]`` (``with_mean``: ``[B, T, 2E]``) the states at every slot (:meth:`encode`).
+            lengths: ``[B]`` (long) each row's item count: its most recent item is in slot ``lengths - 1``.
+        """
         rows = torch.arange(states.shape[0], device=states.device)
         out = states[rows, (lengths - 1).clamp(min=0)]
         return out * (lengths > 0).unsqueeze(1).to(out.dtype)
@@ -167,15 +191,26 @@ class CausalHistory(HistoryEncoder):
 
     @classmethod
     def build(cls, spec, cfg, device=None) -> "CausalHistory":
-        """From the feature spec (a history feature naming an item-tower table shares it) and
-        the model section."""
+        """From the feature spec and the model section.
+
+        Args:
+            spec: the feature spec: the catalog size, ``T``, and the history feature's table (one naming an
+                item-tower table shares it).
+            cfg: the ``model`` section (``embedding_dim``, ``encoder_*``, ``history_mean``, ``user_join``).
+            device: where its own table is built (``meta`` when None).
+        """
         history = next(f for f in spec.query_features if f.name == HISTORY)
         shared = history.table if history.table in {f.table for f in spec.item_features} else None
         return cls(spec.num_items + 1, cfg.embedding_dim, spec.history_length, cfg.encoder_layers, cfg.encoder_heads,
                    cfg.encoder_dropout, cfg.history_mean, shared, cfg.user_join, device)
 
     def states(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(``[B, T, V * E]`` the encoder's state at every slot, ``[B]`` history lengths)."""
+        """(``[B, T, V * E]`` the encoder's state at every slot, ``[B]`` history lengths).
+
+        Args:
+            features: the query KJT (``B`` rows; its ``history`` key holds each row's items, oldest first).
+            item_tower: the model's item tower, whose table a shared history reads (``features.share_item_table``).
+        """
         history = features[HISTORY]
         lengths = history.lengths().long()
         max_length = self.encoder.max_length

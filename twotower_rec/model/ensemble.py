@@ -28,6 +28,9 @@ from twotower_rec.model.two_tower import TwoTower
 
 class Ensemble(nn.Module):
     def __init__(self, members: list[TwoTower]) -> None:
+        """Args:
+            members: the ``K`` >= 2 trained retrieval models, of one feature spec and output dim ``D``.
+        """
         super().__init__()
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
@@ -41,11 +44,20 @@ class Ensemble(nn.Module):
         return torch.cat(parts, dim=1) * self.scale
 
     def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Query KJT (B rows) -> ``[B, K * D]``."""
+        """Query KJT (B rows) -> ``[B, K * D]``.
+
+        Args:
+            features: the query KJT, as every member's :meth:`TwoTower.encode_query` takes it.
+        """
         return self._join([member.encode_query(features) for member in self.members])
 
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, K * D]``."""
+        """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, K * D]``.
+
+        Args:
+            features: the item KJT (B rows).
+            dense: ``[B, Dd]`` the items' dense features.
+        """
         return self._join([member.encode_items(features, dense) for member in self.members])
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,13 @@ HISTORY_ENCODERS: dict[str, type] = {"bag": BagHistory, "transformer": Transform
 
 
 def history_encoder(model_cfg: ModelConfig, spec: FeatureSpec, device: torch.device | None = None) -> HistoryEncoder:
-    """The history encoder ``model.history_encoder`` names (the bag when the spec has no history)."""
+    """The history encoder ``model.history_encoder`` names (the bag when the spec has no history).
+
+    Args:
+        model_cfg: the model section.
+        spec: the prepared data's features.
+        device: where the encoder's tables are built (``meta`` by default).
+    """
     if HISTORY not in spec.query_keys:
         return BagHistory()
     return HISTORY_ENCODERS[model_cfg.history_encoder].build(spec, model_cfg, device)
@@ -85,6 +91,10 @@ def build_model(cfg: Config, task: Task, data: PreparedData, env: DistEnv,
 
 
 def towers(model: DistributedModelParallel) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
-    """(encode_query, encode_items) of a DMP-wrapped TwoTower or Ensemble."""
+    """(encode_query, encode_items) of a DMP-wrapped TwoTower or Ensemble.
+
+    Args:
+        model: the model :func:`build_model` returned.
+    """
     inner = model.module
     return inner.encode_query, inner.encode_items

@@ -23,7 +23,12 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_configs(features: list[Feature], embedding_dim: int) -> list[EmbeddingBagConfig]:
-    """One EmbeddingBagConfig per table, in first-use order; features naming the same table share it."""
+    """One EmbeddingBagConfig per table, in first-use order; features naming the same table share it.
+
+    Args:
+        features: the sparse features; those sharing a table must agree on its size and pooling.
+        embedding_dim: ``E``, every table's columns.
+    """
     by_table: dict[str, list[Feature]] = {}
     for f in features:
         by_table.setdefault(f.table, []).append(f)
@@ -42,7 +47,14 @@ def table_configs(features: list[Feature], embedding_dim: int) -> list[Embedding
 
 
 def mlp(in_dim: int, hidden: list[int], out_dim: int, dropout: float) -> nn.Sequential:
-    """Linear -> ReLU (-> Dropout) per hidden size, then a linear projection to ``out_dim``."""
+    """Linear -> ReLU (-> Dropout) per hidden size, then a linear projection to ``out_dim``.
+
+    Args:
+        in_dim: the input width.
+        hidden: the hidden layers' widths, in order (empty: the projection alone).
+        out_dim: the output width.
+        dropout: after each hidden ReLU; 0 adds no Dropout layer.
+    """
     layers: list[nn.Module] = []
     for width in hidden:
         layers += [nn.Linear(in_dim, width), nn.ReLU()]
@@ -80,6 +92,18 @@ class Tower(nn.Module):
         lent_features: list[Feature] | None = None,
         join: str = "concat",
     ) -> None:
+        """Args:
+            features: the features of this tower's MLP, pooled in this order.
+            embedding_dim: ``E``.
+            dense_dim: ``Dd``, the dense input's width.
+            mlp_dims: the MLP's hidden widths (``model.mlp_dims``).
+            output_dim: ``D`` (``model.output_dim``).
+            dropout: after each hidden layer (``model.dropout``).
+            device: where the tables are built (``meta`` by default: sharding materialises them).
+            lent_features: features looked up in this tower's tables for the other tower (not this MLP's).
+            join: ``concat`` puts the pooled features and the dense input side by side; ``add`` sums them
+                (the MLP's input is then ``E`` wide).
+        """
         super().__init__()
         self.feature_names = [f.name for f in features]
         configs = table_configs(features + list(lent_features or []), embedding_dim)
@@ -98,6 +122,10 @@ class Tower(nn.Module):
 
         A sharded collection may return features grouped differently (e.g. by pooling type)
         from an unsharded one: columns are picked by name so every placement agrees.
+
+        Args:
+            features: a KJT of the collection's features (None only when ``names`` is empty).
+            names: the features to return, in order.
         """
         if not names:
             return []
@@ -105,12 +133,21 @@ class Tower(nn.Module):
         return [by_name[name] for name in names]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, F * E + Dd]`` (join add: ``[B, E]``) -> ``[B, D]``: the MLP, then L2 normalisation."""
+        """``[B, F * E + Dd]`` (join add: ``[B, E]``) -> ``[B, D]``: the MLP, then L2 normalisation.
+
+        Args:
+            x: the MLP's input (:meth:`joined`); its rows may be positions instead of rows of the batch.
+        """
         return F.normalize(self.mlp(x), dim=-1)
 
     def joined(self, pooled: list[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
         """F x ``[B, E]`` pooled features and ``[B, Dd]`` dense -> the MLP's input: side by side,
-        or (join add, ``Dd`` a multiple of E) the sum of the features and of dense's E-wide parts."""
+        or (join add, ``Dd`` a multiple of E) the sum of the features and of dense's E-wide parts.
+
+        Args:
+            pooled: F x ``[B, E]`` the pooled features (:meth:`pool`).
+            dense: ``[B, Dd]`` the dense input.
+        """
         if self.join == "add":
             return torch.stack([*pooled, *dense.split(self.embedding_dim, dim=1)]).sum(0)
         return torch.cat([*pooled, dense], dim=1)

@@ -89,7 +89,13 @@ class TransformerHistory(HistoryEncoder):
 
     @classmethod
     def build(cls, spec, cfg, device=None) -> "TransformerHistory":
-        """From the feature spec and the model section (``model.encoder_*``)."""
+        """From the feature spec and the model section (``model.encoder_*``).
+
+        Args:
+            spec: the feature spec (the catalog size and ``features.history_length``).
+            cfg: the ``model`` section (``embedding_dim``, ``encoder_layers``, ``encoder_heads``, ``encoder_dropout``).
+            device: where the table is built (``meta`` when None).
+        """
         return cls(spec.num_items + 1, cfg.embedding_dim, spec.history_length, cfg.encoder_layers,
                    cfg.encoder_heads, cfg.encoder_dropout, device)
 

@@ -77,7 +77,11 @@ class TwoTower(nn.Module):
         self._items_lend = bool(lent)
 
     def encode_query(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Query KJT (B rows) -> ``[B, D]``."""
+        """Query KJT (B rows) -> ``[B, D]``.
+
+        Args:
+            features: the query KJT: the query tower's features, any borrowed from the item tower, and the history.
+        """
         extra = []
         if self.borrowed:
             lent = with_keys(features, self.item_tower.collection_feature_names)
@@ -89,8 +93,12 @@ class TwoTower(nn.Module):
 
     def encode_positions(self, features: KeyedJaggedTensor, first: torch.Tensor | None = None) -> torch.Tensor:
         """Query KJT of B windows (``history``: each window's input items, oldest first) ->
-        ``[P, D]``: the query at every position from ``first`` ``[B]`` on (default 0: all),
-        windows in order, positions oldest first."""
+        ``[P, D]``: the query at every position from ``first`` on, windows in order, positions oldest first.
+
+        Args:
+            features: the query KJT of B windows.
+            first: ``[B]`` each window's first scored position; None: every position.
+        """
         states, lengths = self.history.states(features, self.item_tower)
         slots = torch.arange(states.shape[1], device=states.device).unsqueeze(0)
         valid = slots < lengths.unsqueeze(1)
@@ -109,7 +117,12 @@ class TwoTower(nn.Module):
         return with_keys(features, names) if names else None
 
     def encode_items(self, features: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``."""
+        """Item KJT (B rows) + ``[B, Dd]`` -> ``[B, D]``.
+
+        Args:
+            features: the item KJT (B rows) of the item tower's own features.
+            dense: ``[B, Dd]`` the items' dense features.
+        """
         if self._items_lend:  # the collection also holds features lent to the query side
             features = with_keys(features, self.item_tower.collection_feature_names)
         return self.item_tower(features, dense)

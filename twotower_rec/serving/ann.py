@@ -30,6 +30,17 @@ def _faiss():
 
 @dataclass
 class AnnParams:
+    """Which faiss index to build, and its parameters.
+
+    Args:
+        kind: ``flat`` (exact), ``hnsw`` or ``ivf``.
+        hnsw_m: the HNSW graph degree.
+        hnsw_ef_construction: HNSW candidates explored per added vector.
+        hnsw_ef_search: HNSW candidates explored per query.
+        ivf_nlist: IVF clusters; ``0``: about ``4 * sqrt(N)``, at most ``N / 39``.
+        ivf_nprobe: IVF clusters searched per query (at most ``ivf_nlist``).
+    """
+
     kind: str = "hnsw"
     hnsw_m: int = 32  # graph degree
     hnsw_ef_construction: int = 200
@@ -39,7 +50,12 @@ class AnnParams:
 
 
 def build_index(vectors: np.ndarray, params: AnnParams):
-    """A faiss index over ``vectors`` ``[N, D]`` float32 (row r = id r)."""
+    """A faiss index over ``vectors`` ``[N, D]`` float32 (row r = id r).
+
+    Args:
+        vectors: ``[N, D]`` item embeddings (cast to float32).
+        params: the index kind and its parameters.
+    """
     faiss = _faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
@@ -62,7 +78,13 @@ def build_index(vectors: np.ndarray, params: AnnParams):
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) ``[Q, k]``; rows are -1 where the index returned fewer than k."""
+    """(scores, rows) ``[Q, k]``; rows are -1 where the index returned fewer than k.
+
+    Args:
+        index: a faiss index (:func:`build_index`, :func:`read`).
+        queries: ``[Q, D]`` query embeddings (cast to float32).
+        k: results per query; clipped to the index's size.
+    """
     k = min(k, index.ntotal)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
@@ -70,9 +92,19 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, ks: tuple[int, ...] = (10, 100),
                          chunk_scores: int = 1 << 24) -> dict:
     """recall@k of ``index`` against exact inner-product search: the share of the exact top-k
-    that the index's top-k contains, averaged over ``queries``. Exact scores are computed for
-    a block of queries at a time (about ``chunk_scores`` scores), so memory stays bounded at
-    any catalog size."""
+    that the index's top-k contains, averaged over ``queries``.
+
+    Args:
+        index: the index to measure, built over ``vectors``.
+        vectors: ``[N, D]`` the vectors the index holds (row r = id r).
+        queries: ``[Q, D]`` query embeddings.
+        ks: the cut-offs ``k``; each clipped to ``N``.
+        chunk_scores: about how many exact scores are computed at a time (a block of queries), so memory stays
+            bounded at any catalog size.
+
+    Returns:
+        ``{"recall@k": share}`` for each ``k`` in ``ks``.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     block = max(1, chunk_scores // max(vectors.shape[0], 1))
@@ -89,10 +121,23 @@ def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, ks: tu
 
 
 def write(index, path) -> None:
+    """Write ``index`` to a file.
+
+    Args:
+        index: a faiss index.
+        path: the file to write.
+    """
     _faiss().write_index(index, str(path))
 
 
 def read(path, params: dict | None = None):
+    """The faiss index in the file ``path`` (``AnnError`` if it is not one), with its search settings.
+
+    Args:
+        path: a file :func:`write` wrote.
+        params: the manifest's ``ann.params``: ``hnsw_ef_search`` and ``ivf_nprobe`` are set on an index of that
+            kind, the rest is ignored; ``None``: the settings saved with the index.
+    """
     faiss = _faiss()
     try:
         index = faiss.read_index(str(path))
@@ -107,6 +152,12 @@ def read(path, params: dict | None = None):
 
 
 def timed_build(vectors: np.ndarray, params: AnnParams):
+    """:func:`build_index`, timed: ``(index, seconds)``.
+
+    Args:
+        vectors: ``[N, D]`` item embeddings.
+        params: the index kind and its parameters.
+    """
     started = time.perf_counter()
     index = build_index(vectors, params)
     return index, time.perf_counter() - started

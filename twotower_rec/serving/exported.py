@@ -32,6 +32,15 @@ from twotower_rec.serving import manifest as export_manifest
 
 @dataclass
 class Recommendation:
+    """One recommended item: its raw id, score and metadata.
+
+    Args:
+        item: the raw item id.
+        score: the dot product of the query and item embeddings.
+        title: the item's title (``items.parquet``); empty where the export has none.
+        genres: the item's genres, likewise.
+    """
+
     item: str
     score: float
     title: str = ""
@@ -49,6 +58,19 @@ class ExportedModel:
     def __init__(self, directory: Path, manifest: dict, item_embeddings: np.ndarray, item_ids: np.ndarray,
                  items: pd.DataFrame, query_tower: torch.jit.ScriptModule, users: dict[str, np.ndarray],
                  index=None) -> None:
+        """Hold an export read from disk; :meth:`load` reads and checks one.
+
+        Args:
+            directory: the export directory.
+            manifest: its checked ``manifest.json``.
+            item_embeddings: ``[N, D]`` item embeddings (scored as float32); row ``r`` is item ``item_ids[r]``.
+            item_ids: ``[N]`` raw item ids.
+            items: ``items.parquet``: its ``title`` and ``genres`` columns, where present, by row; may be empty.
+            query_tower: the TorchScript query tower (``query_tower.pt``).
+            users: the arrays of ``users.npz``: ``raw_user_ids``, ``history_offsets``, ``history_items``,
+                ``feature_<name>``.
+            index: the faiss index over the item embeddings (``items.faiss``); ``None``: exact search only.
+        """
         self.directory = directory
         self.manifest = manifest
         self.item_embeddings = torch.from_numpy(np.ascontiguousarray(item_embeddings, dtype=np.float32))
@@ -67,7 +89,11 @@ class ExportedModel:
 
     @classmethod
     def load(cls, directory: str | Path) -> "ExportedModel":
-        """Load and check the export at ``directory`` (see the module docstring)."""
+        """Load and check the export at ``directory`` (see the module docstring).
+
+        Args:
+            directory: an export directory that ``export`` wrote.
+        """
         directory = Path(directory)
         atomic.recover(directory)  # an export killed between its two renames
         manifest = export_manifest.read(directory)
@@ -77,7 +103,15 @@ class ExportedModel:
                    _read_index(directory, manifest))
 
     def user_query(self, raw_user_ids: list) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, np.ndarray]:
-        """Query-tower inputs for known users after all their interactions, and their seen items (CSR)."""
+        """Query-tower inputs for known users after all their interactions, and their seen items (CSR).
+
+        Args:
+            raw_user_ids: ``B`` raw ids of users of the export (``UnknownUserError`` for any other).
+
+        Returns:
+            ``(values, lengths, seen_offsets, seen)``: the query tower's inputs, one tensor in each list per query
+            feature, and the CSR of each user's item codes (``seen_offsets`` ``[B + 1]``; code 0: unknown item).
+        """
         rows = []
         for raw in raw_user_ids:
             key = _raw_key(raw)
@@ -129,7 +163,14 @@ class ExportedModel:
     @torch.no_grad()
     def recommend_users(self, raw_user_ids: list, k: int = 10, exclude_seen: bool = True,
                         ann: bool = False) -> list[list[Recommendation]]:
-        """Top-``k`` items for each known user, after everything they interacted with."""
+        """Top-``k`` items for each known user, after everything they interacted with.
+
+        Args:
+            raw_user_ids: raw ids of users of the export (``UnknownUserError`` for any other).
+            k: items per user.
+            exclude_seen: never recommend an item the user interacted with.
+            ann: search the faiss index instead of scoring the whole catalog (``ExportError`` without one).
+        """
         if k <= 0:
             raise ExportError(f"k must be a positive integer, got {k}")
         values, lengths, seen_offsets, seen = self.user_query(raw_user_ids)
@@ -146,12 +187,25 @@ class ExportedModel:
 
     def recommend_user(self, raw_user_id, k: int = 10, exclude_seen: bool = True,
                        ann: bool = False) -> list[Recommendation]:
+        """Top-``k`` items for one known user: :meth:`recommend_users` of a list of one.
+
+        Args:
+            raw_user_id: the raw id of a user of the export.
+            k: items to return.
+            exclude_seen: never recommend an item the user interacted with.
+            ann: search the faiss index instead of scoring the whole catalog.
+        """
         return self.recommend_users([raw_user_id], k, exclude_seen, ann)[0]
 
     @torch.no_grad()
     def encode_new_users(self, rows: list[dict]) -> torch.Tensor:
-        """Query embeddings of users given by raw values: each row ``{"liked": [item ids, oldest
-        first], "features": {name: value}}``, optionally with ``"user"`` (a known raw id)."""
+        """Query embeddings ``[len(rows), embedding_dim]`` of users given by raw values.
+
+        Args:
+            rows: one dict per user: ``"liked"``, the raw ids of the items they liked, oldest first;
+                ``"features"``, ``{name: raw value}`` of side features; optionally ``"user"``, a raw user id
+                (one without a code is the new-user bucket).
+        """
         names = self.manifest["query_features"]
         features: dict[str, list[list[str]]] = {}
         for name in names:
@@ -169,14 +223,27 @@ class ExportedModel:
         return self.query_tower.encode_raw(features)
 
     def unknown_items(self, raw_item_ids: list) -> list[str]:
-        """The ids of ``raw_item_ids`` that are not in this export's catalog, in their order."""
+        """The ids of ``raw_item_ids`` that are not in this export's catalog, in their order.
+
+        Args:
+            raw_item_ids: raw item ids, compared as strings.
+        """
         return [key for key in (_raw_key(i) for i in raw_item_ids) if key not in self.item_row]
 
     def recommend_new_user(self, liked: list | None = None, features: dict | None = None, k: int = 10,
                            exclude_liked: bool = True, ann: bool = False) -> list[Recommendation]:
-        """Cold start: top-``k`` items for a user not in the export, from side features and the
-        raw ids of items they liked (oldest first). Liked ids not in the catalog count as the
-        unknown item (:meth:`unknown_items` names them); none of them known is an error."""
+        """Cold start: top-``k`` items for a user not in the export, from side features and liked items.
+
+        Liked ids not in the catalog count as the unknown item (:meth:`unknown_items` names them);
+        none of them known is an error, and so is giving neither liked items nor features.
+
+        Args:
+            liked: raw ids of the items the user liked, oldest first.
+            features: side feature name -> raw value (the values listed in ``vocabularies.json``).
+            k: items to return.
+            exclude_liked: never recommend a liked item.
+            ann: search the faiss index instead of scoring the whole catalog.
+        """
         liked = [_raw_key(i) for i in (liked or [])]
         if not liked and not features:
             raise ExportError("a new user needs liked items or side features (or both)")

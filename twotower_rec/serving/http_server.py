@@ -36,6 +36,12 @@ MAX_BATCH = 1000
 
 class RequestError(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
+        """A bad request, answered with ``status`` and ``{"error": message}``.
+
+        Args:
+            status: the reply's HTTP status.
+            message: the reply's error message.
+        """
         super().__init__(message)
         self.status = status
 
@@ -61,7 +67,14 @@ def _ids(value, name: str) -> list[str]:
 
 
 def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = False) -> dict:
-    """The JSON reply to one /recommend body (raises RequestError for a bad request)."""
+    """The JSON reply to one /recommend body (raises RequestError for a bad request).
+
+    Args:
+        model: the export to answer from.
+        body: the request's parsed JSON (see the module docstring); anything but an object is a bad request.
+        max_k: the largest ``k`` a request may ask for.
+        ann_default: whether a request without ``"ann"`` searches the faiss index.
+    """
     if not isinstance(body, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
     known = {"user", "users", "liked", "features", "k", "include_seen", "ann"}
@@ -107,11 +120,25 @@ class RecommendServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, model: ExportedModel, host: str, port: int, ann: bool, max_k: int, quiet: bool) -> None:
+        """Bind ``(host, port)``; ``serve_forever`` then answers.
+
+        Args:
+            model: the export to answer from.
+            host, port: the address to listen on (``port`` 0: a free port).
+            ann: whether a request without ``"ann"`` searches the faiss index.
+            max_k: the largest ``k`` a request may ask for.
+            quiet: do not log each request.
+        """
         self.model, self.ann, self.max_k, self.quiet = model, ann, max_k, quiet
         super().__init__((host, port), _Handler)
 
     def handle_error(self, request, client_address) -> None:
-        """One line, not a traceback; nothing when the client went away before its answer."""
+        """One line, not a traceback; nothing when the client went away before its answer.
+
+        Args:
+            request: the request being answered (unused).
+            client_address: the client's ``(host, port)``; the line names its host.
+        """
         error = sys.exc_info()[1]
         if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
             return
@@ -210,7 +237,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, ann: bool = False,
                 max_k: int = 1000, quiet: bool = True) -> RecommendServer:
-    """A bound, not yet serving, server (``port=0`` picks a free port: ``server.server_address``)."""
+    """A bound, not yet serving, server (``port=0`` picks a free port: ``server.server_address``).
+
+    Args:
+        model: the export to answer from.
+        host: the address to listen on.
+        port: the port to listen on; ``0``: a free one.
+        ann: whether a request without ``"ann"`` searches the faiss index.
+        max_k: the largest ``k`` a request may ask for.
+        quiet: do not log each request.
+    """
     try:
         return RecommendServer(model, host, port, ann, max_k, quiet)
     except OSError as err:
@@ -219,6 +255,15 @@ def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, an
 
 
 def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: int = 1000, threads: int = 1) -> None:
+    """Answer HTTP requests from ``model`` until Ctrl-C, logging each request to stderr.
+
+    Args:
+        model: the export to answer from.
+        host, port: the address to listen on (``port`` 0: a free port).
+        ann: whether a request without ``"ann"`` searches the faiss index.
+        max_k: the largest ``k`` a request may ask for.
+        threads: torch's intra-op threads (``torch.set_num_threads``).
+    """
     torch.set_num_threads(threads)
     server = make_server(model, host, port, ann=ann, max_k=max_k, quiet=False)
     bound = server.server_address

@@ -27,12 +27,22 @@ REQUIRED_ENTRIES = ("embedding_dim", "num_items", "query_features", "history_len
 
 def file_entries(directory: Path) -> dict[str, dict]:
     """``{name: {"bytes": size, "sha256": digest}}`` of every file written so far (the
-    manifest's ``files``)."""
+    manifest's ``files``).
+
+    Args:
+        directory: the export being written; names starting with ``.`` and subfolders are left out.
+    """
     return {path.name: {"bytes": path.stat().st_size, "sha256": sha256(path)}
             for path in sorted(directory.iterdir()) if path.is_file() and not path.name.startswith(".")}
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The hex SHA-256 digest of a file.
+
+    Args:
+        path: the file.
+        chunk: bytes read at a time.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -42,7 +52,11 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def read(directory: Path) -> dict:
     """The checked manifest of the export at ``directory``: every required file present,
-    format version and metric this package reads, every listed file with its written size."""
+    format version and metric this package reads, every listed file with its written size.
+
+    Args:
+        directory: the export directory.
+    """
     if not directory.is_dir():
         raise ExportError(f"export directory not found: {directory}")
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
@@ -57,6 +71,12 @@ def read(directory: Path) -> dict:
 
 
 def check(directory: Path, manifest: dict) -> None:
+    """``ExportError`` unless this package reads ``manifest`` and every file it lists has its size and SHA-256.
+
+    Args:
+        directory: the export directory.
+        manifest: its parsed ``manifest.json``.
+    """
     where = directory / MANIFEST
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{where}: format version {manifest.get('format_version')}, this package reads "

@@ -31,12 +31,20 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 def task_class(name: str) -> type[Task]:
-    """The task class registered as ``name`` (a value of the config's ``task``)."""
+    """The task class registered as ``name`` (a value of the config's ``task``).
+
+    Args:
+        name: the task's ``name``, e.g. ``retrieval``.
+    """
     return TASKS[name]
 
 
 def make_task(cfg: Config) -> Task:
-    """A new instance of ``cfg.task``'s class for one run (training, validation or evaluation)."""
+    """A new instance of ``cfg.task``'s class for one run (training, validation or evaluation).
+
+    Args:
+        cfg: the run's validated config.
+    """
     return TASKS[cfg.task](cfg)
 
 

@@ -50,7 +50,14 @@ class SoftmaxTask(Task):
         return LearnedTemperature(self.cfg.loss.temperature) if self.cfg.loss.learn_temperature else None
 
     def temperature(self, model: nn.Module) -> torch.Tensor | float:
-        """The softmax temperature: the learned one (``model``'s head) or ``loss.temperature``."""
+        """The softmax temperature: the learned one (``model``'s head) or ``loss.temperature``.
+
+        Args:
+            model: the (DMP-wrapped) model, for its head (``model.module.head``).
+
+        Returns:
+            A ``()`` tensor when learned (the loss's gradient reaches it), else a float.
+        """
         if self.cfg.loss.learn_temperature:
             return model.module.head()
         return self.cfg.loss.temperature
@@ -76,6 +83,11 @@ class SoftmaxTask(Task):
 
 
 def note(message: str, env: DistEnv) -> None:
-    """One line on stderr from rank 0."""
+    """One line on stderr from rank 0.
+
+    Args:
+        message: the line.
+        env: the process group (its rank).
+    """
     if env.is_main:
         print(message, file=sys.stderr, flush=True)

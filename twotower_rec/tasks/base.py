@@ -80,28 +80,53 @@ class Task:
 
     @classmethod
     def reads_option(cls, key: str) -> bool:
-        """Whether this task reads the option ``key`` (``section.name``) of a task or loss section."""
+        """Whether this task reads the option ``key`` (``section.name``) of a task or loss section.
+
+        Args:
+            key: a dotted option, e.g. ``loss.logq``.
+        """
         section = key.split(".", 1)[0]
         return section == cls.section or section in cls.reads or key in cls.reads
 
     @classmethod
     def check_options(cls, cfg: Config) -> None:
         """Raise :class:`~twotower_rec.errors.ConfigError` for a value of its own section that
-        is never valid (a range, a choice): checked whichever task the config names."""
+        is never valid (a range, a choice): checked whichever task the config names.
+
+        Args:
+            cfg: the whole config; it reads its own section (``section``).
+        """
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Raise :class:`~twotower_rec.errors.ConfigError` for values this task cannot train
-        with (combinations with other sections): checked when the config names this task."""
+        with (combinations with other sections): checked when the config names this task.
+
+        Args:
+            cfg: the whole config, after every task's :meth:`check_options`.
+        """
 
     @classmethod
     def metrics(cls, cfg: Config) -> tuple[str, ...]:
-        """Validation metrics it adds to the ranking ones, which ``train.select_metric`` may name."""
+        """Validation metrics it adds to the ranking ones, which ``train.select_metric`` may name.
+
+        Args:
+            cfg: the whole config (e.g. its own section's objective decides them).
+
+        Returns:
+            Keys of :meth:`pair_metrics`' result, each larger-is-better (hence ``neg_`` names for
+            losses); none by default.
+        """
         return ()
 
     def check_data(self, data: PreparedData, env: DistEnv) -> None:
         """Raise :class:`~twotower_rec.errors.ConfigError` when the prepared data or the world
-        size cannot train this task (checked before the model is built)."""
+        size cannot train this task (checked before the model is built).
+
+        Args:
+            data: the prepared data.
+            env: the process group (its world size).
+        """
 
     # --- the model ----------------------------------------------------------------------
 
@@ -110,12 +135,22 @@ class Task:
         return None
 
     def init_head(self, model: nn.Module, data: PreparedData) -> None:
-        """Set the head's starting values from the training data (before sharding), in place."""
+        """Set the head's starting values from the training data (before sharding), in place.
+
+        Args:
+            model: the unsharded model, whose head (``model.head``) is that of :meth:`head`.
+            data: the prepared data (its training rows).
+        """
 
     # --- training examples --------------------------------------------------------------
 
     def training_examples(self, batcher: Batcher) -> int:
-        """How many examples an epoch shuffles (made here once, at start-up; rows or windows)."""
+        """How many examples an epoch shuffles (made here once, at start-up; rows or windows).
+
+        Args:
+            batcher: builds batches from the prepared data; the examples are kept on the task for
+                :meth:`batch`.
+        """
         raise NotImplementedError
 
     def negatives_per_batch(self) -> int:
@@ -135,14 +170,27 @@ class Task:
         raise NotImplementedError
 
     def step_examples(self, batch: Any) -> int:
-        """Examples of the global batch a step trained on (what examples/s counts)."""
+        """Examples of the global batch a step trained on (what examples/s counts).
+
+        Args:
+            batch: this rank's batch, as :meth:`batch` built it. The default ignores it and counts
+                ``train.batch_size``.
+        """
         return self.cfg.train.batch_size
 
     # --- the loss -----------------------------------------------------------------------
 
     def start(self, data: PreparedData, env: DistEnv, step: int, state: dict | None = None) -> None:
         """Before the first step: what the loss needs beyond a batch (e.g. logQ frequencies),
-        from step ``step`` on, restored from :meth:`state_dict`'s ``state`` when resuming."""
+        from step ``step`` on, restored from :meth:`state_dict`'s ``state`` when resuming.
+
+        Args:
+            data: the prepared data (e.g. its training item counts).
+            env: the process group (its device and world size).
+            step: the step training starts at: 0, or the resumed checkpoint's step.
+            state: what :meth:`state_dict` returned when the resumed checkpoint was saved; None
+                when training from scratch.
+        """
 
     def loss(self, model: nn.Module, query: torch.Tensor, item: torch.Tensor, batch: Any) -> torch.Tensor:
         """The scalar loss of this rank's batch.
@@ -160,7 +208,11 @@ class Task:
         return {}
 
     def train_summary(self, model: nn.Module) -> dict:
-        """Entries for ``train_metrics.json`` beyond the loop's (e.g. a learned temperature)."""
+        """Entries for ``train_metrics.json`` beyond the loop's (e.g. a learned temperature).
+
+        Args:
+            model: the (DMP-wrapped) trained model, for its head (``model.module.head``).
+        """
         return {}
 
     # --- validation and evaluate --------------------------------------------------------
@@ -168,11 +220,23 @@ class Task:
     def pair_metrics(self, model: nn.Module, data: PreparedData, batcher: Batcher, rows: np.ndarray,
                      device: torch.device | None = None) -> dict[str, float] | None:
         """Metrics of the (query, held-out item) pairs at ``rows`` beside the ranking ones
-        (validation adds them; ``evaluate`` reports them), or None."""
+        (validation adds them; ``evaluate`` reports them), or None.
+
+        Args:
+            model: the (DMP-wrapped) model.
+            data: the prepared data.
+            batcher: builds the pairs' batches.
+            rows: ``[R]`` interaction rows of the split: validation's, or the ones ``evaluate`` ranked.
+            device: where to run the towers; None leaves the batches where the batcher builds them.
+        """
         return None
 
     def describe_pairs(self, metrics: dict[str, float]) -> str:
-        """One line for ``evaluate``'s output of :meth:`pair_metrics`' result."""
+        """One line for ``evaluate``'s output of :meth:`pair_metrics`' result.
+
+        Args:
+            metrics: what :meth:`pair_metrics` returned (not None).
+        """
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
@@ -191,7 +255,12 @@ class EventTask(Task):
 
 
 def check_uniform_share(uniform: int, world_size: int) -> None:
-    """Refuse ``loss.uniform_negatives`` that the ranks cannot draw in equal shares."""
+    """Refuse ``loss.uniform_negatives`` that the ranks cannot draw in equal shares.
+
+    Args:
+        uniform: ``loss.uniform_negatives``, the uniform items per global batch.
+        world_size: the number of processes.
+    """
     if uniform % world_size:
         raise ConfigError(f"loss.uniform_negatives={uniform} must be divisible by the world size {world_size}: each "
                           f"process draws an equal share (e.g. {max(world_size, uniform - uniform % world_size)})")

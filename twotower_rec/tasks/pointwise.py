@@ -44,6 +44,15 @@ class PointwiseHead(nn.Module):
         self.bias = nn.Parameter(torch.tensor(0.0))
 
     def score(self, query: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """The scores of the pairs (query row b, item row b).
+
+        Args:
+            query: ``[B, D]`` query embeddings.
+            item: ``[B, D]`` item embeddings.
+
+        Returns:
+            ``[B]`` logits (bce) or ratings (mse).
+        """
         return self.scale * (query * item).sum(dim=-1) + self.bias
 
     def serving_info(self) -> dict:

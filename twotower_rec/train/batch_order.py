@@ -26,14 +26,30 @@ if TYPE_CHECKING:
 
 def global_batches(num_rows: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Shuffled row positions cut into full global batches (a last partial one is dropped
-    unless it is the only one, so every rank always gets a slice of the same size)."""
+    unless it is the only one, so every rank always gets a slice of the same size).
+
+    Args:
+        num_rows: the examples an epoch shuffles.
+        batch_size: ``G``, examples a global batch.
+        seed: ``train.seed``.
+        epoch: the epoch, from 0: with ``seed``, the shuffle's seed.
+
+    Returns:
+        :func:`num_global_batches` arrays of ``[G]`` positions in ``[0, num_rows)`` (one shorter one when
+        ``num_rows < G``).
+    """
     order = np.random.default_rng([seed, epoch]).permutation(num_rows)
     count = num_global_batches(num_rows, batch_size)
     return [order[i * batch_size:(i + 1) * batch_size] for i in range(count)]
 
 
 def num_global_batches(num_rows: int, batch_size: int) -> int:
-    """How many global batches an epoch has (what ``len(global_batches(...))`` is, without the shuffle)."""
+    """How many global batches an epoch has (what ``len(global_batches(...))`` is, without the shuffle).
+
+    Args:
+        num_rows: the examples an epoch shuffles.
+        batch_size: examples a global batch.
+    """
     return max(1, num_rows // batch_size)
 
 
@@ -78,7 +94,12 @@ def _local_batches(make_batch, num_examples: int, first: list[np.ndarray], batch
 def prefetch_depth(train: TrainConfig, device: torch.device) -> int:
     """How many batches :class:`BatchesAhead` builds ahead: ``train.prefetch_batches``, or when
     it is null 2 with CUDA and 0 on a CPU, where the thread competes with the step for the cores
-    and the GIL (BENCHMARKS.md, "The GPU path on CPU processes")."""
+    and the GIL (BENCHMARKS.md, "The GPU path on CPU processes").
+
+    Args:
+        train: the ``train`` section (``prefetch_batches``).
+        device: this rank's device.
+    """
     if train.prefetch_batches is not None:
         return train.prefetch_batches
     return 2 if device.type == "cuda" else 0
@@ -95,6 +116,13 @@ class BatchesAhead:
     _END = object()
 
     def __init__(self, batches: Iterator[Any], depth: int, pin_memory: bool = False) -> None:
+        """Start the thread.
+
+        Args:
+            batches: the batches to build, in order (e.g. :func:`local_batches`).
+            depth: the most batches built and not yet taken, >= 1 (:func:`prefetch_depth`).
+            pin_memory: call each batch's ``pin_memory()`` in the thread (with CUDA).
+        """
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(batches, pin_memory), daemon=True,

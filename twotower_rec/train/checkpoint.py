@@ -44,6 +44,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the torch, numpy, random and (when CUDA is in use) this GPU's generators.
+
+    Args:
+        state: what :func:`rng_state` returned.
+    """
     import random
 
     torch.set_rng_state(state["torch"])
@@ -60,7 +65,23 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, spec: FeatureSpe
          metrics: dict | None = None, optimizer=None, trainer_state: dict | None = None,
          extra: dict | None = None) -> Path:
     """Collective: every rank calls it. With ``optimizer`` the checkpoint can be resumed from:
-    it also holds the optimizer state, every rank's RNG state and ``trainer_state``."""
+    it also holds the optimizer state, every rank's RNG state and ``trainer_state``.
+
+    Args:
+        path: the checkpoint folder; a checkpoint already there is replaced atomically.
+        model: the (sharded) model whose weights to save.
+        cfg: the run's config, saved in meta.json.
+        spec: the feature spec, whose fingerprint meta.json records.
+        step: the step the weights are of.
+        metrics: recorded in meta.json (e.g. the validation that selected the weights).
+        optimizer: the optimizer, whose state makes the checkpoint resumable; None: weights only.
+        trainer_state: the trainer's position and history (``TrainerState`` as a dict), in meta.json.
+        extra: this rank's part of the task's state (e.g. the loss's frequency estimator), saved beside its RNG
+            state; only with ``optimizer``.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     rank, world_size = world()
     tmp = _shared_folder(path, rank)
@@ -93,7 +114,11 @@ def _shared_folder(path: Path, rank: int) -> Path:
 
 def resolve(path: str | Path) -> Path:
     """The complete checkpoint at ``path``, after finishing or rolling back a save killed
-    between its two renames; ``path.old`` for such a save by an earlier version."""
+    between its two renames; ``path.old`` for such a save by an earlier version.
+
+    Args:
+        path: the checkpoint folder (it may hold no checkpoint: then ``path`` is returned as it is).
+    """
     path = Path(path)
     atomic.recover(path)
     if (path / META).is_file():
@@ -105,7 +130,11 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict:
-    """meta.json of the (complete) checkpoint at ``path``."""
+    """meta.json of the (complete) checkpoint at ``path``.
+
+    Args:
+        path: the checkpoint folder (:func:`resolve` finds the complete one).
+    """
     return _meta_at(resolve(path))
 
 
@@ -120,7 +149,11 @@ def _meta_at(path: Path) -> dict:
 
 
 def config_of(path: str | Path) -> Config:
-    """The config a checkpoint was trained with (so evaluation rebuilds the same model)."""
+    """The config a checkpoint was trained with (so evaluation rebuilds the same model).
+
+    Args:
+        path: the checkpoint folder.
+    """
     try:
         return from_dict(read_meta(path)["config"])
     except ConfigError as err:
@@ -137,14 +170,28 @@ def _check_spec(path: Path, meta: dict, spec: FeatureSpec) -> None:
 
 def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:
     """Load model weights into the (sharded) ``model`` in place; returns meta.json (with
-    ``path``, the checkpoint folder read)."""
+    ``path``, the checkpoint folder read).
+
+    Args:
+        path: the checkpoint folder.
+        model: the model to load into, built from the checkpoint's config.
+        spec: the data's feature spec; it must be the one the checkpoint was trained on.
+    """
     return _load(path, model, spec)
 
 
 def load_for_resume(path: str | Path, model: torch.nn.Module, optimizer, spec: FeatureSpec, cfg: Config) -> dict:
     """Model, optimizer state and this rank's RNG state from a resumable checkpoint, written at
     any world size, after checking ``cfg`` may continue it (:func:`check_resumable`). Returns
-    meta.json (its ``trainer`` entry holds the step and data position)."""
+    meta.json (its ``trainer`` entry holds the step and data position; ``extra``, the task's saved state).
+
+    Args:
+        path: the resumable checkpoint folder (e.g. ``<out_dir>/last``).
+        model: the model to load into.
+        optimizer: the optimizer to load into, its state already initialised.
+        spec: the data's feature spec; it must be the one the checkpoint was trained on.
+        cfg: the config of the run that continues.
+    """
     meta = _load(path, model, spec, optimizer, cfg)
     # The same world size continues each rank's random stream; another gets rank 0's.
     rank, world_size = world()
@@ -191,7 +238,13 @@ class Trained(NamedTuple):
 
 def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Trained:
     """The checkpoint at ``path`` rebuilt from its own model config, on the prepared data at
-    ``cache_dir`` (which must be the data it was trained on), sharded, in eval mode."""
+    ``cache_dir`` (which must be the data it was trained on), sharded, in eval mode.
+
+    Args:
+        path: the checkpoint folder.
+        cache_dir: the prepared data's folder.
+        env: the process group.
+    """
     trained_cfg = config_of(path)
     trained_cfg.data.cache_dir = str(cache_dir)
     data = PreparedData(cache_dir)
@@ -202,21 +255,30 @@ def load_trained(path: str | Path, cache_dir: str | Path, env: DistEnv) -> Train
 
 
 # Config sections that must not change between a run and its resumption.
-# (and every task's own section: _resume_fixed)
-_RESUME_FIXED = ("task", "features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer", "train.dense_lr", "train.sparse_lr", "train.weight_decay",
-                 "train.table_weight_decay", "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
+# (and every task's own section: check_resumable adds them)
+_RESUME_FIXED = ("task", "features", "model", "loss", "train.batch_size", "train.seed", "train.sparse_optimizer",
+                 "train.dense_lr", "train.sparse_lr", "train.weight_decay", "train.table_weight_decay",
+                 "train.warmup_steps", "train.lr_schedule", "data.cache_dir")
 
 
 def check_resumable(saved: dict, cfg: Config) -> None:
-    """Refuse to resume under a config that changed what the saved run trains (``saved``:
-    the checkpoint's config as a dict)."""
+    """Refuse to resume under a config that changed what the saved run trains.
+
+    Args:
+        saved: the checkpoint's config as a dict (meta.json's ``config``).
+        cfg: the config of the run that continues.
+
+    Raises:
+        CheckpointError: naming the first option that differs.
+    """
     current = to_dict(cfg)
     for key in _RESUME_FIXED + tuple(t.section for t in TASKS.values() if t.section):
         a, b = saved, current
         for part in key.split("."):
             a, b = a.get(part), b.get(part)
         if isinstance(a, dict) and isinstance(b, dict) and a != b:  # name the option, not the section
-            key, a, b = next((f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            key, a, b = next((f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                             if a.get(k) != b.get(k))
         if a != b:
             raise CheckpointError(
                 f"--resume: {key} was {a} in the checkpoint and is {b} now; resume with the same value "

@@ -32,7 +32,12 @@ from twotower_rec.train.validation import validate, validation_config
 
 
 def member_config(cfg: Config, k: int) -> Config:
-    """The config of member ``k``: one TwoTower, seed ``train.seed + k``, its own folder."""
+    """The config of member ``k``: one TwoTower, seed ``train.seed + k``, its own folder.
+
+    Args:
+        cfg: the ensemble's config (left unchanged: the member's is a copy).
+        k: the member's index, from 0: its seed offset and its folder ``<out_dir>/member<k>``.
+    """
     member = copy.deepcopy(cfg)
     member.model.members = 1
     member.train.seed = cfg.train.seed + k

@@ -20,19 +20,35 @@ from twotower_rec.config import TrainConfig
 def dense_adamw(params, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the dense layers (``train.weight_decay``; 0 = Adam), as one fused kernel over
     all of them: on a CPU torch's default is a loop over the parameters, several small ops
-    each, much slower for these models (BENCHMARKS.md, "The dense optimizer as one fused kernel")."""
+    each, much slower for these models (BENCHMARKS.md, "The dense optimizer as one fused kernel").
+
+    Args:
+        params: the dense parameters.
+        train: the ``train`` section (``dense_lr``, ``weight_decay``).
+    """
     return torch.optim.AdamW(params, lr=train.dense_lr, weight_decay=train.weight_decay, fused=True)
 
 
 def build_optimizer(model: DistributedModelParallel, train: TrainConfig) -> CombinedOptimizer:
-    """The fused table optimizer and :func:`dense_adamw` over dense parameters, stepped together."""
+    """The fused table optimizer and :func:`dense_adamw` over dense parameters, stepped together.
+
+    Args:
+        model: the sharded model, its table optimizer fused in (:func:`~twotower_rec.distributed.sharding.shard_model`).
+        train: the ``train`` section.
+    """
     dense = dict(in_backward_optimizer_filter(model.named_parameters()))
     dense_optimizer = KeyedOptimizerWrapper(dense, lambda params: dense_adamw(params, train))
     return CombinedOptimizer([model.fused_optimizer, dense_optimizer])
 
 
 def set_dense_lr(optimizer: CombinedOptimizer, model: DistributedModelParallel, lr: float) -> None:
-    """Set the dense layers' learning rate (the schedule; table learning rates stay fixed)."""
+    """Set the dense layers' learning rate (the schedule; table learning rates stay fixed).
+
+    Args:
+        optimizer: the combined optimizer (:func:`build_optimizer`).
+        model: the sharded model, whose fused table optimizer is left alone.
+        lr: the dense learning rate.
+    """
     for _, part in optimizer.optimizers:
         if part is not model.fused_optimizer:
             for group in part.param_groups:
@@ -41,7 +57,12 @@ def set_dense_lr(optimizer: CombinedOptimizer, model: DistributedModelParallel, 
 
 def init_optimizer_state(optimizer: CombinedOptimizer, model: DistributedModelParallel) -> None:
     """Create the dense optimizer's lazy state (a step with zero gradients) so a checkpoint's
-    state can be loaded into it in place; the fused table optimizer's state always exists."""
+    state can be loaded into it in place; the fused table optimizer's state always exists.
+
+    Args:
+        optimizer: the combined optimizer (:func:`build_optimizer`).
+        model: the sharded model, whose fused table optimizer is left alone.
+    """
     for _, part in optimizer.optimizers:
         if part is not model.fused_optimizer:
             part.init_state()
@@ -49,7 +70,13 @@ def init_optimizer_state(optimizer: CombinedOptimizer, model: DistributedModelPa
 
 def lr_factor(step: int, total: int, train: TrainConfig) -> float:
     """Dense learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant or
-    cosine decay to 0 at the last step."""
+    cosine decay to 0 at the last step.
+
+    Args:
+        step: the step about to run, from 0.
+        total: the run's steps: the cosine reaches 0 at the last.
+        train: the ``train`` section (``warmup_steps``, ``lr_schedule``).
+    """
     warmup = train.warmup_steps
     if warmup and step < warmup:
         return (step + 1) / warmup

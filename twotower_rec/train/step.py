@@ -49,7 +49,11 @@ class LossLog:
         self.pending: list[torch.Tensor] = []
 
     def add(self, local: torch.Tensor) -> None:
-        """This rank's loss of one step (a detached scalar, on the device)."""
+        """This rank's loss of one step (a detached scalar, on the device).
+
+        Args:
+            local: the step's loss, a scalar tensor (kept on its device).
+        """
         self.pending.append(local.detach().float().reshape(()))
 
     def read(self) -> list[float]:
@@ -66,7 +70,15 @@ class LossLog:
 
 def train_step(model: DistributedModelParallel, optimizer, batch: Any, task: Task, bf16: bool = False) -> torch.Tensor:
     """One step on this rank's slice of a global batch; returns this rank's loss, detached and
-    on the device (no host sync: :class:`LossLog` reads it later)."""
+    on the device (no host sync: :class:`LossLog` reads it later).
+
+    Args:
+        model: the sharded model.
+        optimizer: the combined (fused table + dense) optimizer: its dense step; the table update runs in the backward.
+        batch: this rank's batch (the task's), on the device.
+        task: the run's task, which computes the loss of the embeddings.
+        bf16: autocast the towers (``train.bf16``).
+    """
     with record_function("## forward + loss ##"):
         loss, value = forward_loss(model, batch, task, bf16)
     with record_function("## backward (fused table update) ##"):

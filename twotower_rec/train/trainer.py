@@ -43,6 +43,16 @@ from twotower_rec.train.validation import validate, validation_config
 
 @dataclass
 class TrainResult:
+    """What a training run returns.
+
+    Args:
+        steps: the steps trained.
+        losses: the global batch's mean loss of every step.
+        validation: every validation's metrics, each with its ``step``.
+        checkpoint: the checkpoint of the weights best on validation (``<out_dir>/checkpoint``).
+        examples_per_second: examples of the global batches trained per second, over the steps this process ran.
+    """
+
     steps: int
     losses: list[float]
     validation: list[dict]
@@ -52,7 +62,19 @@ class TrainResult:
 
 @dataclass
 class TrainerState:
-    """What, beside weights and optimizer state, ``--resume`` needs to continue exactly."""
+    """What, beside weights and optimizer state, ``--resume`` needs to continue exactly.
+
+    Args:
+        step: the steps done.
+        epoch, batch: the position of the next global batch.
+        examples: the examples trained on.
+        losses: the global batch's mean loss of every step read so far.
+        validation: every validation's metrics, each with its ``step``.
+        best: the best value of ``train.select_metric`` so far.
+        best_step: the step of that validation.
+        stale: validations since the last improvement (early stopping's count).
+        stopped_early: whether early stopping ended the run.
+    """
 
     step: int = 0
     epoch: int = 0  # the position of the next global batch: (epoch, batch)
@@ -94,7 +116,17 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
 
 def check_setup(cfg: Config, task: Task, data: PreparedData, env: DistEnv) -> None:
     """What the config can only be checked against with the data and the world size (the
-    task's own checks included)."""
+    task's own checks included).
+
+    Args:
+        cfg: the run's config.
+        task: the run's task.
+        data: the prepared data.
+        env: the process group.
+
+    Raises:
+        ConfigError: for the first check that fails.
+    """
     data.check_config(cfg)
     world = env.world_size
     if cfg.train.batch_size % world:
@@ -123,6 +155,18 @@ class Trainer:
 
     def __init__(self, cfg: Config, task: Task, env: DistEnv, data: PreparedData, model: DistributedModelParallel,
                  optimizer, state: TrainerState, task_state: dict | None = None, entered: float | None = None) -> None:
+        """Args:
+            cfg: the run's config.
+            task: the run's task.
+            env: the process group.
+            data: the prepared data.
+            model: the built (sharded) model.
+            optimizer: the combined (fused table + dense) optimizer.
+            state: where the run starts: a fresh :class:`TrainerState`, or a resumed one.
+            task_state: the task's saved state (its loss's, e.g. the streaming frequency estimator); None: fresh.
+            entered: the ``time.perf_counter()`` at which :func:`train` began, for the start-up time; None: not
+                measured.
+        """
         self.cfg, self.task, self.env, self.data = cfg, task, env, data
         self.model, self.optimizer, self.state = model, optimizer, state
         self.entered = entered  # when train() began: start-up time is measured from it

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 def validation_config(eval_cfg: EvalConfig, train_cfg: TrainConfig) -> EvalConfig:
     """Recall and NDCG at 10 and 50 over ``train.val_max_users`` sampled events, seen items
-    filtered as ``eval.filter_seen`` says."""
+    filtered as ``eval.filter_seen`` says.
+
+    Args:
+        eval_cfg: the ``eval`` section (``filter_seen``, ``user_chunk``).
+        train_cfg: the ``train`` section (``val_max_users``).
+    """
     return EvalConfig(ks=[10, 50], filter_seen=eval_cfg.filter_seen, user_chunk=eval_cfg.user_chunk,
                       max_users=train_cfg.val_max_users)
 
