@@ -4,7 +4,7 @@
 # Usage:  bash launch/cpu_multiproc.sh N CONFIG [VERB] [EXTRA ARGS...]
 #   bash launch/cpu_multiproc.sh 2 configs/demo.yaml                      # train with 2 processes
 #   bash launch/cpu_multiproc.sh 2 configs/demo.yaml train --set sharding.sharding_types=[row_wise]
-#   bash launch/cpu_multiproc.sh 2 configs/demo.yaml train --resume       # continue runs/demo/last
+#   bash launch/cpu_multiproc.sh 2 configs/demo.yaml train --resume       # continue runs/demo/train/last
 #   bash launch/cpu_multiproc.sh 2 configs/demo.yaml evaluate             # users split over 2 ranks
 #
 # Each process gets cores / N threads (OMP_NUM_THREADS), unless OMP_NUM_THREADS is set.
