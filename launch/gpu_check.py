@@ -42,6 +42,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "pointwise": ("base", ["task=pointwise"]),
     "batch_negatives": ("base", ["retrieval.batch_negatives=16"]),
     "next_item": ("base", ["task=next_item", "model.history_encoder=causal", "model.encoder_dropout=0.0"]),
+    # the causal encoder read per event (task=retrieval), over a table of its own / the item tower's
+    "causal_events": ("base", ["model.history_encoder=causal", "model.encoder_dropout=0.0"]),
+    "causal_events_shared": ("shared", ["model.history_encoder=causal", "model.encoder_dropout=0.0"]),
 }
 # Variants whose training never runs through TorchRec's pipeline (task=next_item: see README).
 UNPIPELINED = {"next_item"}

@@ -103,6 +103,24 @@ def test_two_processes_train_exactly_like_one(setup, sharding, pipeline, tmp_pat
         assert meta["world_size"] == 2
 
 
+def test_the_causal_encoder_per_event_through_the_pipeline_with_its_table_row_wise(setup):
+    """The causal history encoder read per event (task=retrieval) through TorchRec's pipeline at
+    two processes, every table asked ``table_row_wise``, which TorchRec's EmbeddingCollection
+    (the encoder's table) cannot take: the plan gives that table ``row_wise`` and says so, and the
+    losses are the unpipelined one-process run's."""
+    root, config, _ = setup
+    causal = ("--set", "model.history_encoder=causal", "--set", "model.encoder_dropout=0.0")
+    one = train(root, config, "causal-ws1", 1, *causal, "--set", "train.pipeline=never")
+    out = root / "causal-ws2-trw"
+    result = run_cli("train", "--config", config, "--set", f"train.out_dir={out}", *causal, "--set",
+                     "sharding.sharding_types=[table_row_wise]", "--set", "train.pipeline=always", cwd=root, nproc=2)
+    assert result.returncode == 0, result.describe()
+    assert "history.items.t_history_sequence: row_wise" in result.stderr
+    assert "query_tower.embedding_bags.t_user_id: table_row_wise" in result.stderr
+    assert "it was offered row_wise instead" in result.stderr
+    assert_close_relative(losses(one), losses(out), "causal per-step losses")
+
+
 def test_local_negatives_do_depend_on_the_world_size(setup):
     """The control: without global negatives each rank sees half the negatives, and the
     comparison above would fail. (So that test can fail.)"""

@@ -69,7 +69,29 @@ class ConfiguredBagSharder(_ConfiguredTypes, EmbeddingBagCollectionSharder):
 
 
 class ConfiguredCollectionSharder(_ConfiguredTypes, EmbeddingCollectionSharder):
-    """Unpooled EmbeddingCollections: the sequence encoder's history table."""
+    """Unpooled EmbeddingCollections: the transformer and causal encoders' history table. TorchRec
+    shards these data-parallel, table-, column- or row-wise only: ``table_row_wise`` is offered
+    as ``row_wise`` (:func:`collection_sharding_types`)."""
+
+    def __init__(self, sharding_types: list[str]) -> None:
+        """Args:
+            sharding_types: ``sharding.sharding_types``, as configured.
+        """
+        super().__init__(collection_sharding_types(sharding_types))
+
+
+# What TorchRec's EmbeddingCollection sharding cannot do, and what it does instead.
+_COLLECTION_SHARDING = {"table_row_wise": "row_wise"}
+
+
+def collection_sharding_types(sharding_types: list[str]) -> list[str]:
+    """The sharding types an EmbeddingCollection's table may take: ``sharding_types`` with
+    ``table_row_wise`` (which TorchRec shards for pooled collections only) as ``row_wise``.
+
+    Args:
+        sharding_types: the configured types, in order.
+    """
+    return list(dict.fromkeys(_COLLECTION_SHARDING.get(t, t) for t in sharding_types))
 
 
 def _embedding_collections(model: nn.Module) -> dict[str, nn.Module]:
@@ -149,8 +171,13 @@ def _constraints(collections: dict[str, nn.Module], sharding: ShardingConfig) ->
     # fused_uvm_caching keeps the whole table in host memory (UVM) and a cache of its hottest
     # rows, cache_load_factor of the rows, on the GPU: for tables larger than GPU memory.
     cache = CacheParams(load_factor=sharding.cache_load_factor) if kernel.value == "fused_uvm_caching" else None
-    return {config.name: ParameterConstraints(sharding_types=list(sharding.sharding_types),
-                                              compute_kernels=[kernel.value], cache_params=cache)
+    def types(collection: nn.Module) -> list[str]:
+        if isinstance(collection, EmbeddingCollection):
+            return collection_sharding_types(sharding.sharding_types)
+        return list(sharding.sharding_types)
+
+    return {config.name: ParameterConstraints(sharding_types=types(collection), compute_kernels=[kernel.value],
+                                              cache_params=cache)
             for collection in collections.values() for config in _table_configs(collection)}
 
 
@@ -263,17 +290,29 @@ def init_tables(model: nn.Module, seed: int) -> None:
                 tensor[lo - row0:hi - row0].copy_(values[lo - start:hi - start, col0:col0 + n_cols])
 
 
-def describe_plan(model: DistributedModelParallel) -> str:
-    """One line per table: sharding type, compute kernel, ranks.
+def describe_plan(model: DistributedModelParallel, sharding: ShardingConfig | None = None) -> str:
+    """One line per table: sharding type, compute kernel, ranks; and where an EmbeddingCollection's
+    table could not take a configured type, which one it was offered instead.
 
     Args:
         model: the DMP-wrapped model whose plan to describe.
+        sharding: the ``sharding`` section it was planned under (for the note), or None.
     """
     lines = []
     for module_path, module_plan in model.plan.plan.items():
         for table, spec in module_plan.items():  # type: ignore[union-attr]
             ranks = sorted({r for r in (spec.ranks or [])})
             lines.append(f"  {module_path}.{table}: {spec.sharding_type} / {spec.compute_kernel} on ranks {ranks}")
+    from torchrec.distributed.embedding import ShardedEmbeddingCollection
+
+    unpooled = [table for path, m in model.module.named_modules()
+                if isinstance(m, (EmbeddingCollection, ShardedEmbeddingCollection))
+                for table in model.plan.plan.get(path, {})]
+    mapped = [t for t in (sharding.sharding_types if sharding else []) if t in _COLLECTION_SHARDING]
+    if unpooled and mapped:
+        names = ", ".join(unpooled)
+        lines += [f"  note: TorchRec shards an EmbeddingCollection ({names}) with no {t}; it was offered "
+                  f"{_COLLECTION_SHARDING[t]} instead" for t in mapped]
     return "sharding plan:\n" + "\n".join(lines)
 
 

@@ -43,7 +43,8 @@ from twotower_rec.data.features import HISTORY
 from twotower_rec.model.history import UNPOOLED_TABLE, HistoryEncoder
 from twotower_rec.model.kjt import slot_kjt, with_keys
 
-torch.fx.wrap("with_keys")  # a leaf of TorchRec's pipeline trace (model/kjt.py)
+torch.fx.wrap("with_keys")  # leaves of TorchRec's pipeline trace (model/kjt.py)
+torch.fx.wrap("slot_kjt")
 
 
 class CausalEncoder(nn.Module):
@@ -156,11 +157,14 @@ class CausalEncoder(nn.Module):
         out = states[rows, (lengths - 1).clamp(min=0)]
         return out * (lengths > 0).unsqueeze(1).to(out.dtype)
 
-    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor, slotted: bool = False) -> torch.Tensor:
         """``values`` ``[N, E]`` (each row's items, oldest first), ``lengths`` ``[B]`` -> ``[B, E]``
-        (``with_mean``: ``[B, 2E]``): the output at each row's most recent item."""
+        (``with_mean``: ``[B, 2E]``): the output at each row's most recent item. With ``slotted``,
+        ``values`` is ``[B * T, E]`` instead: row b's t-th item at ``b * T + t``, zeros after its
+        items. One module call, so TorchRec's pipeline trace keeps it whole (a leaf)."""
         lengths = lengths.long()
-        return self.last(self.encode(self.pad(values, lengths)), lengths)
+        padded = values.view(lengths.shape[0], self.max_length, -1) if slotted else self.pad(values, lengths)
+        return self.last(self.encode(padded), lengths)
 
 
 class CausalHistory(HistoryEncoder):
@@ -211,23 +215,31 @@ class CausalHistory(HistoryEncoder):
             features: the query KJT (``B`` rows; its ``history`` key holds each row's items, oldest first).
             item_tower: the model's item tower, whose table a shared history reads (``features.share_item_table``).
         """
-        history = features[HISTORY]
-        lengths = history.lengths().long()
-        max_length = self.encoder.max_length
+        values, lengths = self._items(features, item_tower)
+        lengths = lengths.long()
         if self.shared_table:
-            slots = slot_kjt(history, max_length, item_tower.collection_feature_names, HISTORY)
-            looked_up = item_tower.pool(slots, [HISTORY])[0]  # [B * T, E], zeros in empty slots
-            padded = looked_up.view(lengths.shape[0], max_length, -1)
+            padded = values.view(lengths.shape[0], self.encoder.max_length, -1)
         else:
-            out = self.items(with_keys(features, [HISTORY]))
-            if hasattr(out, "wait"):  # a sharded collection returns an awaitable
-                out = out.wait()
-            padded = self.encoder.pad(out[HISTORY].values(), lengths)
+            padded = self.encoder.pad(values, lengths)
         return self.encoder.encode(padded), lengths
 
+    def _items(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history's item embeddings, ``[N, E]`` jagged (a table of its own) or ``[B * T, E]``
+        one per slot (the item tower's, looked up slot by slot), and ``[B]`` lengths."""
+        history = features[HISTORY]
+        if self.shared_table:
+            slots = slot_kjt(history, self.encoder.max_length, item_tower.collection_feature_names, HISTORY)
+            return item_tower.pool(slots, [HISTORY])[0], history.lengths()  # zeros in empty slots
+        out = self.items(with_keys(features, [HISTORY]))
+        if hasattr(out, "wait"):  # a sharded collection returns an awaitable
+            out = out.wait()
+        return out[HISTORY].values(), history.lengths()
+
     def forward(self, features: KeyedJaggedTensor, item_tower: nn.Module) -> torch.Tensor:
-        states, lengths = self.states(features, item_tower)
-        return self.encoder.last(states, lengths)
+        # the encoder as one module call: TorchRec's pipeline trace does not enter it (it cannot
+        # trace the padding's item assignment nor the shapes' arithmetic)
+        values, lengths = self._items(features, item_tower)
+        return self.encoder(values, lengths, self.shared_table is not None)
 
     def for_serving(self, item_tables):
         table = item_tables[self.shared_table] if self.shared_table else self.items.embeddings[UNPOOLED_TABLE].weight

@@ -107,7 +107,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
         print(env.describe(), file=sys.stderr, flush=True)
-        print(sharding.describe_plan(model), file=sys.stderr, flush=True)
+        print(sharding.describe_plan(model, cfg.sharding), file=sys.stderr, flush=True)
     state, task_state = TrainerState(), None
     if resume is not None:
         state, task_state = _resume(resume, cfg, model, optimizer, data, env)
