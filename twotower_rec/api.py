@@ -240,32 +240,38 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
         out: the export folder (default ``export.dir``).
 
     Returns:
-        The export folder (written by rank 0).
+        The export folder (rank 0 writes it; under torchrun the other ranks return at once).
     """
+    import os
+
     import torch
 
-    from twotower_rec.distributed.env import init_distributed, shutdown
-    from twotower_rec.distributed.sharding import full_state_dict
+    from twotower_rec.data.prepared import PreparedData
     from twotower_rec.export.writer import write_export
     from twotower_rec.model.factory import new_model
     from twotower_rec.tasks import make_task
+    from twotower_rec.train import checkpoint as checkpoints
 
     cfg = _config(cfg)
     target = Path(out or cfg.export.dir)
-    env = init_distributed()
-    try:
-        trained = _load(cfg, checkpoint, env)
-        state = full_state_dict(trained.model)
-    finally:
-        shutdown()
-    if env.is_main:
-        plain = new_model(trained.cfg.model, trained.data.spec, make_task(trained.cfg), torch.device("cpu"))
-        plain.load_state_dict(state)
-        metrics = dict(trained.meta.get("metrics") or {})
-        evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
-        if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
-            metrics[cfg.eval.split] = json.loads(evaluated.read_text())
-        write_export(plain, trained.data, to_dict(trained.cfg), target, cfg.export, metrics=metrics)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reads the checkpoint on its own
+        return target
+    path = _checkpoint(cfg, checkpoint)
+    trained_cfg = checkpoints.config_of(path)  # a missing or unreadable checkpoint is the first thing to say
+    data = PreparedData(cfg.data.cache_dir)
+    data.check_config(cfg)
+    for line in checkpoint_overrides(cfg, trained_cfg):
+        warnings.warn(line, ConfigWarning, stacklevel=2)
+    # The plain CPU model, its tables read from the (sharded) checkpoint's files in place: each
+    # table is held once, whatever world size wrote it (no gather, no copy per rank).
+    plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
+    meta = checkpoints.load(path, plain, data.spec)
+    metrics = dict(meta.get("metrics") or {})
+    evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
+    if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
+        metrics[cfg.eval.split] = json.loads(evaluated.read_text())
+    trained_cfg.data.cache_dir = cfg.data.cache_dir
+    write_export(plain, data, to_dict(trained_cfg), target, cfg.export, metrics=metrics)
     return target
 
 

@@ -318,6 +318,8 @@ def describe_plan(model: DistributedModelParallel, sharding: ShardingConfig | No
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies of every tensor, on every rank (a collective: all ranks call it).
+    Every rank then holds every table whole: for tests and small models; ``export`` reads the
+    checkpoint's files on one process instead (``api.export``).
 
     Args:
         model: the model, its tables sharded tensors or plain ones.

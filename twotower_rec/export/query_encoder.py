@@ -53,12 +53,12 @@ class MemberQueryEncoder(nn.Module):
         self.join_add = join_add  # model.user_join=add: the inputs (E-wide parts) are summed, not concatenated
         self.dim = sequence_table.shape[1] if sequence_table is not None else 1
         self.bags = nn.ModuleList(
-            [nn.EmbeddingBag.from_pretrained(w.clone(), freeze=True, mode=p) for w, p in zip(weights, poolings)]
+            [nn.EmbeddingBag.from_pretrained(w, freeze=True, mode=p) for w, p in zip(weights, poolings)]
         )
         # model.history_encoder=transformer or causal: the last input is the history, read by the
         # sequence encoder (a list of zero or one, which TorchScript can loop over).
         self.sequence_tables = nn.ModuleList(
-            [nn.Embedding.from_pretrained(sequence_table.clone(), freeze=True)] if sequence_table is not None else [])
+            [nn.Embedding.from_pretrained(sequence_table, freeze=True)] if sequence_table is not None else [])
         self.sequence_pooling = nn.ModuleList([sequence_pooling] if sequence_pooling is not None else [])
         self.mlp = mlp
 

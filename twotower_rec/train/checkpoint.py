@@ -170,11 +170,12 @@ def _check_spec(path: Path, meta: dict, spec: FeatureSpec) -> None:
 
 def load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec) -> dict:
     """Load model weights into the (sharded) ``model`` in place; returns meta.json (with
-    ``path``, the checkpoint folder read).
+    ``path``, the checkpoint folder read). Without a process group (an unsharded model in one
+    process) the checkpoint is read by this process alone, whatever world size wrote it.
 
     Args:
         path: the checkpoint folder.
-        model: the model to load into, built from the checkpoint's config.
+        model: the model to load into, built from the checkpoint's config: sharded, or plain.
         spec: the data's feature spec; it must be the one the checkpoint was trained on.
     """
     return _load(path, model, spec)
@@ -219,7 +220,7 @@ def _load(path: str | Path, model: torch.nn.Module, spec: FeatureSpec, optimizer
             raise CheckpointError(f"{path} holds weights only (no optimizer state): resume from <out_dir>/last")
         check_resumable(meta["config"], cfg)
         state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
