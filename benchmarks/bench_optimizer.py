@@ -38,12 +38,13 @@ def dense_parameters(config: str, overrides: list[str], data_dir: str | None) ->
     from twotower_rec.data.sources import load_raw
     from twotower_rec.distributed.env import init_distributed
     from twotower_rec.model.factory import build_model
+    from twotower_rec.tasks import make_task
 
     with tempfile.TemporaryDirectory() as cache:
         extra = [f"data.data_dir={data_dir}"] if data_dir and "demo" not in config else []
         cfg = load_config(REPO / config, [*overrides, *extra, f"data.cache_dir={cache}/data"])
         prepare(load_raw(cfg.data), cfg.data, cfg.features)
-        model = build_model(cfg, PreparedData(cfg.data.cache_dir), init_distributed())
+        model = build_model(cfg, make_task(cfg), PreparedData(cfg.data.cache_dir), init_distributed())
         return [p.detach().clone() for _, p in in_backward_optimizer_filter(model.named_parameters())]
 
 

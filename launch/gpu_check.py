@@ -29,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Relative tolerance on per-step losses (max |a - b| / max |a|). One CPU process against several
 # is exact up to float32 summation order; a GPU against the CPU differs by its kernels' order
-# (TF32 stays off: torch's default for float32 matmuls); bf16 autocast rounds the towers' inputs.
-TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3, "bf16": 5e-2}
+# (TF32 stays off unless train.tf32: torch's default for float32 matmuls); TF32 keeps 10 bits of the
+# mantissa in the products; bf16 autocast rounds the towers' inputs.
+TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3, "bf16": 5e-2, "tf32": 5e-3}
 
 # name -> (prepared-data variant, config overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -230,9 +231,14 @@ class Check:
                          "--set", "train.pipeline=always")
         self.compare("bf16 autocast (pipeline)", str(nproc), run, reference, TOLERANCE["bf16"], started)
         if self.args.cpu:
+            self.add("train.tf32 (pipeline)", str(nproc), "SKIP", "TF32 matrix products: CUDA only", 0.0)
             self.add("fused Adam tables", str(nproc), "SKIP", "fbgemm runs fused Adam on CUDA only", 0.0)
             self.add("UVM-caching kernel", str(nproc), "SKIP", "CUDA unified memory: CUDA only", 0.0)
             return
+        started = time.monotonic()
+        run = self.train(f"tf32-ws{nproc}", "default", nproc, "--set", "train.tf32=true",
+                         "--set", "train.pipeline=always")
+        self.compare("train.tf32 (pipeline)", str(nproc), run, reference, TOLERANCE["tf32"], started)
         started = time.monotonic()
         run = self.train(f"adam-ws{nproc}", "default", nproc, "--set", "train.sparse_optimizer=adam")
         if run is not None:

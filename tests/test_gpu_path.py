@@ -103,11 +103,70 @@ def test_table_learning_rate_defaults_per_optimizer():
     assert sparse_lr(TrainConfig(sparse_lr=0.0)) == 0.0  # 0 freezes the tables, as it always did
 
 
-def test_topology_knows_the_processes_per_host():
+def test_topology_knows_the_processes_per_host_and_their_share_of_its_memory():
+    from twotower_rec.distributed.sharding import host_memory
+
     env = DistEnv(rank=0, local_rank=0, world_size=16, device=torch.device("cpu"), backend="gloo",
                   local_world_size=8)
     topology = _topology(env)
     assert topology.world_size == 16 and topology.local_world_size == 8
+    assert 1 << 30 < host_memory() < 1 << 50  # this machine: some GiB
+    assert all(device.storage.ddr == host_memory() // 8 for device in topology.devices)
+
+
+def test_the_planner_is_told_each_ranks_batch(monkeypatch):
+    """The planner's cost model sizes each rank's input (it assumes 512 rows otherwise)."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from twotower_rec.distributed import sharding
+
+    seen = {}
+    real = sharding.EmbeddingShardingPlanner
+
+    def planner(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "EmbeddingShardingPlanner", planner)
+    model = torch.nn.Module()
+    model.ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=10,
+                                                                  feature_names=["f"])], device=torch.device("meta"))
+    env = dist_env.init_distributed()
+    try:
+        sharding.shard_model(model, env, ShardingConfig(), TrainConfig(batch_size=96))
+    finally:
+        dist_env.shutdown()
+    assert seen["batch_size"] == 96  # one process: the whole batch
+
+
+def test_the_process_group_waits_as_long_as_configured(monkeypatch):
+    import datetime
+
+    seen = {}
+    monkeypatch.setattr(dist_env.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist_env.dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv(dist_env.DEVICE_VARIABLE, "cpu")
+    dist_env.init_distributed(timeout_minutes=90)
+    assert seen["timeout"] == datetime.timedelta(minutes=90) and seen["backend"] == "gloo"
+    from twotower_rec.config import load_config
+
+    assert load_config(None).distributed.timeout_minutes == 60  # NCCL's own default is 10
+    with pytest.raises(ConfigError, match="distributed.timeout_minutes: must be positive"):
+        load_config(None, ["distributed.timeout_minutes=0"])
+
+
+def test_tf32_is_turned_on_for_cuda_only():
+    from twotower_rec.train.trainer import use_tf32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert not use_tf32(True, torch.device("cpu")) and torch.get_float32_matmul_precision() == before
+        assert not use_tf32(False, torch.device("cuda"))
+        assert use_tf32(True, torch.device("cuda")) and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_uvm_caching_kernel_is_refused_on_cpu():
@@ -205,3 +264,36 @@ def test_loss_log_reads_every_step_once():
         log.add(torch.tensor(value))
     assert log.read() == [3.0, 2.5, 2.0]
     assert log.read() == []
+
+
+@pytest.mark.parametrize("tag", ["cu128", "cu126"])
+def test_cuda_setup_takes_torch_and_fbgemm_from_one_index_after_removing_the_cpu_build(tmp_path, tag):
+    """``DEVICE=cuda bash launch/setup.sh`` as it would run (``SETUP_DRY_RUN=1`` prints the
+    commands): the CPU fbgemm package goes first (both own fbgemm_gpu/*.so), and torch and
+    fbgemm-gpu come from PyTorch's index for the tag alone, never from PyPI as a fallback."""
+    env = {**os.environ, "SETUP_DRY_RUN": "1", "DEVICE": "cuda", "CUDA": tag, "VENV": str(tmp_path / "venv")}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "setup.sh")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
+    uninstall = next(i for i, c in enumerate(commands) if "uninstall" in c and "fbgemm-gpu-cpu" in c)
+    cuda_pair = [i for i, c in enumerate(commands) if "fbgemm-gpu==1.8.0" in c]
+    assert cuda_pair and uninstall < min(cuda_pair)
+    for command in (c for c in commands if "install" in c and "uninstall" not in c):
+        if "fbgemm-gpu==" in command or command.split()[-1].startswith("torch=="):
+            assert f"--index-url https://download.pytorch.org/whl/{tag}" in command, command
+        assert "--extra-index-url" not in command and "fbgemm-gpu-cpu==" not in command, command
+    assert "CUDA 12.8" in proc.stdout if tag == "cu128" else "CUDA 12.6" in proc.stdout
+    bad = subprocess.run(["bash", str(REPO / "launch" / "setup.sh")], capture_output=True, text=True,
+                         env={**env, "CUDA": "13"}, timeout=60)
+    assert bad.returncode == 2 and "expected a PyTorch index tag" in bad.stderr
+
+
+def test_the_multi_node_scripts_fail_fast_without_a_gpu_and_give_srun_its_cpus():
+    """Read, not run (no cluster here): multi_node.sh defaults TWOTOWER_DEVICE to cuda, as the
+    other GPU launchers do, and slurm.sbatch hands srun the task's CPUs."""
+    multi = (REPO / "launch" / "multi_node.sh").read_text()
+    assert "export TWOTOWER_DEVICE=${TWOTOWER_DEVICE:-cuda}" in multi
+    assert multi.index("export TWOTOWER_DEVICE") < multi.index("exec .venv/bin/torchrun")
+    slurm = (REPO / "launch" / "slurm.sbatch").read_text()
+    assert 'srun --cpus-per-task="$CPUS"' in slurm

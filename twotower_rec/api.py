@@ -74,7 +74,7 @@ def train(cfg: Config | str | Path, resume: bool | str | Path = False) -> TrainR
     if cfg.model.members > 1 and resume not in (False, True):
         raise ConfigError(f"--resume {resume}: an ensemble (model.members={cfg.model.members}) resumes from its "
                           f"members' folders under {cfg.train.out_dir}; give --resume without a path")
-    env = init_distributed()
+    env = init_distributed(cfg.distributed.timeout_minutes)
     try:
         if cfg.model.members > 1:
             return train_ensemble(cfg, env, resume=bool(resume))
@@ -196,7 +196,7 @@ def evaluate(cfg: Config | str | Path, checkpoint: str | Path | None = None, bas
     from twotower_rec.tasks import make_task
 
     cfg = _config(cfg)
-    env = init_distributed()
+    env = init_distributed(cfg.distributed.timeout_minutes)
     try:
         trained = _load(cfg, checkpoint, env)
         task = make_task(trained.cfg)

@@ -188,6 +188,10 @@ class TrainConfig:
     out_dir: str = ""  # checkpoints and metrics; empty: <run_dir>/train
     checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
     bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
+    # CUDA: float32 matrix products in TF32 (torch.set_float32_matmul_precision("high")) on Ampere
+    # and later GPUs, several times faster than full float32; losses differ within launch/gpu_check.py's
+    # TOLERANCE["tf32"]. No effect on a CPU.
+    tf32: bool = False
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA, tasks that allow it) | always | never
     num_threads: int = 0  # 0: torch's default
     # Batches built ahead by a background thread while the step runs (in pinned memory on
@@ -210,6 +214,15 @@ class ShardingConfig:
     # for tables larger than GPU memory; dense: plain autograd tables (for debugging).
     compute_kernel: str = "fused"
     cache_load_factor: float = 0.2  # fused_uvm_caching: the share of each table's rows cached on the GPU
+
+
+@dataclass
+class DistributedConfig:
+    """The process group of a multi-process run (``torchrun``)."""
+
+    # How long a collective waits for the other ranks before the job is stopped (NCCL's watchdog);
+    # a checkpoint save of a large table to a shared filesystem can take minutes.
+    timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -264,6 +277,7 @@ class CommonConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -518,6 +532,8 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0{meaning}, got {_get(cfg, key)}")
     if cfg.model.members < 1:
         raise ConfigError(f"model.members: must be at least 1, got {cfg.model.members}")
+    if cfg.distributed.timeout_minutes <= 0:
+        raise ConfigError(f"distributed.timeout_minutes: must be positive, got {cfg.distributed.timeout_minutes}")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"loss.temperature: must be positive, got {cfg.loss.temperature}")
     for table, decay in cfg.train.table_weight_decay.items():

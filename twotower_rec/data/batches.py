@@ -117,10 +117,13 @@ def _gather_csr(column: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _kjt(keys: list[str], values: list[np.ndarray], lengths: list[np.ndarray]) -> KeyedJaggedTensor:
+    # length_per_key counted here, on the host: TorchRec's input distribution (and re-keying)
+    # reads it from the KJT instead of summing the lengths on the device (a host sync)
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
         lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32, copy=False)),
+        length_per_key=[int(np.sum(n)) for n in lengths],
     )
 
 
@@ -179,7 +182,7 @@ class Batcher:
         values, lengths = query_inputs(self.spec.query_keys, user, sequence, starts, ends, self.spec.history_length,
                                        self.data.user_features)
         return KeyedJaggedTensor(keys=self.spec.query_keys, values=torch.cat(values),
-                                 lengths=torch.cat(lengths).int())
+                                 lengths=torch.cat(lengths).int(), length_per_key=[int(v.numel()) for v in values])
 
     @functools.cached_property
     def training_events(self) -> tuple[torch.Tensor, np.ndarray] | None:

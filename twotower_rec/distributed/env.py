@@ -6,6 +6,7 @@ the same DistributedModelParallel path serves one process or many.
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import socket
@@ -96,8 +97,18 @@ def choose_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed() -> DistEnv:
-    """Join (or create) the default process group: nccl on CUDA, gloo on CPU."""
+# How long a collective may wait for the other ranks before the process group gives up (NCCL's
+# watchdog kills the job): ``distributed.timeout_minutes``. A checkpoint save in which one rank
+# writes a whole large table-wise table to a shared filesystem can outlast torch's 10 minutes.
+DEFAULT_TIMEOUT_MINUTES = 60.0
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+    """Join (or create) the default process group: nccl on CUDA, gloo on CPU.
+
+    Args:
+        timeout_minutes: how long a collective waits for the other ranks (``distributed.timeout_minutes``).
+    """
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -111,6 +122,7 @@ def init_distributed() -> DistEnv:
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size))
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return DistEnv(rank, local_rank, world_size, device, backend, local_world_size)

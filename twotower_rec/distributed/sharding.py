@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -157,10 +158,22 @@ def _attach_table_optimizer(collections: dict[str, nn.Module], train: TrainConfi
             apply_optimizer_in_backward(optimizer_cls, [_table_weight(collection, config.name)], kwargs)
 
 
+def host_memory() -> int:
+    """This host's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _topology(env: DistEnv) -> Topology:
     """The machine as the planner should see it: ranks per host (so ``table_row_wise`` keeps a
-    table's shards within a host) and, on CUDA, the GPU's real memory (TorchRec assumes 32 GB)."""
-    kwargs: dict[str, Any] = {"local_world_size": env.local_world_size}
+    table's shards within a host), each rank's share of the host's memory (TorchRec assumes
+    128 GB a rank, which a UVM plan on an 8-GPU node would over-commit) and, on CUDA, the GPU's
+    real memory (TorchRec assumes 32 GB).
+
+    Args:
+        env: the process group (world size, ranks per host, device).
+    """
+    kwargs: dict[str, Any] = {"local_world_size": env.local_world_size,
+                              "ddr_cap": host_memory() // max(env.local_world_size, 1)}
     if env.device.type == "cuda":
         kwargs["hbm_cap"] = torch.cuda.get_device_properties(env.device).total_memory
     return Topology(world_size=env.world_size, compute_device=env.device.type, **kwargs)
@@ -206,7 +219,9 @@ def shard_model(model: nn.Module, env: DistEnv, sharding: ShardingConfig, train:
     _attach_table_optimizer(collections, train if training else dataclasses.replace(
         train, sparse_optimizer="sgd", sparse_lr=None, table_weight_decay={}), env)
     sharders = [ConfiguredBagSharder(sharding.sharding_types), ConfiguredCollectionSharder(sharding.sharding_types)]
-    planner = EmbeddingShardingPlanner(topology=_topology(env), constraints=_constraints(collections, sharding))
+    # the per-rank batch: the planner's cost estimates assume 512 otherwise
+    planner = EmbeddingShardingPlanner(topology=_topology(env), batch_size=max(1, train.batch_size // env.world_size),
+                                       constraints=_constraints(collections, sharding))
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     # TorchRec divides table gradients by the world size on their way back to the shards
     # (comm_ops.GRADIENT_DIVISION, on by default) as DDP averages dense ones: with the global

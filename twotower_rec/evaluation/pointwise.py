@@ -8,14 +8,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from twotower_rec.distributed.collect import gather_parts, local_part
 from twotower_rec.losses.pointwise import loss, targets
 
 
 @torch.no_grad()
 def pointwise_metrics(model, batcher, rows: np.ndarray, objective: str, threshold: float, device=None,
                       chunk: int = 4096) -> dict:
-    """Pointwise metrics of the (query, positive item) pairs at ``rows``; every rank scores all
-    of them, so nothing is synchronised.
+    """Pointwise metrics of the (query, positive item) pairs at ``rows``. Under a process group
+    each rank scores its share (on its device) and every rank gets the same metrics.
 
     Args:
         model: a TwoTower (or a DMP wrapping one) whose ``head.score`` scores a pair.
@@ -39,15 +40,25 @@ def pointwise_metrics(model, batcher, rows: np.ndarray, objective: str, threshol
                    "f1": BinaryF1Score(sync_on_compute=False)}
     else:
         metrics = {"rmse": MeanSquaredError(squared=False, sync_on_compute=False)}
-    total, count = 0.0, 0
-    for begin in range(0, rows.size, chunk):
-        batch = batcher.batch(rows[begin:begin + chunk])
+    # each rank scores its share of the pairs, on its device; the scores are gathered, and every
+    # rank computes the metrics over them, chunk by chunk as one process would
+    local = local_part(np.asarray(rows))
+    scored, labelled = [], []
+    for begin in range(0, local.size, chunk):
+        batch = batcher.batch(local[begin:begin + chunk])
         if device is not None:
             batch = batch.to(device)
         query = tower.encode_query(batch.query_features).float()
         item = tower.encode_items(batch.item_features, batch.item_dense).float()
-        scores = tower.head.score(query, item).cpu()
-        target = targets(batch.labels.cpu(), objective, threshold)
+        scored.append(tower.head.score(query, item))
+        labelled.append(batch.labels.float())
+    empty = torch.zeros(0, device=device)
+    all_scores = gather_parts(torch.cat(scored) if scored else empty, rows.size).cpu()
+    all_labels = gather_parts(torch.cat(labelled) if labelled else empty, rows.size).cpu()
+    total, count = 0.0, 0
+    for begin in range(0, rows.size, chunk):
+        scores = all_scores[begin:begin + chunk]
+        target = targets(all_labels[begin:begin + chunk], objective, threshold)
         total += float(loss(scores, target, objective)) * scores.numel()
         count += scores.numel()
         for name, metric in metrics.items():

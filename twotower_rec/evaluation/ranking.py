@@ -53,7 +53,8 @@ def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 409
                        device: torch.device | None = None) -> torch.Tensor:
     """``[V + 1, D]`` item embeddings by item code (row 0, the OOV bucket, is never recommended).
 
-    Under a process group each rank encodes its share of the catalog; all ranks get the whole.
+    Under a process group each rank encodes its share of the catalog; all ranks get the whole,
+    on ``device`` (it stays there for ranking).
 
     Args:
         encode_items: the item tower, ``(kjt, dense) -> [B, D]``.
@@ -68,7 +69,7 @@ def catalog_embeddings(encode_items: EmbedFn, batcher: Batcher, chunk: int = 409
         kjt, dense = batcher.item_features(local[begin:begin + chunk])
         if device is not None:
             kjt, dense = kjt.to(device), dense.to(device)
-        parts.append(encode_items(kjt, dense).float().cpu())
+        parts.append(encode_items(kjt, dense).float())
     return gather_parts(torch.cat(parts), codes.size)
 
 
@@ -78,7 +79,8 @@ def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, 
     """``[Q, D]`` query embeddings as of each (user, position).
 
     Under a process group each rank encodes its share of the queries; with ``gather`` all
-    ranks get the whole, without it each keeps its (padded) share of :func:`local_part`.
+    ranks get the whole, without it each keeps its (padded) share of :func:`local_part`; on
+    ``device``.
 
     Args:
         encode_query: the query tower, ``kjt -> [B, D]``.
@@ -93,14 +95,15 @@ def query_embeddings(encode_query: EmbedFn, batcher: Batcher, user: np.ndarray, 
     parts = []
     for begin in range(0, local_user.size, chunk):
         kjt = batcher.query_features(local_user[begin:begin + chunk], local_position[begin:begin + chunk])
-        parts.append(encode_query(kjt.to(device) if device is not None else kjt).float().cpu())
-    local = torch.cat(parts) if parts else torch.zeros(0, 0)
+        parts.append(encode_query(kjt.to(device) if device is not None else kjt).float())
+    local = torch.cat(parts) if parts else torch.zeros(0, 0, device=device)
     return gather_parts(local, user.size) if gather else local
 
 
 def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: tuple | None,
                  chunk: int) -> torch.Tensor:
     """Top-``k`` item codes ``[Q, k]``; never the OOV code 0 nor a seen item (``-1`` pads short lists).
+    Scored where the embeddings are (a GPU's, in evaluation); the lists stay there too.
 
     Args:
         query_emb: ``[Q, D]`` query embeddings.
@@ -110,7 +113,7 @@ def rank_catalog(query_emb: torch.Tensor, item_emb: torch.Tensor, k: int, seen: 
             ``None``: leave none out.
         chunk: queries scored against the whole catalog at a time.
     """
-    invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool)
+    invalid = torch.zeros(item_emb.shape[0], dtype=torch.bool, device=item_emb.device)
     invalid[0] = True
     offsets, values = seen if seen is not None else (None, None)
     k = max(1, min(k, item_emb.shape[0] - 1))  # the OOV row is never a candidate
@@ -179,11 +182,12 @@ def rank_split(encode_query: EmbedFn, encode_items: EmbedFn, data: PreparedData,
     local_user, local_rows = local_part(user), local_part(rows)
     seen = seen_items(data, local_user, local_rows) if cfg.filter_seen else None
     query_emb = query_embeddings(encode_query, batcher, user, rows, device=device, gather=False)
-    top = {"model": gather_parts(rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk), rows.size)}
+    # only the ranked lists come back to the host
+    top = {"model": gather_parts(rank_catalog(query_emb, item_emb, k, seen, cfg.user_chunk), rows.size).cpu()}
     if with_popularity:
-        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1)  # [V + 1, 1]
-        popular = rank_catalog(torch.ones(local_rows.size, 1), counts, k, seen, cfg.user_chunk)
-        top["popularity"] = gather_parts(popular, rows.size)
+        counts = torch.from_numpy(data.item_counts().astype(np.float32)).unsqueeze(1).to(item_emb.device)  # [V + 1, 1]
+        popular = rank_catalog(torch.ones(local_rows.size, 1, device=item_emb.device), counts, k, seen, cfg.user_chunk)
+        top["popularity"] = gather_parts(popular, rows.size).cpu()
     return SplitRanking(rows, user, targets, top)
 
 

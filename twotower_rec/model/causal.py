@@ -140,7 +140,8 @@ class CausalEncoder(nn.Module):
         """
         rows = lengths.shape[0]
         starts = torch.cumsum(lengths, 0) - lengths
-        row = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths)
+        # output_size: the values' count, so the device need not tell the host (no sync)
+        row = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths, output_size=values.shape[0])
         col = torch.arange(values.shape[0], device=values.device) - starts[row]
         padded = values.new_zeros(rows, self.max_length, values.shape[1])
         padded[row, col] = values

@@ -26,6 +26,7 @@ def with_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor
         keys: the keys of the result, in order.
     """
     present = features.to_dict()
+    counts = dict(zip(features.keys(), features.length_per_key()))  # cached by the batches: no host sync
     rows = features.stride()
     values, lengths = [], []
     for key in keys:
@@ -38,6 +39,7 @@ def with_keys(features: KeyedJaggedTensor, keys: list[str]) -> KeyedJaggedTensor
         keys=keys,
         values=torch.cat(values) if values else features.values().new_zeros(0),
         lengths=torch.cat(lengths),
+        length_per_key=[counts.get(key, 0) for key in keys],
     )
 
 
@@ -58,5 +60,7 @@ def slot_kjt(history: JaggedTensor, slots: int, keys: list[str], key: str) -> Ke
     rows = lengths.shape[0]
     per_slot = (torch.arange(slots, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)).reshape(-1)
     empty = torch.zeros(rows * slots, dtype=lengths.dtype, device=lengths.device)
+    ids = history.values().shape[0]  # every id lands in a bag: known without reading the lengths
     return KeyedJaggedTensor(keys=keys, values=history.values(),
-                             lengths=torch.cat([per_slot.to(lengths.dtype) if k == key else empty for k in keys]))
+                             lengths=torch.cat([per_slot.to(lengths.dtype) if k == key else empty for k in keys]),
+                             length_per_key=[ids if k == key else 0 for k in keys])

@@ -52,10 +52,12 @@ class TransformerPooling(nn.Module):
         rows = lengths.shape[0]
         dim = values.shape[1]
         starts = torch.cumsum(lengths, 0) - lengths
-        row = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths)
+        # output_size: the values' count (no row holds more than max_length: the query inputs cut
+        # the history there), so the device need not tell the host (no sync)
+        row = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths, output_size=values.shape[0])
         col = torch.arange(values.shape[0], device=values.device) - starts[row]
         padded = values.new_zeros(rows, self.max_length, dim)
-        padded[row, col] = values[: row.shape[0]]
+        padded[row, col] = values
         slots = torch.arange(self.max_length, device=values.device).unsqueeze(0)
         # position 0 = the most recent item; pads get position 0 too but are masked out
         recency = (lengths.unsqueeze(1) - 1 - slots).clamp(min=0)

@@ -91,23 +91,32 @@ class TwoTower(nn.Module):
         dense = torch.cat(extra, dim=1) if extra else features.values().new_zeros(features.stride(), 0).float()
         return self.query_tower(self._own(features), dense)
 
-    def encode_positions(self, features: KeyedJaggedTensor, first: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_positions(self, features: KeyedJaggedTensor, first: torch.Tensor | None = None,
+                         positions: int | None = None) -> torch.Tensor:
         """Query KJT of B windows (``history``: each window's input items, oldest first) ->
         ``[P, D]``: the query at every position from ``first`` on, windows in order, positions oldest first.
 
         Args:
             features: the query KJT of B windows.
             first: ``[B]`` each window's first scored position; None: every position.
+            positions: ``P``, when the caller knows it (a window batch does): then nothing waits
+                for the device to count them (no host sync).
         """
         states, lengths = self.history.states(features, self.item_tower)
-        slots = torch.arange(states.shape[1], device=states.device).unsqueeze(0)
-        valid = slots < lengths.unsqueeze(1)
+        scored = lengths - first if first is not None else lengths  # [B] positions each window scores
+        if positions is None:
+            positions = int(scored.sum())
+        rows, slots = states.shape[0], states.shape[1]
+        # the scored slots, window by window, oldest first: slot first[b] .. lengths[b] - 1 of row b
+        window = torch.repeat_interleave(torch.arange(rows, device=states.device), scored, output_size=positions)
+        starts = torch.cumsum(scored, 0) - scored
+        slot = torch.arange(positions, device=states.device) - starts[window]
         if first is not None:
-            valid = valid & (slots >= first.unsqueeze(1))
-            lengths = lengths - first
+            slot = slot + first[window]
+        chosen = states.reshape(rows * slots, -1)[window * slots + slot]  # [P, V * E]
         pooled = self.query_tower.pool(self._own(features), self.query_tower.feature_names)  # F x [B, E]
-        pooled = [p.repeat_interleave(lengths, dim=0) for p in pooled]  # F x [P, E]
-        return self.query_tower.head(self.query_tower.joined(pooled, states[valid]))
+        pooled = [p.repeat_interleave(scored, dim=0, output_size=positions) for p in pooled]  # F x [P, E]
+        return self.query_tower.head(self.query_tower.joined(pooled, chosen))
 
     def _own(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor | None:
         """The query tower's own features of ``features`` (None when it has none)."""
@@ -132,7 +141,7 @@ class TwoTower(nn.Module):
         (``[B, D]`` queries, ``[N, D]`` items), rows of norm 1. With ``every_position``, a batch
         of windows gives ``[P, D]`` queries, one per scored position, and its ``[C, D]`` candidates."""
         if self.every_position:
-            query = self.encode_positions(batch.query_features, batch.first_position)
+            query = self.encode_positions(batch.query_features, batch.first_position, batch.target_index.shape[0])
         else:
             query = self.encode_query(batch.query_features)
         return query, self.encode_items(batch.item_features, batch.item_dense)

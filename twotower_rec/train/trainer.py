@@ -100,6 +100,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     entered = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    use_tf32(cfg.train.tf32, env.device)
     data = PreparedData(cfg.data.cache_dir)
     task = make_task(cfg)
     check_setup(cfg, task, data, env)
@@ -112,6 +113,24 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     if resume is not None:
         state, task_state = _resume(resume, cfg, model, optimizer, data, env)
     return Trainer(cfg, task, env, data, model, optimizer, state, task_state, entered).run()
+
+
+def use_tf32(enabled: bool, device: torch.device) -> bool:
+    """``train.tf32``: float32 matrix products in TF32 on a CUDA device (``"high"`` precision),
+    for this process's training; evaluation and export are separate processes at full float32.
+
+    Args:
+        enabled: ``train.tf32``.
+        device: the run's device; a CPU is left as it is.
+
+    Returns:
+        Whether TF32 is now on.
+    """
+    if not (enabled and device.type == "cuda"):
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def check_setup(cfg: Config, task: Task, data: PreparedData, env: DistEnv) -> None:
