@@ -5,8 +5,8 @@ per-step losses, the validation curve and the evaluation metrics are compared ex
     .venv/bin/python benchmarks/compare_trees.py --before 282fe50 --after HEAD \\
         --data-dir ../shared/datasets/ml-latest-small
 
-Configs: configs/demo.yaml, configs/ml_latest_small.yaml (one member) and
-configs/ml_latest_small_sequences.yaml; only options both commits know are set from the
+Configs: configs/demo.yaml, configs/ml_latest_small.yaml (one member),
+configs/ml_latest_small_sequences.yaml and configs/ml_latest_small_bce.yaml; only options both commits know are set from the
 command line (paths, ``model.members``), so a renamed option in a config is each commit's own.
 Prints a table and writes benchmarks/results/compare_trees.json.
 """
@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = {"demo": ("configs/demo.yaml", []),
            "ml_latest_small (1 member)": ("configs/ml_latest_small.yaml", ["model.members=1"]),
-           "ml_latest_small_sequences": ("configs/ml_latest_small_sequences.yaml", [])}
+           "ml_latest_small_sequences": ("configs/ml_latest_small_sequences.yaml", []),
+           "ml_latest_small_bce": ("configs/ml_latest_small_bce.yaml", [])}
 
 
 def run(tree: Path, config: str, extra: list[str], out: Path, data_dir: str) -> dict:
