@@ -69,7 +69,8 @@ def layout(size: int, args, work: Path) -> tuple[Path, Path, list[str]]:
         "data.source=interactions", f"data.interactions_path={raw / 'interactions'}",
         f"data.users_path={raw / 'users.parquet'}", f"data.items_path={raw / 'items.parquet'}",
         f"data.cache_dir={runs / 'data'}", "data.engine=duckdb", f"data.memory_limit={args.memory_limit}",
-        f"train.out_dir={runs}", f"train.max_steps={args.steps}", "train.epochs=1000", f"train.batch_size={args.batch}",
+        f"train.out_dir={runs / 'train'}", f"train.max_steps={args.steps}", "train.epochs=1000",
+        f"train.batch_size={args.batch}",
         "train.val_every_steps=0", "train.checkpoint_every_steps=0", f"train.val_max_users={args.val_users}",
         f"eval.max_users={args.eval_users}", f"export.dir={runs / 'export'}", "export.ann=ivf",
         f"export.recall_queries={args.val_users}",
@@ -106,7 +107,7 @@ def run_size(size: int, args, work: Path) -> dict:
 
             row["rows"] = PreparedData(runs / "data").num_rows
         if stage == "train":
-            metrics = json.loads((runs / "train_metrics.json").read_text())
+            metrics = json.loads((runs / "train" / "train_metrics.json").read_text())
             row["train"]["examples_per_second"] = round(metrics["examples_per_second"])
             row["train"]["startup_seconds"] = round(metrics["startup_seconds"], 2)
         print(f"scale {size:.0e}: {stage} {row[stage]}", file=sys.stderr, flush=True)
@@ -130,7 +131,7 @@ def train_rounds(args, work: Path) -> None:
                 raise SystemExit(f"size {size:.0e} is not prepared in {runs}: run without --train-rounds and "
                                  "with --keep first")
             stage = timed([*python, "train", *overrides], runs / "train.log")
-            metrics = json.loads((runs / "train_metrics.json").read_text())
+            metrics = json.loads((runs / "train" / "train_metrics.json").read_text())
             run = {"round": r, "examples_per_second": round(metrics["examples_per_second"]),
                    "startup_seconds": round(metrics["startup_seconds"], 2), **stage}
             runs_of[size].append(run)

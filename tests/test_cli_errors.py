@@ -226,3 +226,41 @@ def test_a_process_of_a_multi_process_job_leaves_without_the_interpreters_teardo
         assert left == [cli.EXIT_USER_ERROR]
     else:
         assert cli.main(argv) == cli.EXIT_USER_ERROR and left == []
+
+
+def test_ctrl_c_during_train_is_one_line_naming_resume_and_exit_130(pipeline, tmp_path):
+    import os
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "twotower_rec", "train", "--config", str(pipeline.config_path),
+            "--set", f"train.out_dir={tmp_path / 'run'}", "--set", "train.epochs=10000",
+            "--set", "train.checkpoint_every_steps=5"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(argv, cwd=pipeline.root, env=env, stdout=subprocess.DEVNULL, stderr=err_file)
+        try:
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "run" / "last").is_dir() and time.monotonic() < deadline:  # it trains
+                assert proc.poll() is None, err_path.read_text()
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    stderr = err_path.read_text()
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr  # the run's own lines (device, plan), then one line
+    assert "--resume" in lines[-1] and str(tmp_path / "run") in lines[-1], stderr
+    assert not any("KeyboardInterrupt" in line for line in lines), stderr
+
+
+def test_an_os_error_is_one_line_naming_the_file(cli, tmp_path):
+    # A cache folder under a regular file: the OS refuses to make it (NotADirectoryError).
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = cli("prepare", "--set", f"data.cache_dir={blocker / 'cache'}", cwd=tmp_path)
+    assert_user_error(result, str(blocker))

@@ -224,3 +224,32 @@ def test_prefetch_batches_is_null_by_default_and_never_negative():
     assert load_config(None, ["train.prefetch_batches=3"]).train.prefetch_batches == 3
     with pytest.raises(ConfigError, match=r"train.prefetch_batches: must be >= 0"):
         load_config(None, ["train.prefetch_batches=-1"])
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["data.cache_dir=runs/x", "train.out_dir=runs/x"], ("data.cache_dir", "train.out_dir")),
+    (["data.cache_dir=runs/x", "train.out_dir=runs/x/train"], ("data.cache_dir", "train.out_dir")),
+    (["train.out_dir=runs/x", "data.cache_dir=runs/x/./data"], ("data.cache_dir", "train.out_dir")),
+    (["train.out_dir=runs/x", "export.dir=runs/x"], ("train.out_dir", "export.dir")),
+    (["data.cache_dir=runs/x/export/data", "export.dir=runs/x/export"], ("data.cache_dir", "export.dir")),
+])
+def test_overlapping_run_folders_are_refused(overrides, names):
+    # `prepare` replaces data.cache_dir and `export` replaces export.dir whole: a checkpoint
+    # folder inside either (or either inside it) would be deleted by the next run of that verb.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert all(name in message for name in names) and "overlap" in message
+
+
+def test_folders_beside_each_other_are_accepted():
+    cfg = load_config(None, ["data.cache_dir=runs/x/data", "train.out_dir=runs/x/train", "export.dir=runs/x/data2"])
+    assert cfg.export.dir == "runs/x/data2"
+
+
+def test_export_out_may_not_overlap_the_run(tmp_path):
+    from twotower_rec.api import export
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="overlap"):
+        export(cfg, out=cfg.train.out_dir)

@@ -252,8 +252,11 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
     from twotower_rec.tasks import make_task
     from twotower_rec.train import checkpoint as checkpoints
 
+    from twotower_rec.config import check_run_folders
+
     cfg = _config(cfg)
     target = Path(out or cfg.export.dir)
+    check_run_folders(cfg, target)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reads the checkpoint on its own
         return target
     path = _checkpoint(cfg, checkpoint)

@@ -25,6 +25,7 @@ from pathlib import Path
 from twotower_rec.errors import TwoTowerError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 DESCRIPTION = """\
 Train two-tower retrieval models on TorchRec.
@@ -61,6 +62,10 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one config value, e.g. train.batch_size=2048 (repeatable)")
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) ended the verb; the message says how to go on."""
+
+
 def _config(args):
     from twotower_rec.config import load_config
 
@@ -89,7 +94,13 @@ def cmd_train(args) -> int:
     from twotower_rec.api import train
 
     resume = False if args.resume is None else (args.resume or True)
-    train(_config(args), resume=resume)
+    cfg = _config(args)
+    try:
+        train(cfg, resume=resume)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; the same `train` command with --resume continues from the last "
+                          f"checkpoint in {cfg.train.out_dir} (train.checkpoint_every_steps sets how often one "
+                          "is saved)") from None
     return 0
 
 
@@ -339,6 +350,16 @@ def _run(argv: list[str] | None) -> int:
         # stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a full disk, a read-only folder, a path through a regular file
+        where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+        print(f"error: {err.strerror or err}{': ' + where if where else ''}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

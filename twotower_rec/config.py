@@ -430,6 +430,7 @@ def validate(cfg: Config, warn: bool = True) -> Config:
     from twotower_rec.tasks import TASKS, task_class
 
     derive_paths(cfg)
+    check_run_folders(cfg)
     _check_choices(cfg)
     _check_ranges(cfg)
     _check_combinations(cfg)
@@ -466,6 +467,28 @@ def derive_paths(cfg: Config) -> None:
         cfg.train.out_dir = str(run / "train")
     if not cfg.export.dir:
         cfg.export.dir = str(run / "export")
+
+
+def check_run_folders(cfg: Config, export_dir: str | Path | None = None) -> None:
+    """Raise :class:`ConfigError` when two of ``data.cache_dir``, ``train.out_dir`` and
+    ``export.dir`` are one folder or one lies inside another: ``prepare`` and ``export`` replace
+    their folder whole, so the next run of either would delete the other's files.
+
+    Args:
+        cfg: the config, its paths filled in (:func:`derive_paths`).
+        export_dir: the export folder to check instead of ``export.dir`` (``export --out``).
+    """
+    folders = {"data.cache_dir": cfg.data.cache_dir, "train.out_dir": cfg.train.out_dir,
+               "export.dir": str(export_dir or cfg.export.dir)}
+    resolved = {key: Path(value).expanduser().resolve() for key, value in folders.items()}
+    keys = list(folders)
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            a, b = resolved[first], resolved[second]
+            if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+                raise ConfigError(f"{first}={folders[first]} and {second}={folders[second]} overlap: each must be "
+                                  "a folder of its own, neither inside the other (prepare and export replace "
+                                  "theirs whole)")
 
 
 def config_warnings(cfg: Config) -> list[str]:
