@@ -128,9 +128,9 @@ def test_evaluate_export_and_serve_use_nothing_of_training_but_checkpoint_loadin
 
 def test_the_cli_only_parses_calls_and_prints():
     """Verb logic lives in the Python API; the CLI reaches the package through it, the config
-    and the serving and download code alone."""
+    and the serving and download code alone (and the thread policy, which must run before torch loads)."""
     allowed = {"twotower_rec.api", "twotower_rec.config", "twotower_rec.errors", "twotower_rec.serving.exported",
-               "twotower_rec.serving.http_server", "twotower_rec.data.download"}
+               "twotower_rec.serving.http_server", "twotower_rec.data.download", "twotower_rec.distributed.threads"}
     own = {m for m in _imports(_tree("twotower_rec.cli")) if m.startswith("twotower_rec.")}
     assert own <= allowed, sorted(own - allowed)
 

@@ -191,12 +191,14 @@ def evaluate(cfg: Config | str | Path, checkpoint: str | Path | None = None, bas
     from twotower_rec.data.batches import Batcher
     from twotower_rec.data.splits import SPLIT_NAMES
     from twotower_rec.distributed.env import init_distributed, shutdown
+    from twotower_rec.distributed.threads import apply_thread_count
     from twotower_rec.evaluation.ranking import rank_split, save_topk as write_topk, split_metrics
     from twotower_rec.model.factory import towers
     from twotower_rec.tasks import make_task
 
     cfg = _config(cfg)
     env = init_distributed(cfg.distributed.timeout_minutes)
+    apply_thread_count(cfg.train.num_threads, env.local_world_size, prefetching=False)
     try:
         trained = _load(cfg, checkpoint, env)
         task = make_task(trained.cfg)

@@ -193,7 +193,9 @@ class TrainConfig:
     # TOLERANCE["tf32"]. No effect on a CPU.
     tf32: bool = False
     pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA, tasks that allow it) | always | never
-    num_threads: int = 0  # 0: torch's default
+    # intra-op threads per process; 0: the policy (usable cores / processes on this host, less
+    # one for a prefetch thread; OMP_NUM_THREADS when set): distributed/threads.py
+    num_threads: int = 0
     # Batches built ahead by a background thread while the step runs (in pinned memory on
     # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps;
     # null: 2 with CUDA, 0 on a CPU (there the thread competes with the step for the cores).

@@ -47,15 +47,20 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        """One line: the device, the backend and the world, for the log of every run."""
+    def describe(self, threads_why: str = "") -> str:
+        """One line: the device, the backend and the world, for the log of every run.
+
+        Args:
+            threads_why: what chose the thread count (:func:`twotower_rec.distributed.threads.thread_count`).
+        """
         where = str(self.device)
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             where += f" ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
         threads = torch.get_num_threads()
         return (f"device: {where}, backend {self.backend}, {self.world_size} process(es), "
-                f"{self.local_world_size} per host, {threads} thread{'s' if threads != 1 else ''} each; "
+                f"{self.local_world_size} per host, {threads} thread{'s' if threads != 1 else ''} each"
+                f"{f' ({threads_why})' if threads_why else ''}; "
                 f"torch {torch.__version__}")
 
 

@@ -31,6 +31,7 @@ from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.splits import TRAIN
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv
+from twotower_rec.distributed.threads import apply_thread_count
 from twotower_rec.errors import ConfigError
 from twotower_rec.model.factory import build_model
 from twotower_rec.tasks import Task, make_task
@@ -98,8 +99,8 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
             from its step and data position, at this or any other world size; None: from scratch.
     """
     entered = time.perf_counter()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    threads_why = apply_thread_count(cfg.train.num_threads, env.local_world_size,
+                                     prefetch_depth(cfg.train, env.device) > 0)
     use_tf32(cfg.train.tf32, env.device)
     data = PreparedData(cfg.data.cache_dir)
     task = make_task(cfg)
@@ -107,7 +108,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     model = build_model(cfg, task, data, env)
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
-        print(env.describe(), file=sys.stderr, flush=True)
+        print(env.describe(threads_why), file=sys.stderr, flush=True)
         print(sharding.describe_plan(model, cfg.sharding), file=sys.stderr, flush=True)
     state, task_state = TrainerState(), None
     if resume is not None:
