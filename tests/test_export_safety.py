@@ -80,6 +80,20 @@ def test_a_failed_write_is_an_export_error_and_keeps_the_old_export(pipeline, tm
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]
 
 
+def test_a_large_query_tower_is_written_only_where_it_fits(pipeline, tmp_path, monkeypatch):
+    """A tower too large to serialise in memory is written by torch to the path, which aborts on a
+    full disk: the folder's free space is checked first."""
+    from twotower_rec.export import writer
+
+    monkeypatch.setattr(writer, "IN_MEMORY_BYTES", 0)
+    out = _export(pipeline, tmp_path / "export")  # written by torch to its path
+    ExportedModel.load(out)
+    monkeypatch.setattr(writer, "_free_bytes", lambda folder: 1 << 20)
+    with pytest.raises(ExportError, match=f"cannot write the export {out}: 1 MiB free, the query tower needs"):
+        _export(pipeline, out)
+    ExportedModel.load(out)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="chmod does not bind root")
 def test_a_read_only_parent_folder_is_an_export_error(pipeline, cli, tmp_path):
     parent = tmp_path / "locked"

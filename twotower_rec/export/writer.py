@@ -1,16 +1,19 @@
 """Write the export directory (see ``export/__init__.py``) from an unsharded model.
 
 Everything is written beside the export and swapped in (``atomic.py``), so a crash leaves the
-previous export whole. Every file goes through Python's own file I/O (the query tower is
-serialised to memory first: ``torch.jit.save`` to a path aborts the process in C++ on a full
-disk), so a failed write is an ``ExportError`` naming the folder, and the previous export stays.
+previous export whole. Every file goes through Python's own file I/O (the faiss index, and a
+query tower of up to ``IN_MEMORY_BYTES``, are serialised to memory first: ``torch.jit.save`` to a
+path aborted the process in C++ on a full disk; a larger tower is written by torch once the
+folder has room for it), so a failed write is an ``ExportError`` naming the folder, and the
+previous export stays.
 Only an export (or an empty or missing folder) is replaced: :func:`check_target`.
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +36,8 @@ from twotower_rec.serving import manifest as export_manifest
 
 if TYPE_CHECKING:
     from twotower_rec.config import ExportConfig
+
+IN_MEMORY_BYTES = 128 << 20  # a query tower up to this size is serialised in memory (see _save_query_tower)
 
 
 def check_target(out_dir: str | Path) -> None:
@@ -106,13 +111,39 @@ def _write_files(tmp: Path, model: TwoTower | Ensemble, data: PreparedData, cfg_
     item_emb = _write_items(tmp, model, data, batcher, cfg)
     ann_info = _ann_section(cfg, item_emb, model, data, batcher, tmp)
     encoder = build_query_encoder(model, data.spec.query_features, data)
-    scripted = io.BytesIO()
-    torch.jit.save(torch.jit.script(encoder), scripted)
-    _write_bytes(tmp / "query_tower.pt", scripted.getvalue())
+    _save_query_tower(torch.jit.script(encoder), tmp / "query_tower.pt", _tensor_bytes(model))
     _write_users(tmp, data)
     manifest = _manifest(tmp, model, data, item_emb, cfg, cfg_dict, metrics, ann_info)
     _write_bytes(tmp / export_manifest.MANIFEST, json.dumps(manifest, indent=2).encode())
     return item_emb, ann_info
+
+
+def _save_query_tower(scripted: torch.jit.ScriptModule, path: Path, size: int) -> None:
+    """``query_tower.pt`` such that a failed write is an ``OSError``, never a C++ abort.
+
+    A tower of up to :data:`IN_MEMORY_BYTES` (``size``: the model's tensors, an upper bound) is
+    serialised to memory and written by Python. A larger one would hold about two more copies of
+    its tables in memory that way, so torch writes it to the path itself, once the folder is seen
+    to have room for it (``torch.jit.save`` to a path aborts the process when the disk fills).
+    """
+    if size <= IN_MEMORY_BYTES:
+        with open(path, "wb") as handle:  # torch serialises to memory, Python writes the bytes
+            torch.jit.save(scripted, handle)
+        return
+    free = _free_bytes(path.parent)
+    if free < size + (64 << 20):
+        raise OSError(errno.ENOSPC, f"{free >> 20} MiB free, the query tower needs up to {size >> 20} MiB",
+                      str(path.parent))
+    torch.jit.save(scripted, str(path))
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -129,7 +129,7 @@ def write(index, path) -> None:
     """
     data = _faiss().serialize_index(index)
     with open(path, "wb") as handle:
-        handle.write(data.tobytes())
+        handle.write(data.data)  # the array's buffer, not a copy
 
 
 def read(path, params: dict | None = None):
