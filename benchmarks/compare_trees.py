@@ -44,7 +44,9 @@ def run(tree: Path, config: str, extra: list[str], out: Path, data_dir: str) -> 
             raise SystemExit(f"{tree}: {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "run" / "train_metrics.json").read_text())
     return {"losses": metrics["losses"], "validation": metrics["validation"],
-            "evaluation": json.loads((out / "run" / "eval_test.json").read_text()),
+            # the checkpoint it scored is named by path and meta.json digest: other on every run
+            "evaluation": {k: v for k, v in json.loads((out / "run" / "eval_test.json").read_text()).items()
+                           if k != "checkpoint"},
             "seconds": time.perf_counter() - started}
 
 

@@ -131,7 +131,7 @@ def test_cold_start_returns_items_and_not_the_liked_ones(exported):
 
 
 def test_cold_start_cli(pipeline, cli):
-    items = np.load(pipeline.export_dir / "item_ids.npy", allow_pickle=True)
+    items = np.load(pipeline.export_dir / "item_ids.npy", allow_pickle=False)
     result = cli("recommend", "--export", pipeline.export_dir, "--liked", ",".join(map(str, items[:3])), "-k", "4",
                  "--json")
     assert result.returncode == 0, result.describe()

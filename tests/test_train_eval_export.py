@@ -45,7 +45,7 @@ def test_training_loss_decreases(pipeline):
 def test_model_beats_most_popular(pipeline):
     results = pipeline.eval_results
     cfg = pipeline.load_config()
-    assert set(results) == {"model", "popularity"}
+    assert set(results) == {"model", "popularity", "checkpoint"}  # and the checkpoint it scored
     for name in ("model", "popularity"):
         for k in cfg.eval.ks:
             for metric in ("recall", "hr", "ndcg"):

@@ -183,7 +183,8 @@ def evaluate(cfg: Config | str | Path, checkpoint: str | Path | None = None, bas
         checkpoint: the checkpoint folder (default ``<train.out_dir>/checkpoint``).
         baselines: also rank with item-kNN, EASE and the last-items transition model.
         save_topk: also write each event's top ``max(eval.ks)`` raw item ids (``.npz`` or ``.parquet``).
-        output: the metrics JSON (default ``<train.out_dir>/eval_<split>.json``).
+        output: the metrics JSON (default ``<train.out_dir>/eval_<split>.json``); its ``checkpoint`` entry names
+            the checkpoint scored (folder, step, SHA-256 of its meta.json), which ``export`` checks.
 
     Returns:
         The result on rank 0 (None on the other ranks of a multi-process run).
@@ -221,6 +222,7 @@ def evaluate(cfg: Config | str | Path, checkpoint: str | Path | None = None, bas
     written: dict = dict(results)
     if pairs is not None:
         written[task.name] = pairs
+    written["checkpoint"] = _scored_checkpoint(_checkpoint(cfg, checkpoint))
     out = Path(output) if output else Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(written, indent=2))
@@ -231,10 +233,48 @@ def evaluate(cfg: Config | str | Path, checkpoint: str | Path | None = None, bas
                       pairs_line=task.describe_pairs(pairs) if pairs is not None else None, path=out, topk_path=topk)
 
 
+def _scored_checkpoint(path: str | Path) -> dict:
+    """What names a checkpoint in an evaluation's JSON: its folder, step and the SHA-256 of its
+    meta.json (written anew by every save, so two saves never share it).
+
+    Args:
+        path: the checkpoint folder.
+    """
+    import hashlib
+
+    from twotower_rec.train import checkpoint as checkpoints
+
+    folder = checkpoints.resolve(path)
+    meta = folder / checkpoints.META
+    return {"path": str(folder), "step": json.loads(meta.read_text()).get("step"),
+            "meta_sha256": hashlib.sha256(meta.read_bytes()).hexdigest()}
+
+
+def _evaluation_of(cfg: Config, path: Path) -> tuple[dict | None, str]:
+    """``train.out_dir/eval_<split>.json`` when it scored the checkpoint at ``path`` (else None),
+    and a note for the export's log line when it is left out."""
+    evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
+    if not evaluated.is_file():
+        return None, ""
+    try:
+        metrics = json.loads(evaluated.read_text())
+    except ValueError:
+        return None, f"{evaluated} left out: not valid JSON"
+    scored = metrics.get("checkpoint") if isinstance(metrics, dict) else None
+    if not isinstance(scored, dict) or "meta_sha256" not in scored:
+        return None, f"{evaluated} left out: it does not name the checkpoint it scored (run evaluate again)"
+    if scored["meta_sha256"] != _scored_checkpoint(path)["meta_sha256"]:
+        return None, (f"{evaluated} left out: it scored another checkpoint ({scored.get('path')}, step "
+                      f"{scored.get('step')}); run evaluate on this one")
+    return metrics, ""
+
+
 def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: str | Path | None = None) -> Path:
-    """Write what serving needs from a checkpoint into ``export.dir`` (replaced whole): item
-    embeddings and raw ids, the ANN index with its measured recall, the query tower, users,
-    vocabularies and the manifest (``twotower_rec/export/__init__.py`` lists every file).
+    """Write what serving needs from a checkpoint into ``export.dir`` (replaced whole; a folder
+    that is not an export is refused): item embeddings and raw ids, the ANN index with its
+    measured recall, the query tower, users, vocabularies and the manifest
+    (``twotower_rec/export/__init__.py`` lists every file). The manifest's metrics take
+    ``train.out_dir/eval_<split>.json`` only when that evaluation scored this checkpoint.
 
     Args:
         cfg: the config (``export`` section; the model comes from the checkpoint's own config).
@@ -249,7 +289,7 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
     import torch
 
     from twotower_rec.data.prepared import PreparedData
-    from twotower_rec.export.writer import write_export
+    from twotower_rec.export.writer import check_target, write_export
     from twotower_rec.model.factory import new_model
     from twotower_rec.tasks import make_task
     from twotower_rec.train import checkpoint as checkpoints
@@ -263,6 +303,7 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
         return target
     path = _checkpoint(cfg, checkpoint)
     trained_cfg = checkpoints.config_of(path)  # a missing or unreadable checkpoint is the first thing to say
+    check_target(target)  # before the model is read: refusing a folder that is not an export is quick
     data = PreparedData(cfg.data.cache_dir)
     data.check_config(cfg)
     for line in checkpoint_overrides(cfg, trained_cfg):
@@ -272,11 +313,11 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
     plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
     meta = checkpoints.load(path, plain, data.spec)
     metrics = dict(meta.get("metrics") or {})
-    evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
-    if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
-        metrics[cfg.eval.split] = json.loads(evaluated.read_text())
+    evaluation, note = _evaluation_of(cfg, path)
+    if evaluation is not None:
+        metrics[cfg.eval.split] = evaluation
     trained_cfg.data.cache_dir = cfg.data.cache_dir
-    write_export(plain, data, to_dict(trained_cfg), target, cfg.export, metrics=metrics)
+    write_export(plain, data, to_dict(trained_cfg), target, cfg.export, metrics=metrics, note=note)
     return target
 
 

@@ -148,10 +148,15 @@ def cmd_recommend(args) -> int:
         unknown = model.unknown_items(liked)
         if unknown:
             print(f"warning: not in the catalog, left out: {', '.join(unknown)}", file=sys.stderr)
+        unknown_features = model.unknown_features(features)
+        for name, value in unknown_features.items():
+            print(f"warning: unknown value of {name}, read as unknown: {value} (vocabularies.json lists the known "
+                  "ones)", file=sys.stderr)
     if args.json:
         payload = {"user": who, "items": [r.to_dict() for r in recs]}
         if args.user is None:
             payload["unknown_liked"] = unknown
+            payload["unknown_features"] = unknown_features
         print(json.dumps(payload))
         return 0
     print(f"top {len(recs)} items for user {who}:" if args.user is not None
@@ -167,7 +172,7 @@ def cmd_serve(args) -> int:
     from twotower_rec.serving.http_server import serve
 
     serve(ExportedModel.load(args.export), args.host, args.port, ann=args.ann, max_k=args.max_k,
-          threads=args.threads)
+          threads=args.threads, read_timeout=args.timeout, max_connections=args.max_connections)
     return 0
 
 
@@ -267,6 +272,39 @@ def _add_recommend(verbs) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 to 65535 (0: a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: give 0 to 65535 (0 picks a free one)")
+    return port
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
+    return value
+
+
 def _add_serve(verbs) -> None:
     p = _verb(verbs, "serve", cmd_serve, config=False, help="HTTP JSON endpoint over an export: /health, /recommend",
               description="Serve an export directory over HTTP (standard library server, one "
@@ -277,10 +315,15 @@ def _add_serve(verbs) -> None:
                           'and {"error": message}.')
     _add_export_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--ann", action="store_true", help="answer from the ANN index instead of the exact scan")
-    p.add_argument("--max-k", type=int, default=1000, help="largest k a request may ask for (default 1000)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server process (default 1)")
+    p.add_argument("--max-k", type=_positive_int, default=1000, help="largest k a request may ask for (default 1000)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of the server process (default 1)")
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="read timeout of a connection: an idle one, or a request whose bytes stop coming, is closed "
+                        "after it (default 10)")
+    p.add_argument("--max-connections", type=_positive_int, default=64, metavar="N",
+                   help="connections served at once, one thread each; more get 503 at once (default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:

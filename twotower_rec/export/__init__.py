@@ -3,18 +3,23 @@
 ``writer.py`` writes the directory below; ``query_encoder.py`` is the TorchScript query tower in
 it. ``twotower_rec/serving/`` reads it back (``serving/manifest.py`` defines the format).
 
-The export directory (written beside it and swapped in, ``twotower_rec/atomic.py``)::
+The export directory (written beside it and swapped in, ``twotower_rec/atomic.py``; ``export``
+replaces only an earlier export, or an empty or missing folder, and a write that fails, a full
+disk or a read-only folder, is an ``ExportError`` that leaves the earlier export whole). No file
+needs a pickle to be read: arrays are numbers or fixed-width unicode, loaded with
+``allow_pickle=False``::
 
     manifest.json          format version, versions, dims, metric, dtype, feature order, files
                            with their sizes and SHA-256s, ANN recall, data fingerprint,
-                           evaluation metrics
+                           evaluation metrics (eval_<split>.json only when it scored this
+                           checkpoint: its "checkpoint" entry names it)
     item_embeddings.npy    [N, D] float32 (or float16 with export.dtype), L2-normalised;
                            row r is raw item id item_ids[r]
-    item_ids.npy           [N] raw item ids
+    item_ids.npy           [N] raw item ids: int64 (an integer id space) or unicode (text ids)
     items.parquet          raw id, title, genres (where the data has them)
     items.faiss            ANN index over item_embeddings (export.ann: flat | hnsw | ivf)
     query_tower.pt         TorchScript QueryEncoder (no TorchRec needed to load or call it)
-    users.npz              known users: raw ids, side-feature codes (feature_user_id: 0 for a
+    users.npz              known users: raw ids (as item_ids.npy), side-feature codes (feature_user_id: 0 for a
                            user without training events), interaction history (item codes,
                            time order, CSR) so `recommend --user` needs nothing else
     vocabularies.json      small categorical vocabularies (feature -> raw values; code = index + 1)

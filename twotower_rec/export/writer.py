@@ -1,12 +1,20 @@
 """Write the export directory (see ``export/__init__.py``) from an unsharded model.
 
 Everything is written beside the export and swapped in (``atomic.py``), so a crash leaves the
-previous export whole.
+previous export whole. Every file goes through Python's own file I/O (the faiss index, and a
+query tower of up to ``IN_MEMORY_BYTES``, are serialised to memory first: ``torch.jit.save`` to a
+path aborted the process in C++ on a full disk; a larger tower is written by torch once the
+folder has room for it), so a failed write is an ``ExportError`` naming the folder, and the
+previous export stays.
+Only an export (or an empty or missing folder) is replaced: :func:`check_target`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +24,9 @@ import torch
 
 from twotower_rec import atomic, versions
 from twotower_rec.data.batches import Batcher
+from twotower_rec.data.ids import canonical_id
 from twotower_rec.data.prepared import PreparedData
+from twotower_rec.errors import ExportError
 from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
 from twotower_rec.export.query_encoder import build_query_encoder
 from twotower_rec.model.ensemble import Ensemble
@@ -27,40 +37,144 @@ from twotower_rec.serving import manifest as export_manifest
 if TYPE_CHECKING:
     from twotower_rec.config import ExportConfig
 
+IN_MEMORY_BYTES = 128 << 20  # a query tower up to this size is serialised in memory (see _save_query_tower)
+
+
+def check_target(out_dir: str | Path) -> None:
+    """``ExportError`` unless ``out_dir`` is missing, empty or an export: ``export`` replaces it whole, so
+    a folder of anything else (a run's ``train.out_dir``, a user's files) is refused, untouched.
+
+    Args:
+        out_dir: the export directory about to be written.
+    """
+    out_dir = Path(out_dir)
+    atomic.recover(out_dir)  # a swap a kill interrupted leaves the export under another name for a moment
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"export directory {out_dir} is a file, not an export: point --out / export.dir at a new "
+                          "or empty folder (export replaces the whole folder)")
+    if any(out_dir.iterdir()) and not export_manifest.is_export(out_dir):
+        raise ExportError(f"export directory {out_dir} exists and is not an export (no {export_manifest.MANIFEST} "
+                          "written by twotower-rec): point --out / export.dir at a new or empty folder (export "
+                          "replaces the whole folder)")
+
 
 def write_export(model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, out_dir: str | Path,
-                 export_cfg: ExportConfig, metrics: dict | None = None) -> Path:
+                 export_cfg: ExportConfig, metrics: dict | None = None, note: str = "") -> Path:
     """Write the export directory atomically from an *unsharded* CPU ``model``.
 
     Args:
         model: the trained model, unsharded, on the CPU.
         data: the prepared data it was trained on.
         cfg_dict: the config it was trained with (written to the manifest).
-        out_dir: the export directory (replaced whole).
+        out_dir: the export directory (replaced whole; only an export, or an empty or missing folder).
         export_cfg: the ``export`` section (dtype, ANN index).
         metrics: validation and evaluation metrics for the manifest.
+        note: appended to the log line (e.g. an evaluation left out).
 
     Returns:
         ``out_dir``.
     """
-    cfg = export_cfg
     out_dir = Path(out_dir)
-    tmp = atomic.new_folder(out_dir)
+    check_target(out_dir)
+    try:
+        tmp = atomic.new_folder(out_dir)
+    except OSError as err:
+        raise _write_error(out_dir, err) from None
+    try:
+        item_emb, ann_info = _write_files(tmp, model, data, cfg_dict, export_cfg, metrics)
+        atomic.swap_in(tmp, out_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.recover(out_dir)  # a swap that failed between its renames: the old export back
+        raise _write_error(out_dir, err) from None
+    recall = (f"; {ann_info['kind']} index recall@10 {ann_info['recall@10']:.4f}, recall@100 "
+              f"{ann_info['recall@100']:.4f} against exact search" if ann_info else "")
+    print(f"export: {item_emb.shape[0]} items x {item_emb.shape[1]} dims, {data.spec.num_users} users -> "
+          f"{out_dir}{recall}{'; ' + note if note else ''}", file=sys.stderr)
+    return out_dir
+
+
+def _write_error(out_dir: Path, err: OSError) -> ExportError:
+    """The one-line error of a write that failed (full disk, read-only folder)."""
+    where = f" ({err.filename})" if err.filename else ""
+    return ExportError(f"cannot write the export {out_dir}: {err.strerror or err}{where}; the previous export, "
+                       "if any, is kept")
+
+
+def _write_files(tmp: Path, model: TwoTower | Ensemble, data: PreparedData, cfg_dict: dict, cfg: ExportConfig,
+                 metrics: dict | None) -> tuple[np.ndarray, dict | None]:
+    """Every file of the export into ``tmp``; the ``[N, D]`` float32 item embeddings and the ANN section."""
     model = model.eval()
     batcher = Batcher(data)
     item_emb = _write_items(tmp, model, data, batcher, cfg)
     ann_info = _ann_section(cfg, item_emb, model, data, batcher, tmp)
     encoder = build_query_encoder(model, data.spec.query_features, data)
-    torch.jit.save(torch.jit.script(encoder), str(tmp / "query_tower.pt"))
+    _save_query_tower(torch.jit.script(encoder), tmp / "query_tower.pt", _tensor_bytes(model))
     _write_users(tmp, data)
     manifest = _manifest(tmp, model, data, item_emb, cfg, cfg_dict, metrics, ann_info)
-    (tmp / export_manifest.MANIFEST).write_text(json.dumps(manifest, indent=2))
-    atomic.swap_in(tmp, out_dir)
-    recall = (f"; {ann_info['kind']} index recall@10 {ann_info['recall@10']:.4f}, recall@100 "
-              f"{ann_info['recall@100']:.4f} against exact search" if ann_info else "")
-    print(f"export: {item_emb.shape[0]} items x {item_emb.shape[1]} dims, {data.spec.num_users} users -> "
-          f"{out_dir}{recall}", file=sys.stderr)
-    return out_dir
+    _write_bytes(tmp / export_manifest.MANIFEST, json.dumps(manifest, indent=2).encode())
+    return item_emb, ann_info
+
+
+def _save_query_tower(scripted: torch.jit.ScriptModule, path: Path, size: int) -> None:
+    """``query_tower.pt`` such that a failed write is an ``OSError``, never a C++ abort.
+
+    A tower of up to :data:`IN_MEMORY_BYTES` (``size``: the model's tensors, an upper bound) is
+    serialised to memory and written by Python. A larger one would hold about two more copies of
+    its tables in memory that way, so torch writes it to the path itself, once the folder is seen
+    to have room for it (``torch.jit.save`` to a path aborts the process when the disk fills).
+    """
+    if size <= IN_MEMORY_BYTES:
+        with open(path, "wb") as handle:  # torch serialises to memory, Python writes the bytes
+            torch.jit.save(scripted, handle)
+        return
+    free = _free_bytes(path.parent)
+    if free < size + (64 << 20):
+        raise OSError(errno.ENOSPC, f"{free >> 20} MiB free, the query tower needs up to {size >> 20} MiB",
+                      str(path.parent))
+    torch.jit.save(scripted, str(path))
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` through Python's file I/O (an ``OSError`` when the disk is full)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, _plain(path.name, array), allow_pickle=False)
+
+
+def _plain(name: str, array: np.ndarray) -> np.ndarray:
+    """``array``, which must not need a pickle to be read back (loading refuses pickles)."""
+    if array.dtype.hasobject:
+        raise TypeError(f"{name}: an object array would be pickled; the export stores plain arrays only")
+    return array
+
+
+def id_array(raw_ids) -> np.ndarray:
+    """Raw ids as an array that needs no pickle to read: int64 for an integer id space, else
+    fixed-width unicode of each id's canonical text (``data/ids.py``; integers past int64 are text).
+
+    Args:
+        raw_ids: the prepared data's raw ids (int64, or objects: text, or integers past int64).
+    """
+    array = np.asarray(raw_ids)
+    if array.dtype.kind == "i":
+        return array.astype(np.int64)
+    return np.asarray([canonical_id(value) for value in array.tolist()], dtype=str)
 
 
 def _write_items(out: Path, model: TwoTower | Ensemble, data: PreparedData, batcher: Batcher,
@@ -68,23 +182,25 @@ def _write_items(out: Path, model: TwoTower | Ensemble, data: PreparedData, batc
     """``item_embeddings.npy``, ``item_ids.npy``, ``items.parquet``; the ``[N, D]`` float32 embeddings."""
     with torch.no_grad():
         item_emb = catalog_embeddings(model.encode_items, batcher)[1:].numpy().astype(np.float32)
-    np.save(out / "item_embeddings.npy", item_emb.astype(np.float16 if cfg.dtype == "float16" else np.float32))
-    np.save(out / "item_ids.npy", np.asarray(data.raw_item_ids))
-    data.item_metadata().drop(columns=["code"]).to_parquet(out / "items.parquet", index=False)
+    _save_npy(out / "item_embeddings.npy", item_emb.astype(np.float16 if cfg.dtype == "float16" else np.float32))
+    _save_npy(out / "item_ids.npy", id_array(data.raw_item_ids))
+    with open(out / "items.parquet", "wb") as handle:
+        data.item_metadata().drop(columns=["code"]).to_parquet(handle, index=False)
     return item_emb
 
 
 def _write_users(out: Path, data: PreparedData) -> None:
     """``users.npz`` (raw ids, histories as CSR, side-feature codes) and ``vocabularies.json``."""
     user_arrays = {
-        "raw_user_ids": np.asarray(data.raw_user_ids),
+        "raw_user_ids": id_array(data.raw_user_ids),
         "history_offsets": np.asarray(data.user_offsets),
         "history_items": np.asarray(data.item),
     }
     for name, column in data.user_features.items():
         user_arrays[f"feature_{name}"] = np.asarray(column)
-    np.savez(out / "users.npz", **user_arrays)
-    (out / "vocabularies.json").write_text(json.dumps(data.spec.vocabularies, indent=2))
+    with open(out / "users.npz", "wb") as handle:
+        np.savez(handle, **{name: _plain(name, array) for name, array in user_arrays.items()})
+    _write_bytes(out / "vocabularies.json", json.dumps(data.spec.vocabularies, indent=2).encode())
 
 
 def _manifest(out: Path, model: TwoTower | Ensemble, data: PreparedData, item_emb: np.ndarray, cfg: ExportConfig,

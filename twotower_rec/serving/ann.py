@@ -121,13 +121,15 @@ def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, ks: tu
 
 
 def write(index, path) -> None:
-    """Write ``index`` to a file.
+    """Write ``index`` to a file, through Python's file I/O (a full disk is an ``OSError``).
 
     Args:
         index: a faiss index.
         path: the file to write.
     """
-    _faiss().write_index(index, str(path))
+    data = _faiss().serialize_index(index)
+    with open(path, "wb") as handle:
+        handle.write(data.data)  # the array's buffer, not a copy
 
 
 def read(path, params: dict | None = None):

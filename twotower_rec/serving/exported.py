@@ -10,11 +10,16 @@ Example::
 Loading first finishes or rolls back an export a kill interrupted (``atomic.py``), then checks
 it against its manifest: format version, metric, dims, dtype, every listed file present with
 the size and SHA-256 it was written with (so a truncated, changed or swapped file is refused,
-``manifest.py``), and the ANN index's size and dimension.
+``manifest.py``), and the ANN index's size and dimension. Arrays are read with
+``allow_pickle=False``: an array that needs a pickle is refused, never unpickled.
+
+Raw ids are looked up with the one rule of ``data/ids.py``: ``--user 007`` is user ``7`` of an
+integer id space, and so is a liked ``"007"`` item.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +29,7 @@ import torch
 
 from twotower_rec import atomic
 from twotower_rec.data.features import HISTORY, recent_position
+from twotower_rec.data.ids import canonical_id, lookup_key
 from twotower_rec.data.query_inputs import query_inputs, ranges_csr
 from twotower_rec.errors import ExportError, UnknownUserError
 from twotower_rec.evaluation.topk import chunked_topk
@@ -54,10 +60,36 @@ def _raw_key(value) -> str:
     return str(value.item() if isinstance(value, np.generic) else value)
 
 
+class _IdSpace:
+    """The rows of an export's raw ids (int64: an integer id space; unicode: text ids), looked up
+    under the id rule (``data/ids.py``)."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        """Index ``ids``.
+
+        Args:
+            ids: ``[N]`` raw ids, int64 or unicode; row ``r`` holds ``ids[r]``.
+        """
+        self.integer = ids.dtype.kind in "iu"
+        self.row = {key: r for r, key in enumerate(ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def find(self, value) -> int | None:
+        """The row of the raw id ``value`` (as a user typed or sent it), or None.
+
+        Args:
+            value: a raw id: text or an integer.
+        """
+        key = lookup_key(value, self.integer)
+        return None if key is None else self.row.get(key)
+
+
 class ExportedModel:
     def __init__(self, directory: Path, manifest: dict, item_embeddings: np.ndarray, item_ids: np.ndarray,
                  items: pd.DataFrame, query_tower: torch.jit.ScriptModule, users: dict[str, np.ndarray],
-                 index=None) -> None:
+                 index=None, vocabularies: dict | None = None) -> None:
         """Hold an export read from disk; :meth:`load` reads and checks one.
 
         Args:
@@ -70,22 +102,26 @@ class ExportedModel:
             users: the arrays of ``users.npz``: ``raw_user_ids``, ``history_offsets``, ``history_items``,
                 ``feature_<name>``.
             index: the faiss index over the item embeddings (``items.faiss``); ``None``: exact search only.
+            vocabularies: ``vocabularies.json``: side feature -> its known raw values (others are reported).
         """
         self.directory = directory
         self.manifest = manifest
         self.item_embeddings = torch.from_numpy(np.ascontiguousarray(item_embeddings, dtype=np.float32))
         self.item_ids = item_ids
-        self.item_row = {_raw_key(i): r for r, i in enumerate(item_ids)}
+        self.items_space = _IdSpace(item_ids)
+        self.item_row = self.items_space.row
         n = item_ids.shape[0]
         self.titles = items["title"].fillna("").astype(str).tolist() if "title" in items.columns else [""] * n
         self.genres = items["genres"].fillna("").astype(str).tolist() if "genres" in items.columns else [""] * n
         self.query_tower = query_tower
         self.users = users
-        self.user_row = {_raw_key(u): i for i, u in enumerate(users["raw_user_ids"])}
+        self.users_space = _IdSpace(users["raw_user_ids"])
+        self.user_row = self.users_space.row
         self.history = torch.from_numpy(np.asarray(users["history_items"], dtype=np.int64))
         self.side_features = {name[len("feature_"):]: column for name, column in users.items()
                               if name.startswith("feature_")}
         self.index = index
+        self.vocabularies = vocabularies or {}
 
     @classmethod
     def load(cls, directory: str | Path) -> "ExportedModel":
@@ -100,7 +136,7 @@ class ExportedModel:
         item_embeddings, item_ids, users = _read_arrays(directory, manifest)
         items = _read_items(directory, item_ids.shape[0])
         return cls(directory, manifest, item_embeddings, item_ids, items, _read_query_tower(directory), users,
-                   _read_index(directory, manifest))
+                   _read_index(directory, manifest), _read_vocabularies(directory))
 
     def user_query(self, raw_user_ids: list) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, np.ndarray]:
         """Query-tower inputs for known users after all their interactions, and their seen items (CSR).
@@ -114,10 +150,11 @@ class ExportedModel:
         """
         rows = []
         for raw in raw_user_ids:
-            key = _raw_key(raw)
-            if key not in self.user_row:
-                raise UnknownUserError(f"unknown user '{key}': not among the {len(self.user_row)} users of this export")
-            rows.append(self.user_row[key])
+            row = self.users_space.find(raw)
+            if row is None:
+                raise UnknownUserError(f"unknown user '{_raw_key(raw)}': not among the {len(self.user_row)} users "
+                                       "of this export")
+            rows.append(row)
         code = np.asarray(rows, dtype=np.int64) + 1
         offsets = self.users["history_offsets"]
         start, end = offsets[code - 1], offsets[code]
@@ -210,9 +247,9 @@ class ExportedModel:
         features: dict[str, list[list[str]]] = {}
         for name in names:
             if name == HISTORY or recent_position(name):  # recent_m: derived from the history
-                features[name] = [[_raw_key(i) for i in row.get("liked", [])] for row in rows]
+                features[name] = [[canonical_id(i) for i in row.get("liked", [])] for row in rows]
             elif name == "user_id":
-                features[name] = [[_raw_key(row["user"])] if row.get("user") is not None else [] for row in rows]
+                features[name] = [[canonical_id(row["user"])] if row.get("user") is not None else [] for row in rows]
             else:
                 features[name] = [[_raw_key(row["features"][name])] if name in row.get("features", {}) else []
                                   for row in rows]
@@ -220,22 +257,37 @@ class ExportedModel:
             unknown = sorted(set(row.get("features", {})) - set(names))
             if unknown:
                 raise ExportError(f"unknown feature(s) {unknown}: this model's query features are {names}")
+            _check_feature_types(row.get("features", {}))
         return self.query_tower.encode_raw(features)
 
     def unknown_items(self, raw_item_ids: list) -> list[str]:
-        """The ids of ``raw_item_ids`` that are not in this export's catalog, in their order.
+        """The ids of ``raw_item_ids`` that are not in this export's catalog, in their order, as given.
 
         Args:
-            raw_item_ids: raw item ids, compared as strings.
+            raw_item_ids: raw item ids, looked up under the id rule (``"007"`` is item ``7``).
         """
-        return [key for key in (_raw_key(i) for i in raw_item_ids) if key not in self.item_row]
+        return [_raw_key(i) for i in raw_item_ids if self.items_space.find(i) is None]
+
+    def unknown_features(self, features: dict) -> dict[str, str]:
+        """The side-feature values of ``features`` that training never saw (they read as the unknown
+        value), by name, as given; features without a vocabulary (hashed ids) are never unknown.
+
+        Args:
+            features: side feature name -> raw value, as :meth:`recommend_new_user` takes them.
+        """
+        _check_feature_types(features)
+        known = {name: {_raw_key(v) for v in values} for name, values in self.vocabularies.items()}
+        return {name: _raw_key(value) for name, value in features.items()
+                if name in known and _raw_key(value) not in known[name]}
 
     def recommend_new_user(self, liked: list | None = None, features: dict | None = None, k: int = 10,
                            exclude_liked: bool = True, ann: bool = False) -> list[Recommendation]:
         """Cold start: top-``k`` items for a user not in the export, from side features and liked items.
 
-        Liked ids not in the catalog count as the unknown item (:meth:`unknown_items` names them);
-        none of them known is an error, and so is giving neither liked items nor features.
+        Liked ids not in the catalog count as the unknown item (:meth:`unknown_items` names them),
+        and side-feature values training never saw as the unknown value (:meth:`unknown_features`);
+        none of them known is an error, and so is giving neither liked items nor features, and a
+        feature value that is not text or an integer (``true``, ``2.5``, ``null``, a list).
 
         Args:
             liked: raw ids of the items the user liked, oldest first.
@@ -244,7 +296,7 @@ class ExportedModel:
             exclude_liked: never recommend a liked item.
             ann: search the faiss index instead of scoring the whole catalog.
         """
-        liked = [_raw_key(i) for i in (liked or [])]
+        liked = [canonical_id(i) for i in (liked or [])]
         if not liked and not features:
             raise ExportError("a new user needs liked items or side features (or both)")
         query = self.encode_new_users([{"liked": liked, "features": features or {}}])
@@ -253,20 +305,47 @@ class ExportedModel:
             shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             raise ExportError(f"none of the liked item ids is in this export's catalog of "
                               f"{len(self.item_row)} items: {shown}")
-        rows = np.asarray(sorted({self.item_row[i] for i in liked if i in self.item_row}), dtype=np.int64)
+        self._check_some_feature_known(liked, features or {})
+        found = (self.items_space.find(i) for i in liked)
+        rows = np.asarray(sorted({r for r in found if r is not None}), dtype=np.int64)
         if not exclude_liked:
             rows = rows[:0]
         return self._top_k(query, k, np.asarray([0, rows.size]), rows, ann)[0]
 
 
+    def _check_some_feature_known(self, liked: list, features: dict) -> None:
+        """``ExportError`` for a new user of side features alone, none of whose values is known."""
+        unknown = self.unknown_features(features)
+        if liked or not features or len(unknown) < len(features):
+            return
+        name, value = next(iter(unknown.items()))
+        known = [_raw_key(v) for v in self.vocabularies[name]]
+        shown = ", ".join(repr(v) for v in known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        raise ExportError(f"none of the side-feature values is known to this export (unknown: "
+                          f"{', '.join(f'{n}={v}' for n, v in unknown.items())}); '{name}' takes {shown}")
+
+
+def _check_feature_types(features: dict) -> None:
+    """``ExportError`` for a side-feature value that is not text or an integer (booleans are not integers)."""
+    for name, value in features.items():
+        if isinstance(value, (bool, np.bool_)):
+            raise ExportError(f"feature '{name}': {value!r} is true or false, not one of the feature's values "
+                              "(give it as text or an integer)")
+        if not isinstance(value, (str, int, np.integer)):
+            raise ExportError(f"feature '{name}': {value!r} is not a single value (give it as text or an integer)")
+
+
 def _read_arrays(directory: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Item embeddings, raw item ids and the users' arrays, checked against the manifest."""
-    try:
-        item_embeddings = np.load(directory / "item_embeddings.npy", allow_pickle=False)
-        item_ids = np.load(directory / "item_ids.npy", allow_pickle=True)
-        users = dict(np.load(directory / "users.npz", allow_pickle=True))
-    except (ValueError, OSError, EOFError) as err:
-        raise ExportError(f"{directory}: cannot read export arrays ({err})") from None
+    item_embeddings = _load_plain(directory / "item_embeddings.npy")
+    item_ids = _load_plain(directory / "item_ids.npy")
+    users = _load_plain(directory / "users.npz")
+    if item_ids.ndim != 1 or item_ids.dtype.kind not in "iuU":
+        raise ExportError(f"{directory / 'item_ids.npy'}: {item_ids.dtype} array of shape {item_ids.shape}, "
+                          "expected [N] integer or text ids: export again")
+    user_ids = users.get("raw_user_ids")
+    if user_ids is None or user_ids.ndim != 1 or user_ids.dtype.kind not in "iuU":
+        raise ExportError(f"{directory / 'users.npz'}: no [U] integer or text 'raw_user_ids': export again")
     if item_embeddings.ndim != 2 or item_embeddings.shape[1] != manifest["embedding_dim"]:
         raise ExportError(f"{directory / 'item_embeddings.npy'}: shape {item_embeddings.shape} does not match "
                           f"manifest embedding_dim {manifest['embedding_dim']}")
@@ -277,6 +356,34 @@ def _read_arrays(directory: Path, manifest: dict) -> tuple[np.ndarray, np.ndarra
         raise ExportError(f"{directory}: {item_embeddings.shape[0]} embeddings, {item_ids.shape[0]} item ids, "
                           f"manifest says {manifest['num_items']} items")
     return item_embeddings, item_ids, users
+
+
+def _load_plain(path: Path):
+    """An ``.npy`` array, or the arrays of an ``.npz`` as a dict, read without unpickling anything."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                return {name: arrays[name] for name in arrays.files}
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an object array: a pickle, which may run any code
+            raise ExportError(f"{path}: holds pickled Python objects, which this package does not load (an export "
+                              "of an older version, or a changed file): export again with this version") from None
+        raise ExportError(f"{path}: cannot read the array ({err})") from None
+    except (OSError, EOFError) as err:
+        raise ExportError(f"{path}: cannot read the array ({err})") from None
+
+
+def _read_vocabularies(directory: Path) -> dict:
+    """``vocabularies.json`` (side feature -> known raw values); empty where the export has none."""
+    path = directory / "vocabularies.json"
+    if not path.is_file():
+        return {}
+    try:
+        vocabularies = json.loads(path.read_text())
+    except ValueError as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from None
+    return vocabularies if isinstance(vocabularies, dict) else {}
 
 
 def _read_items(directory: Path, num_items: int) -> pd.DataFrame:

@@ -8,20 +8,32 @@
                    -> 200 {"user": "42", "items": [{"item", "score", "title", "genres"}, ...]}
                       or {"results": [{"user": ..., "items": [...]}, ...]} for a batch
 
-A new user's reply also names the liked ids the catalog lacks: "unknown_liked": [...] (none
-of them known is a 400).
+A new user's reply also names the liked ids the catalog lacks, "unknown_liked": [...], and
+the side-feature values training never saw, "unknown_features": {"gender": "X"} (they read as
+the unknown value; nothing known at all is a 400). Ids follow the id rule (``data/ids.py``).
 
-Errors: 400 (malformed or too deeply nested JSON, missing or ill-typed fields, bad k, a
-Content-Length that is not a number), 404 (unknown path or user), 405 (wrong method, with
-Allow), 411/413 (no or too large a body), 500 (a fault on the server's side, logged there as
-one line); the body is always {"error": message}. A client that goes away before its answer is
-not an error. Nothing here imports training code or TorchRec.
+Errors: 400 (malformed request line or header, malformed or too deeply nested JSON, an integer
+of more than 4300 digits, missing or ill-typed fields, a true/false feature value, bad k, a
+Content-Length that is not a number), 404 (unknown path or user), 405 (wrong method, HEAD and
+TRACE included, with Allow), 408 (a body that did not arrive within the read timeout), 411/413
+(no or too large a body), 414/431 (request line or headers too long), 501 (a method HTTP does
+not define here), 503 (over the connection cap), 500 (a fault on the server's side, logged there
+as one line); the body is always {"error": message}, one line (a HEAD reply has none). A client
+that goes away before its answer is not an error. Nothing here imports training code or TorchRec.
+
+Bounds: every connection has a read timeout (``read_timeout``, 10 s by default: an idle
+keep-alive connection, or a request whose head or body stops arriving, is closed after it), at
+most ``max_connections`` (64) are served at once (one thread each; the next gets 503 at once and
+is closed), and the listen backlog is 128.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +44,10 @@ from twotower_rec.serving.exported import ExportedModel
 
 MAX_BODY = 1 << 20
 MAX_BATCH = 1000
+READ_TIMEOUT = 10.0  # seconds a connection may wait for the next bytes of a request
+MAX_CONNECTIONS = 64  # connections served at once (one thread each)
+BACKLOG = 128  # connections the kernel queues before accept (the standard library's default is 5)
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() accepts '²', which int() refuses
 
 
 class RequestError(Exception):
@@ -103,11 +119,15 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
             return {"results": [{"user": u, "items": [r.to_dict() for r in recs]} for u, recs in zip(users, lists)]}
         liked = _ids(body.get("liked", []), "liked")
         features = body.get("features", {})
-        if not isinstance(features, dict) or not all(isinstance(v, (str, int)) for v in features.values()):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "'features' must map feature names to single values")
-        recs = model.recommend_new_user(liked=liked, features={n: str(v) for n, v in features.items()}, k=k,
-                                        exclude_liked=not include_seen, ann=use_ann)
-        return {"user": None, "items": [r.to_dict() for r in recs], "unknown_liked": model.unknown_items(liked)}
+        if not isinstance(features, dict) or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                     for v in features.values()):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "'features' must map feature names to single values (strings "
+                                                       "or integers; not true/false)")
+        features = {n: str(v) for n, v in features.items()}
+        recs = model.recommend_new_user(liked=liked, features=features, k=k, exclude_liked=not include_seen,
+                                        ann=use_ann)
+        return {"user": None, "items": [r.to_dict() for r in recs], "unknown_liked": model.unknown_items(liked),
+                "unknown_features": model.unknown_features(features)}
     except UnknownUserError as err:
         raise RequestError(HTTPStatus.NOT_FOUND, str(err)) from None
     except (ExportError, torch.jit.Error) as err:  # the query tower's ValueErrors on raw values come as jit errors
@@ -115,11 +135,14 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
 
 
 class RecommendServer(ThreadingHTTPServer):
-    """A threading HTTP server that answers /health and /recommend from one export."""
+    """A threading HTTP server that answers /health and /recommend from one export, with a read
+    timeout per connection and a cap on the connections served at once."""
 
     daemon_threads = True
+    request_queue_size = BACKLOG
 
-    def __init__(self, model: ExportedModel, host: str, port: int, ann: bool, max_k: int, quiet: bool) -> None:
+    def __init__(self, model: ExportedModel, host: str, port: int, ann: bool, max_k: int, quiet: bool,
+                 read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         """Bind ``(host, port)``; ``serve_forever`` then answers.
 
         Args:
@@ -128,9 +151,60 @@ class RecommendServer(ThreadingHTTPServer):
             ann: whether a request without ``"ann"`` searches the faiss index.
             max_k: the largest ``k`` a request may ask for.
             quiet: do not log each request.
+            read_timeout: seconds a connection may wait for the next bytes of a request before it is closed.
+            max_connections: connections served at once; the next ones get 503 and are closed.
         """
         self.model, self.ann, self.max_k, self.quiet = model, ann, max_k, quiet
+        self.read_timeout, self.max_connections = read_timeout, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection on its own thread if a slot is free, else answer 503 and close it.
+
+        Args:
+            request: the accepted socket.
+            client_address: the client's ``(host, port)``.
+        """
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the slot is not taken
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        """The connection's thread (the base class's), giving its slot back when it ends.
+
+        Args:
+            request: the accepted socket.
+            client_address: the client's ``(host, port)``.
+        """
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 and close, on the accepting thread: read what already arrived (at most 50 ms), so
+        closing does not reset the connection before the client reads the answer."""
+        data = json.dumps({"error": f"the server is at its limit of {self.max_connections} connections; "
+                                    "try again shortly"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+                "\r\nConnection: close\r\nRetry-After: 1\r\n\r\n").encode()
+        try:
+            request.settimeout(0.05)
+            try:
+                request.recv(1 << 16)
+            except (TimeoutError, OSError):
+                pass
+            request.sendall(head + data)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         """One line, not a traceback; nothing when the client went away before its answer.
@@ -140,7 +214,7 @@ class RecommendServer(ThreadingHTTPServer):
             client_address: the client's ``(host, port)``; the line names its host.
         """
         error = sys.exc_info()[1]
-        if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+        if isinstance(error, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)):
             return
         print(f"serve: error answering {client_address[0]}: {error!r}", file=sys.stderr, flush=True)
 
@@ -151,6 +225,10 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body leave in two writes: without TCP_NODELAY, Nagle's algorithm and the
     # client's delayed ACK hold the body back about 40 ms on every keep-alive request.
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        self.timeout = self.server.read_timeout  # StreamRequestHandler sets it on the socket
+        super().setup()
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         if not self.server.quiet:
@@ -163,8 +241,33 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Allow", allow)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a reply to HEAD has headers only
+            self.wfile.write(data)
+
+    _ERRORS = {HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is too long (at most 65536 bytes)",
+               HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "a header line is too long, or there are too many headers",
+               HTTPStatus.REQUEST_TIMEOUT: "the request did not arrive within the server's read timeout"}
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """What the standard library answers in HTML (a malformed request line or header, an
+        unsupported method), as ``{"error": message}`` JSON; the connection is closed.
+
+        Args:
+            code: the HTTP status.
+            message: the standard library's one-line reason, if any.
+            explain: its longer explanation (unused).
+        """
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a request line that did not parse: answer as HTTP/1.1
+            self.request_version = self.protocol_version
+        status = HTTPStatus(code)
+        text = self._ERRORS.get(status) or message or status.phrase
+        if status == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            text = f"{self.command} is not an HTTP method served here; use GET /health or POST /recommend"
+        self._send(status, {"error": " ".join(str(text).split())})
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         if self.path == "/health":
@@ -185,13 +288,19 @@ class _Handler(BaseHTTPRequestHandler):
                                                             f"{allowed} (GET /health, POST /recommend)"},
                    allow=allowed)
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815 - http.server's naming
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
+
+    def do_HEAD(self):  # noqa: N802 - http.server's naming
+        self.close_connection = True
+        self._not_allowed()
 
     def _drain(self) -> None:
         """Read the body of a request not served, so the connection stays usable."""
-        length = self.headers.get("Content-Length") or "0"
-        if length.isdigit():
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if _DIGITS.fullmatch(length):
             self.rfile.read(min(int(length), MAX_BODY))
+        else:
+            self.close_connection = True
 
     def do_POST(self):  # noqa: N802
         if self.path != "/recommend":
@@ -203,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None:
             self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"})
             return
-        if not length.strip().isdigit():
+        if not _DIGITS.fullmatch(length.strip()):
             self.close_connection = True
             self._send(HTTPStatus.BAD_REQUEST, {"error": f"Content-Length must be a number of bytes, got {length!r}"})
             return
@@ -211,7 +320,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": f"the body must be at most {MAX_BODY} bytes"})
             return
-        raw = self.rfile.read(int(length))
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:  # the body stopped arriving: 408, and the connection is closed
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT)
+            return
+        if len(raw) < int(length):  # the client closed its side before the whole body
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"the body ended after {len(raw)} of {length} bytes"})
+            return
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -219,6 +336,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except RecursionError:
             self._send(HTTPStatus.BAD_REQUEST, {"error": "the body is nested too deeply to read"})
+            return
+        except ValueError:  # an integer of more digits than Python converts
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"the body holds a number of more than "
+                                                         f"{sys.get_int_max_str_digits()} digits"})
             return
         self._answer(body)
 
@@ -236,7 +357,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, ann: bool = False,
-                max_k: int = 1000, quiet: bool = True) -> RecommendServer:
+                max_k: int = 1000, quiet: bool = True, read_timeout: float = READ_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> RecommendServer:
     """A bound, not yet serving, server (``port=0`` picks a free port: ``server.server_address``).
 
     Args:
@@ -246,15 +368,18 @@ def make_server(model: ExportedModel, host: str = "127.0.0.1", port: int = 0, an
         ann: whether a request without ``"ann"`` searches the faiss index.
         max_k: the largest ``k`` a request may ask for.
         quiet: do not log each request.
+        read_timeout: seconds a connection may wait for the next bytes of a request before it is closed.
+        max_connections: connections served at once; the next ones get 503 and are closed.
     """
     try:
-        return RecommendServer(model, host, port, ann, max_k, quiet)
+        return RecommendServer(model, host, port, ann, max_k, quiet, read_timeout, max_connections)
     except OSError as err:
         raise TwoTowerError(f"cannot serve on {host}:{port}: {err.strerror or err} (another server may use the "
                             "port: pick another with --port, or 0 for a free one)") from None
 
 
-def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: int = 1000, threads: int = 1) -> None:
+def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: int = 1000, threads: int = 1,
+          read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
     """Answer HTTP requests from ``model`` until Ctrl-C, logging each request to stderr.
 
     Args:
@@ -263,9 +388,12 @@ def serve(model: ExportedModel, host: str, port: int, ann: bool = False, max_k: 
         ann: whether a request without ``"ann"`` searches the faiss index.
         max_k: the largest ``k`` a request may ask for.
         threads: torch's intra-op threads (``torch.set_num_threads``).
+        read_timeout: seconds a connection may wait for the next bytes of a request before it is closed.
+        max_connections: connections served at once; the next ones get 503 and are closed.
     """
     torch.set_num_threads(threads)
-    server = make_server(model, host, port, ann=ann, max_k=max_k, quiet=False)
+    server = make_server(model, host, port, ann=ann, max_k=max_k, quiet=False, read_timeout=read_timeout,
+                         max_connections=max_connections)
     bound = server.server_address
     print(f"serving {model.directory} ({model.manifest['num_items']} items, {len(model.user_row)} users) on "
           f"http://{bound[0]}:{bound[1]}  (GET /health, POST /recommend; Ctrl-C stops)", file=sys.stderr, flush=True)

@@ -7,7 +7,10 @@ the manifest entries a reader relies on. :mod:`twotower_rec.export.writer` write
 Every file the export holds is listed with its size and SHA-256 (hardware-accelerated on
 current x86 and ARM: about 1.5 GB/s here), and loading recomputes both: a truncated file, and
 a file swapped for another of the same size (embeddings of another run, reordered ids), are
-refused. ``sha256sum`` checks the same digests by hand.
+refused. ``sha256sum`` checks the same digests by hand. Checksums detect damage, not tampering:
+whoever can write the files can write the manifest too, so the arrays are plain (int64, float,
+fixed-width unicode) and read with ``allow_pickle=False``: loading an export never runs code
+from it (only ``query_tower.pt``, TorchScript, is a program, and it runs in torch's interpreter).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from twotower_rec.errors import ExportError
 
-FORMAT_VERSION = 3  # 3: SHA-256 of every file
+FORMAT_VERSION = 4  # 3: SHA-256 of every file; 4: raw ids as int64 or unicode arrays (no pickles)
 METRIC = "inner_product"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = (MANIFEST, "item_embeddings.npy", "item_ids.npy", "query_tower.pt", "users.npz")
@@ -34,6 +37,20 @@ def file_entries(directory: Path) -> dict[str, dict]:
     """
     return {path.name: {"bytes": path.stat().st_size, "sha256": sha256(path)}
             for path in sorted(directory.iterdir()) if path.is_file() and not path.name.startswith(".")}
+
+
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` holds an export of this package (of any format version): its manifest,
+    a JSON object with a format version and a file list. ``export`` replaces only such a folder.
+
+    Args:
+        directory: a folder.
+    """
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, unreadable, not JSON
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and isinstance(manifest.get("files"), dict)
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
