@@ -179,3 +179,155 @@ def test_a_header_only_side_table_is_refused(tmp_path, table, suffix):
     with pytest.raises(DataError) as err:
         load_raw(_cfg(tmp_path, events, **{table: side}).data)
     assert str(side) in str(err.value) and "header only" in str(err.value)
+
+
+# --- 9a. non-finite or out-of-range timestamps and ratings ----------------------------------------
+
+
+@pytest.mark.parametrize("column,value", [("timestamp", "inf"), ("timestamp", "-inf"), ("timestamp", "1e30"),
+                                          ("rating", "inf"), ("rating", "nan"), ("rating", "-inf")])
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_non_finite_time_or_rating_names_file_and_line(tmp_path, column, value, suffix):
+    """inf / 1e30 seconds became INT64_MIN (the event moved to the start of the history); an
+    inf rating was accepted."""
+    frame = _events().assign(rating=4.0).astype({"timestamp": object, "rating": object})
+    frame.loc[6, column] = value
+    if suffix == ".parquet":
+        frame[column] = frame[column].astype(float)
+    path = _write(frame, tmp_path / f"events{suffix}")
+    with pytest.raises(DataError) as err:
+        load_raw(_cfg(tmp_path, path).data)
+    message = str(err.value)
+    where = "line 8" if suffix == ".csv" else "row 7"
+    assert str(path) in message and f"{where}:" in message and column in message, message
+
+
+# --- 16. a Parquet directory DuckDB cannot read -----------------------------------------------------
+
+
+def _directory(tmp_path, second: pd.DataFrame) -> Path:
+    first = _events().astype({"user": np.int64, "item": np.int64, "timestamp": np.float64}).assign(rating=4.0)
+    _write(first, tmp_path / "events" / "part-0.parquet")
+    _write(second, tmp_path / "events" / "part-1.parquet")
+    return tmp_path / "events"
+
+
+@pytest.mark.parametrize("column", ["item", "timestamp", "rating"])
+def test_a_parquet_file_without_a_column_is_named(tmp_path, column):
+    second = _events().astype({"user": np.int64, "item": np.int64, "timestamp": np.float64}).assign(rating=4.0)
+    folder = _directory(tmp_path, second.drop(columns=[column]))
+    with pytest.raises(DataError) as err:
+        _prepare(_cfg(tmp_path, folder))
+    message = str(err.value)
+    assert str(folder / "part-1.parquet") in message and column in message, message
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e30])
+def test_a_parquet_directory_with_a_non_finite_time_names_file_and_row(tmp_path, value):
+    second = _events().astype({"user": np.int64, "item": np.int64, "timestamp": np.float64}).assign(rating=4.0)
+    second.loc[3, "timestamp"] = value
+    folder = _directory(tmp_path, second)
+    with pytest.raises(DataError) as err:
+        _prepare(_cfg(tmp_path, folder))
+    message = str(err.value)
+    assert str(folder / "part-1.parquet") in message and "row 4" in message and "timestamp" in message, message
+
+
+def test_other_duckdb_errors_are_one_data_error(tmp_path, monkeypatch):
+    import duckdb
+
+    from twotower_rec.data import out_of_core
+
+    folder = _directory(tmp_path, _events().astype({"user": np.int64, "item": np.int64, "timestamp": np.int64}))
+
+    def broken(*args, **kwargs):
+        raise duckdb.IOException("IO Error: Could not read file \"part-1.parquet\": disk went away")
+
+    monkeypatch.setattr(out_of_core, "write_interactions", broken)
+    with pytest.raises(DataError, match="part-1.parquet") as err:
+        _prepare(_cfg(tmp_path, folder))
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.glob(".cache.tmp-*"))
+
+
+# --- 18. a cache folder under a file ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["pandas", "duckdb"])
+def test_a_cache_dir_under_a_regular_file_is_one_error(tmp_path, engine):
+    path = _write(_events(), tmp_path / "events.csv")
+    cfg = _cfg(tmp_path, path, f"data.cache_dir={path / 'cache'}", f"data.engine={engine}")
+    with pytest.raises(DataError) as err:
+        _prepare(cfg)
+    assert str(path) in str(err.value) and "not a directory" in str(err.value)
+    with pytest.raises(DataError):
+        PreparedData(path / "cache")
+
+
+# --- 15. a full disk or a read-only folder while prepare writes ----------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["pandas", "duckdb"])
+def test_a_full_disk_keeps_the_old_cache(tmp_path, monkeypatch, engine):
+    path = _write(_events(), tmp_path / "events.csv")
+    cfg = _cfg(tmp_path, path, f"data.engine={engine}")
+    _prepare(cfg)
+    before = {p.relative_to(tmp_path / "cache"): p.read_bytes() for p in (tmp_path / "cache").rglob("*")
+              if p.is_file()}
+    real = np.save
+
+    def full(file, *args, **kwargs):
+        if "items" in str(file):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(DataError) as err:
+        _prepare(cfg)
+    message = str(err.value)
+    assert str(tmp_path / "cache") in message and "No space left on device" in message, message
+    after = {p.relative_to(tmp_path / "cache"): p.read_bytes() for p in (tmp_path / "cache").rglob("*")
+             if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cache.")]  # no half-written folder left
+
+
+# --- pickle-free prepared data ------------------------------------------------------------------------
+
+
+class _Planted:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["raw_user_ids.npy", "raw_item_ids.npy", "interactions/oov_raw_items.npy"])
+def test_a_planted_pickle_in_the_cache_is_not_run(tmp_path, name):
+    path = _write(_events(user={1: "a"}, item={10: "x"}), tmp_path / "events.csv")
+    cfg = _cfg(tmp_path, path, "data.split=temporal")
+    data = _prepare(cfg)
+    assert data.raw_user_ids.dtype.kind == "U" and data.raw_item_ids.dtype.kind == "U"
+    data.raw_items_of_rows(np.arange(data.num_rows))
+    marker = tmp_path / "marker"
+    np.save(tmp_path / "cache" / name, np.array([_Planted(str(marker))], dtype=object), allow_pickle=True)
+    with pytest.raises((DataError, ValueError)):
+        PreparedData(tmp_path / "cache").raw_items_of_rows(np.arange(data.num_rows))
+    assert not marker.exists()
+
+
+def test_a_cache_of_the_previous_format_is_refused_in_one_line(tmp_path):
+    import json
+
+    path = _write(_events(), tmp_path / "events.csv")
+    _prepare(_cfg(tmp_path, path))
+    info_path = tmp_path / "cache" / "prepared.json"
+    info = json.loads(info_path.read_text())
+    del info["format_version"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(DataError, match="run `twotower-rec prepare` again") as err:
+        PreparedData(tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    _prepare(_cfg(tmp_path, path))  # prepare replaces it
+    assert PreparedData(tmp_path / "cache").info["format_version"] == prepared_module.FORMAT_VERSION

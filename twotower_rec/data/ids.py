@@ -39,7 +39,7 @@ def canonical_id(value: object) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        if np.isfinite(value) and float(value).is_integer() and -2.0**63 <= value < 2.0**63:
+        if np.isfinite(value) and float(value).is_integer() and _INT64_MIN <= value <= _INT64_MAX:
             return str(int(value))
         return repr(float(value))
     text = str(value).strip()

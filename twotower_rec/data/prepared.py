@@ -99,24 +99,35 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     """
     started = time.perf_counter()
     final = Path(data_cfg.cache_dir)
-    if _engine(raw, data_cfg) == "duckdb":
-        out = _new_cache_folder(final)
+    engine = _engine(raw, data_cfg)
+    out = _new_cache_folder(final)
+    try:
+        interactions = _write_cache(raw, data_cfg, features_cfg, out, final, engine)
+        atomic.swap_in(out, final)
+    except OSError as err:  # a full disk, a read-only folder: the old cache stays as it was
+        shutil.rmtree(out, ignore_errors=True)
+        raise _unwritable(final, err) from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(interactions.item_vocab)} "
+         f"items -> {final} ({time.perf_counter() - started:.1f}s)")
+    return PreparedData(final)
+
+
+def _unwritable(final: Path, err: OSError) -> DataError:
+    where = f" ({err.filename})" if err.filename else ""
+    return DataError(f"data.cache_dir {final}: cannot write the prepared data: {err.strerror or err}{where}; "
+                     "the previous cache, if any, is kept: free space or point data.cache_dir at a writable folder")
+
+
+def _write_cache(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig, out: Path, final: Path,
+                 engine: str) -> Interactions:
+    """Every file of the cache, written into the new folder ``out``."""
+    if engine == "duckdb":
         interactions, raw = _interactions_out_of_core(raw, data_cfg, out, final)
     else:
-        inter = raw.interactions
-        _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
-        if len(inter) == 0:
-            raise DataError(f"{raw.name}: the interactions table is empty")
-        events = _order_events(inter, raw.name, data_cfg.min_interactions)
-        split = _split(events, data_cfg)
-        item_raw = inter["item"].to_numpy()[events.order]
-        item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
-        item = encode(item_raw, item_vocab)
-        out = _new_cache_folder(final)
-        _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
-        interactions = Interactions(len(events.user), events.num_users, events.raw_user_ids,
-                                    trained_user_ids(events.user, split, events.num_users), item_vocab)
-        del events, split, item, item_raw
+        interactions = _interactions_in_memory(raw, data_cfg, out)
     item_vocab = interactions.item_vocab
     _report_side_rows(raw, interactions, out)
     vocabularies: dict[str, list] = {}
@@ -137,13 +148,26 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         vocabularies=vocabularies, source=raw.name, hashed={n: r["buckets"] for n, r in hashing.items()},
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    info = {"format_version": FORMAT_VERSION, "split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {}),
-            "prepared_with": prepared_with(data_cfg, features_cfg)}
+    info = {"format_version": FORMAT_VERSION, "split": data_cfg.split, "ratings": raw.has_ratings,
+            **({"hashing": hashing} if hashing else {}), "prepared_with": prepared_with(data_cfg, features_cfg)}
     (out / INFO).write_text(json.dumps(info, indent=2))
-    atomic.swap_in(out, final)
-    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
-         f"({time.perf_counter() - started:.1f}s)")
-    return PreparedData(final)
+    return interactions
+
+
+def _interactions_in_memory(raw: RawData, data_cfg: DataConfig, out: Path) -> Interactions:
+    """``interactions/*.npy`` and the raw ids, sorted and split with pandas and numpy."""
+    inter = raw.interactions
+    _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
+    if len(inter) == 0:
+        raise DataError(f"{raw.name}: the interactions table is empty")
+    events = _order_events(inter, raw.name, data_cfg.min_interactions)
+    split = _split(events, data_cfg)
+    item_raw = inter["item"].to_numpy()[events.order]
+    item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
+    item = encode(item_raw, item_vocab)
+    _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+    return Interactions(len(events.user), events.num_users, events.raw_user_ids,
+                        trained_user_ids(events.user, split, events.num_users), item_vocab)
 
 
 # The options prepare fixes in the cache (the data.* options that only say how to read the
@@ -303,8 +327,15 @@ def _split(events: _Events, data_cfg: DataConfig) -> np.ndarray:
 def _new_cache_folder(final: Path) -> Path:
     """An empty folder beside ``final`` to write the cache into, swapped in at the end
     (``atomic.py``): a crash leaves the old cache whole, and a process still reading the old
-    one (memory-mapped) keeps its files."""
-    out = atomic.new_folder(final)  # first finishes a swap a kill interrupted
+    one (memory-mapped) keeps its files. A folder that cannot be made is refused in one line."""
+    above = next((p for p in final.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DataError(f"data.cache_dir {final}: {above} is a file, not a directory: point data.cache_dir at a "
+                        "folder outside it")
+    try:
+        out = atomic.new_folder(final)  # first finishes a swap a kill interrupted
+    except OSError as err:
+        raise _unwritable(final, err) from None
     is_cache = (final / "feature_spec.json").is_file()
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not is_cache)):
         shutil.rmtree(out)
