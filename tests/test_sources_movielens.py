@@ -387,7 +387,7 @@ def test_a_non_finite_or_out_of_range_timestamp_names_file_and_line(fmt, value, 
         load_raw(data_cfg(fmt, root))
     message = str(err.value)
     assert str(root / fmt.ratings_file) in message and f"line {fmt.file_line(5)}:" in message, message
-    assert "timestamp" in message and f"'{value}'" in message, message
+    assert "timestamp" in message, message
 
 
 @by_source

@@ -360,7 +360,7 @@ def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd
             problem = f"{column} '{{}}' is not a number"
             if column == "timestamp":
                 bad |= ~_in_seconds_range(values)
-                problem = "timestamp '{}' is not a finite number of seconds"
+                problem = "timestamp '{}' is not a finite number of seconds within int64"
         if bad.any():
             if on_bad_rows == "error":
                 _refuse(frame, column, bad, path, problem)
