@@ -33,8 +33,9 @@ def read_table(path: str | Path, what: str, id_columns: tuple[str, ...] = ()) ->
     Args:
         path: a ``.csv`` or ``.txt`` (comma-separated), ``.tsv`` or ``.parquet`` file.
         what: what the file holds (``interactions``, ``users``, ...), for error messages.
-        id_columns: columns of raw ids: in a text file, read as the text written wherever the
-            column is not all integers (a float would round large ids), for the id rule (``ids.py``).
+        id_columns: columns of raw ids: in a text file, one that pandas reads as neither integers
+            nor text (floats, which round large ids) is read again as the text written, for the id
+            rule (``ids.py``).
     """
     path = Path(path)
     if not path.is_file():
@@ -46,7 +47,8 @@ def read_table(path: str | Path, what: str, id_columns: tuple[str, ...] = ()) ->
         if suffix in (".csv", ".tsv", ".txt"):
             sep = "\t" if suffix == ".tsv" else ","
             frame = pd.read_csv(path, sep=sep, dtype_backend="numpy_nullable", skip_blank_lines=False)
-            inexact = [c for c in id_columns if c in frame.columns and not pd.api.types.is_integer_dtype(frame[c])]
+            inexact = [c for c in id_columns if c in frame.columns and not pd.api.types.is_integer_dtype(frame[c])
+                       and not pd.api.types.is_string_dtype(frame[c])]  # floats (and the like) round large ids
             if inexact:
                 frame = pd.read_csv(path, sep=sep, dtype_backend="numpy_nullable", skip_blank_lines=False,
                                     dtype={c: "string" for c in inexact})
