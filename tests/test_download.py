@@ -73,3 +73,15 @@ def test_download_without_a_server_fails_at_once(tmp_path, monkeypatch):
 def test_download_rejects_an_unknown_dataset(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'movielens-7m'"):
         download("movielens-7m", tmp_path)
+
+
+@pytest.mark.parametrize("published", ["", "\n", "not-a-digest  ml-100k.zip\n", "abc"])
+def test_an_empty_or_malformed_md5_file_is_one_error(mirror, tmp_path, published):
+    """An empty .md5 was an IndexError traceback; a digest that is not 32 hex digits skipped nothing
+    but could never match."""
+    _publish(mirror)
+    (mirror / "ml-100k.zip.md5").write_text(published)
+    with pytest.raises(DataError) as err:
+        download("movielens-100k", tmp_path / "data", progress=False)
+    assert "ml-100k.zip.md5" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "data" / "ml-100k").exists()

@@ -374,6 +374,23 @@ def test_nan_or_missing_rating_is_an_error(fmt, value, tmp_path):
 
 
 @by_source
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e30", "nan"])
+def test_a_non_finite_or_out_of_range_timestamp_names_file_and_line(fmt, value, tmp_path):
+    """inf and 1e30 became INT64_MIN (with a numpy warning): the event moved to the start of the history."""
+    lines = fmt.ratings_lines()
+    sep = {"movielens-100k": "\t", "movielens-1m": "::"}.get(fmt.source, ",")
+    fields = lines[5].split(sep)
+    fields[3] = value
+    lines[5] = sep.join(fields)
+    root = fmt.write(tmp_path / "ml", lines)
+    with pytest.raises(DataError) as err:
+        load_raw(data_cfg(fmt, root))
+    message = str(err.value)
+    assert str(root / fmt.ratings_file) in message and f"line {fmt.file_line(5)}:" in message, message
+    assert "timestamp" in message, message
+
+
+@by_source
 def test_skip_drops_bad_rows_and_counts_them(fmt, tmp_path, capsys):
     lines = _extra_field(fmt, 2)
     lines[4] = _bad_rating(fmt, 4, "five")[4]
@@ -429,6 +446,12 @@ def test_ids_are_read_exactly(fmt, base, tmp_path):
     and every id keeps its exact value (it used to round through float, or wrap to int64 min)."""
     rows = [(base + (r[0] - 1), r[1], r[2], r[3]) for r in fmt.ratings()]
     root = fmt.write(tmp_path / "ml", fmt.ratings_lines(rows))
+    side = {"movielens-100k": ("u.user", "|"), "movielens-1m": ("users.dat", "::")}.get(fmt.source)
+    if side:  # the users file names the same users (a users file that matches none is refused)
+        name, sep = side
+        lines = [line.split(sep, 1) for line in (root / name).read_bytes().decode("latin-1").splitlines()]
+        text = "".join(f"{base + int(user) - 1}{sep}{rest}\n" for user, rest in lines)
+        (root / name).write_bytes(text.encode("latin-1"))
     raw = load_raw(data_cfg(fmt, root))
     assert [int(u) for u in raw.interactions["user"]] == [r[0] for r in rows]
     assert raw.interactions["user"].nunique() == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import urllib.error
@@ -43,6 +44,16 @@ def _open(url: str, timeout: float):
                         f"unpack it and pass its folder to `prepare --data-dir`") from None
 
 
+def _published_md5(text: bytes, url: str) -> str:
+    """The digest a ``.md5`` file publishes (its first word); anything but 32 hex digits is refused."""
+    words = text.decode("ascii", "replace").split()
+    if not words or not re.fullmatch(r"[0-9a-fA-F]{32}", words[0]):
+        shown = repr(words[0][:40]) if words else "nothing"
+        raise DataError(f"{url}: the published checksum is {shown}, not an MD5 digest (32 hex digits); the archive "
+                        "is not fetched unchecked: try again later, or fetch and check it by hand")
+    return words[0].lower()
+
+
 def download(dataset: str, data_dir: str | Path, timeout: float = 30.0, progress: bool = True) -> Path:
     """Download and unpack ``dataset`` under ``data_dir``; returns the unpacked folder.
 
@@ -66,7 +77,7 @@ def download(dataset: str, data_dir: str | Path, timeout: float = 30.0, progress
     data_dir.mkdir(parents=True, exist_ok=True)
 
     with _open(f"{base}/{name}.zip.md5", timeout) as response:
-        expected = response.read().decode("ascii", "replace").split()[0].lower()
+        expected = _published_md5(response.read(), f"{base}/{name}.zip.md5")
     archive = data_dir / f"{name}.zip"
     partial = data_dir / f"{name}.zip.part"
     digest = hashlib.md5()  # noqa: S324 (the published checksum is MD5)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from twotower_rec.data import splits
+from twotower_rec.data import ids, splits
 from twotower_rec.errors import DataError
 
 if TYPE_CHECKING:
@@ -123,49 +123,62 @@ def register_frame(con, inter: pd.DataFrame, name: str) -> None:
     con.execute("CREATE VIEW raw AS SELECT * FROM raw_frame")
 
 
-def register_parquet(con, files: list[Path], data_cfg: DataConfig) -> bool:
+def register_parquet(con, files: list[Path], data_cfg: DataConfig, side_integer: dict[str, bool]) -> dict[str, bool]:
     """A directory's Parquet files as the view ``raw`` (user, item, timestamp, rating, pos);
-    the file order is the files' name order, then their rows. Returns whether a rating column
-    exists. Missing ids, times or ratings are errors naming the file and row.
+    the file order is the files' name order, then their rows. Ids follow the id rule
+    (``ids.py``) over the files and the side tables together. A file without a column, and
+    missing ids, times or ratings, non-finite times or ratings, are errors naming the file (and row).
 
     Args:
         con: the DuckDB connection (:func:`connect`).
         files: the Parquet files, in name order.
         data_cfg: the ``data`` section (the user, item, timestamp and rating column names).
+        side_integer: ``{"user": ..., "item": ...}``: whether the users' (items') table has only
+            integer ids (True when there is none).
+
+    Returns:
+        ``{"user": ..., "item": ...}``: whether each id space is integer (its ids in ``raw`` are
+        BIGINT), else canonical text (VARCHAR).
     """
     import pyarrow.parquet as pq
 
-    starts, total = [], 0
-    schema = None
+    names = {"user": data_cfg.user_column, "item": data_cfg.item_column, "timestamp": data_cfg.timestamp_column}
+    starts, total, types = [], 0, {}
+    first_rated = data_cfg.rating_column in pq.ParquetFile(files[0]).schema_arrow.names
     for path in files:
         meta = pq.ParquetFile(path)
         starts.append((str(path), total))
         total += meta.metadata.num_rows
-        schema = schema or meta.schema_arrow
-    names = {"user": data_cfg.user_column, "item": data_cfg.item_column, "timestamp": data_cfg.timestamp_column}
-    missing = [f"{k} ('{v}')" for k, v in names.items() if v not in schema.names]
-    if missing:
-        raise DataError(f"{files[0]}: missing column(s) {', '.join(missing)}; found {schema.names}. Name yours with "
-                        "data.user_column / data.item_column / data.timestamp_column")
-    has_ratings = data_cfg.rating_column in schema.names
+        schema = meta.schema_arrow
+        missing = [f"{k} ('{v}')" for k, v in names.items() if v not in schema.names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {schema.names}. Name yours with "
+                            "data.user_column / data.item_column / data.timestamp_column")
+        for column in names.values():
+            types.setdefault(column, set()).add(str(schema.field(column).type))
+        if (data_cfg.rating_column in schema.names) != first_rated:
+            has = "has" if data_cfg.rating_column in schema.names else "has no"
+            raise DataError(f"{path}: {has} rating column '{data_cfg.rating_column}', unlike {files[0]}: give every "
+                            "file of the directory the same columns")
+    has_ratings = first_rated
     con.execute("CREATE TEMP TABLE file_start (filename VARCHAR, start BIGINT)")
     con.executemany("INSERT INTO file_start VALUES (?, ?)", starts)
     listed = "[" + ", ".join(_quote(str(p)) for p in files) + "]"
-    ts_type = str(schema.field(data_cfg.timestamp_column).type)
-    if ts_type.startswith("timestamp") or ts_type.startswith("date"):
-        seconds = f"CAST(epoch({_ident(data_cfg.timestamp_column)}) AS BIGINT)"
-    elif ts_type.startswith(("int", "uint")):
-        seconds = f"CAST({_ident(data_cfg.timestamp_column)} AS BIGINT)"
-    elif ts_type in ("float", "double", "halffloat"):
-        seconds = f"CAST(trunc({_ident(data_cfg.timestamp_column)}) AS BIGINT)"
-    else:
-        raise DataError(f"{files[0]}: column '{data_cfg.timestamp_column}' is {ts_type}; a directory of Parquet "
-                        "files needs timestamps as integer seconds or a Parquet timestamp")
+    union = ", union_by_name = true" if any(len(t) > 1 for t in types.values()) else ""  # one type for all files
+    con.execute(f"CREATE VIEW raw_file AS SELECT * FROM read_parquet({listed}, filename = true, "
+                f"file_row_number = true{union})")
+    column_type = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE raw_file)").fetchall())
+    seconds = _seconds_sql(con, data_cfg.timestamp_column, column_type[data_cfg.timestamp_column], files[0])
+    integer, id_sql = {}, {}
+    for key in ("user", "item"):
+        text, is_int, as_int = _id_sql(names[key], column_type[names[key]], files[0])
+        parquet_integer = is_int == "true" or bool(
+            con.execute(f"SELECT coalesce(bool_and({is_int}), true) FROM raw_file").fetchone()[0])
+        integer[key] = parquet_integer and side_integer[key]
+        id_sql[key] = as_int if integer[key] else text
     rating = f"CAST({_ident(data_cfg.rating_column)} AS FLOAT)" if has_ratings else "CAST(1.0 AS FLOAT)"
-    con.execute(f"""CREATE VIEW raw_checked AS SELECT r.{_ident(names['user'])} AS user,
-        r.{_ident(names['item'])} AS item, {seconds} AS timestamp, {rating} AS rating,
-        r.filename AS filename, r.file_row_number AS file_row
-        FROM read_parquet({listed}, filename = true, file_row_number = true) r""")
+    con.execute(f"""CREATE VIEW raw_checked AS SELECT {id_sql['user']} AS user, {id_sql['item']} AS item,
+        {seconds} AS timestamp, {rating} AS rating, filename, file_row_number AS file_row FROM raw_file""")
     for column, what in (("user", "empty user id"), ("item", "empty item id"), ("timestamp", "missing timestamp"),
                          ("rating", "missing or non-finite rating")):
         test = f"{column} IS NULL" + (" OR NOT isfinite(rating)" if column == "rating" else "")
@@ -175,7 +188,54 @@ def register_parquet(con, files: list[Path], data_cfg: DataConfig) -> bool:
             raise DataError(f"{bad[0]}: row {bad[1] + 1}: {what} ({bad[2]} such rows)")
     con.execute("""CREATE VIEW raw AS SELECT r.user, r.item, r.timestamp, r.rating, f.start + r.file_row AS pos
                    FROM raw_checked r JOIN file_start f USING (filename)""")
-    return has_ratings
+    return integer
+
+
+_INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+                  "HUGEINT", "UHUGEINT")
+_FLOAT_TYPES = ("FLOAT", "DOUBLE")
+_FITS = "{0} >= -9223372036854775808.0 AND {0} < 9223372036854775808.0"  # int64 range, for a float
+_WHITE_SPACE = "chr(32) || chr(9) || chr(10) || chr(13) || chr(11) || chr(12)"  # what str.strip() removes (ASCII)
+
+
+def _seconds_sql(con, column: str, duck_type: str, first_file: Path) -> str:
+    """SQL of the timestamp column as BIGINT seconds; a float that is not finite or beyond
+    int64 is refused naming its file and row."""
+    c = _ident(column)
+    if duck_type.startswith(("TIMESTAMP", "DATE")):
+        return f"CAST(epoch({c}) AS BIGINT)"
+    if duck_type in _INTEGER_TYPES:
+        return f"CAST({c} AS BIGINT)"
+    if duck_type in _FLOAT_TYPES:
+        bad = con.execute(f"SELECT filename, file_row_number, {c}, count(*) OVER () FROM raw_file "
+                          f"WHERE NOT (isfinite({c}) AND {_FITS.format(c)}) "
+                          "ORDER BY filename, file_row_number LIMIT 1").fetchone()
+        if bad:
+            raise DataError(f"{bad[0]}: row {bad[1] + 1}: timestamp '{bad[2]}' in column '{column}' is not a finite "
+                            f"number of seconds within int64 ({bad[3]} such rows)")
+        return f"CAST(trunc({c}) AS BIGINT)"
+    raise DataError(f"{first_file}: column '{column}' is {duck_type}; a directory of Parquet files needs timestamps "
+                    "as integer seconds or a Parquet timestamp")
+
+
+def _id_sql(column: str, duck_type: str, first_file: Path) -> tuple[str, str, str]:
+    """SQL of an id column under the id rule: (its canonical text, whether it is an integer,
+    its BIGINT value where it is one)."""
+    c = _ident(column)
+    if duck_type in _INTEGER_TYPES:
+        if duck_type in ("BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UTINYINT", "USMALLINT", "UINTEGER"):
+            return f"CAST({c} AS VARCHAR)", "true", f"CAST({c} AS BIGINT)"
+        return f"CAST({c} AS VARCHAR)", f"(TRY_CAST({c} AS BIGINT) IS NOT NULL)", f"CAST({c} AS BIGINT)"
+    if duck_type in _FLOAT_TYPES:
+        is_int = f"(isfinite({c}) AND {c} = trunc({c}) AND {_FITS.format(c)})"
+        return (f"CASE WHEN {is_int} THEN CAST(CAST({c} AS BIGINT) AS VARCHAR) ELSE CAST({c} AS VARCHAR) END",
+                is_int, f"CAST({c} AS BIGINT)")
+    if duck_type == "VARCHAR":
+        text = f"trim({c}, {_WHITE_SPACE})"
+        as_int = f"TRY_CAST(regexp_extract({text}, '^[+-]?[0-9]+') AS BIGINT)"
+        is_int = f"(regexp_full_match({text}, '[+-]?[0-9]+(\\.0*)?') AND {as_int} IS NOT NULL)"
+        return f"CASE WHEN {is_int} THEN CAST({as_int} AS VARCHAR) ELSE {text} END", is_int, as_int
+    raise DataError(f"{first_file}: id column '{column}' is {duck_type}; ids must be integers or text")
 
 
 def _quote(text: str) -> str:
@@ -210,8 +270,8 @@ def write_interactions(con, out: Path, spill: Path, name: str, data_cfg: DataCon
                                                            len(items), started, spilled)
     np.save(folder / "user_offsets.npy", user_offsets)
     item_vocab = _encode_items(folder, item_idx, trained_item, items, num_rows)
-    np.save(out / "raw_user_ids.npy", raw_user_ids)
-    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+    np.save(out / "raw_user_ids.npy", ids.stored(raw_user_ids))
+    np.save(out / "raw_item_ids.npy", ids.stored(item_vocab))
     user_id_codes = np.where(trained_user, np.arange(num_users + 1), 0).astype(np.int64)
     _log(f"duckdb: interactions written ({time.perf_counter() - started:.1f}s)")
     return Interactions(num_rows, num_users, raw_user_ids, user_id_codes, item_vocab)
@@ -330,7 +390,7 @@ def _encode_items(folder: Path, item_idx, trained_item: np.ndarray, items, num_r
         oov_idx.append(idx[oov])
     item.close()
     np.save(folder / "oov_rows.npy", np.concatenate(oov_rows).astype(np.int64))
-    np.save(folder / "oov_raw_items.npy", np.asarray(items[np.concatenate(oov_idx)]))
+    np.save(folder / "oov_raw_items.npy", ids.stored(np.asarray(items)[np.concatenate(oov_idx)]))
     return pd.Index(np.asarray(items)[trained_item])
 
 

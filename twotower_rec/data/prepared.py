@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from twotower_rec import atomic
-from twotower_rec.data import out_of_core, splits
+from twotower_rec.data import ids, out_of_core, splits
 from twotower_rec.data.features import (HISTORY, RECENT, Feature, FeatureSpec, build_vocabulary, collisions, encode,
                                         hash_rows, year_bucket)
 from twotower_rec.data.out_of_core import Interactions
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 MULTI_VALUED_ITEM_FEATURES = {"genres", "title_tokens"}
 INFO = "prepared.json"  # how the cache was made: {"split": ..., "ratings": whether the source had any}
+# 2: raw ids saved as int64 or fixed-width text, read without pickle (1, unversioned: object arrays)
+FORMAT_VERSION = 2
 INTERACTION_COLUMNS = ("user", "item", "timestamp", "rating")
 CHUNK = 1 << 22  # rows of a memory-mapped column read at once by the whole-column statistics
 
@@ -97,25 +99,37 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
     """
     started = time.perf_counter()
     final = Path(data_cfg.cache_dir)
-    if _engine(raw, data_cfg) == "duckdb":
-        out = _new_cache_folder(final)
-        interactions = _interactions_out_of_core(raw, data_cfg, out, final)
+    engine = _engine(raw, data_cfg)
+    out = _new_cache_folder(final)
+    try:
+        interactions = _write_cache(raw, data_cfg, features_cfg, out, final, engine)
+        atomic.swap_in(out, final)
+    except OSError as err:  # a full disk, a read-only folder: the old cache stays as it was
+        shutil.rmtree(out, ignore_errors=True)
+        raise _unwritable(final, err) from None
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(interactions.item_vocab)} "
+         f"items -> {final} ({time.perf_counter() - started:.1f}s)")
+    return PreparedData(final)
+
+
+def _unwritable(final: Path, err: OSError) -> DataError:
+    where = f" ({err.filename})" if err.filename else ""
+    return DataError(f"data.cache_dir {final}: cannot write the prepared data: {err.strerror or err}{where}; "
+                     "the previous cache, if any, is kept: free space or point data.cache_dir at a writable folder")
+
+
+def _write_cache(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig, out: Path, final: Path,
+                 engine: str) -> Interactions:
+    """Every file of the cache, written into the new folder ``out``."""
+    if engine == "duckdb":
+        interactions, raw = _interactions_out_of_core(raw, data_cfg, out, final)
     else:
-        inter = raw.interactions
-        _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
-        if len(inter) == 0:
-            raise DataError(f"{raw.name}: the interactions table is empty")
-        events = _order_events(inter, raw.name, data_cfg.min_interactions)
-        split = _split(events, data_cfg)
-        item_raw = inter["item"].to_numpy()[events.order]
-        item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
-        item = encode(item_raw, item_vocab)
-        out = _new_cache_folder(final)
-        _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
-        interactions = Interactions(len(events.user), events.num_users, events.raw_user_ids,
-                                    trained_user_ids(events.user, split, events.num_users), item_vocab)
-        del events, split, item, item_raw
+        interactions = _interactions_in_memory(raw, data_cfg, out)
     item_vocab = interactions.item_vocab
+    _report_side_rows(raw, interactions, out)
     vocabularies: dict[str, list] = {}
     hashing: dict[str, dict] = {}  # collision report per hashed id feature
     query_features = _write_user_features(out, raw, interactions, features_cfg, vocabularies,
@@ -134,13 +148,26 @@ def prepare(raw: RawData, data_cfg: DataConfig, features_cfg: FeaturesConfig) ->
         vocabularies=vocabularies, source=raw.name, hashed={n: r["buckets"] for n, r in hashing.items()},
     )
     (out / "feature_spec.json").write_text(spec.to_json())
-    info = {"split": data_cfg.split, "ratings": raw.has_ratings, **({"hashing": hashing} if hashing else {}),
-            "prepared_with": prepared_with(data_cfg, features_cfg)}
+    info = {"format_version": FORMAT_VERSION, "split": data_cfg.split, "ratings": raw.has_ratings,
+            **({"hashing": hashing} if hashing else {}), "prepared_with": prepared_with(data_cfg, features_cfg)}
     (out / INFO).write_text(json.dumps(info, indent=2))
-    atomic.swap_in(out, final)
-    _log(f"{interactions.num_rows} interactions, {interactions.num_users} users, {len(item_vocab)} items -> {final} "
-         f"({time.perf_counter() - started:.1f}s)")
-    return PreparedData(final)
+    return interactions
+
+
+def _interactions_in_memory(raw: RawData, data_cfg: DataConfig, out: Path) -> Interactions:
+    """``interactions/*.npy`` and the raw ids, sorted and split with pandas and numpy."""
+    inter = raw.interactions
+    _require_columns(inter, INTERACTION_COLUMNS, f"{raw.name} interactions")
+    if len(inter) == 0:
+        raise DataError(f"{raw.name}: the interactions table is empty")
+    events = _order_events(inter, raw.name, data_cfg.min_interactions)
+    split = _split(events, data_cfg)
+    item_raw = inter["item"].to_numpy()[events.order]
+    item_vocab = pd.Index(np.unique(item_raw[split == splits.TRAIN]))
+    item = encode(item_raw, item_vocab)
+    _write_interactions(out, events, split, item, item_raw, item_vocab, inter["rating"].to_numpy(np.float32))
+    return Interactions(len(events.user), events.num_users, events.raw_user_ids,
+                        trained_user_ids(events.user, split, events.num_users), item_vocab)
 
 
 # The options prepare fixes in the cache (the data.* options that only say how to read the
@@ -183,13 +210,21 @@ def _engine(raw: RawData, data_cfg: DataConfig) -> str:
     return data_cfg.engine
 
 
-def _interactions_out_of_core(raw: RawData, data_cfg: DataConfig, out: Path, final: Path) -> Interactions:
-    """``interactions/*.npy`` and the raw ids through DuckDB within ``data.memory_limit``."""
+def _interactions_out_of_core(raw: RawData, data_cfg: DataConfig, out: Path,
+                              final: Path) -> tuple[Interactions, RawData]:
+    """``interactions/*.npy`` and the raw ids through DuckDB within ``data.memory_limit``; the
+    source with its side tables' ids in the id spaces of the whole data (``ids.py``)."""
+    import duckdb
+
     spill = out_of_core.spill_folder(data_cfg, final)
     try:
         con = out_of_core.connect(data_cfg, spill)
         if raw.interactions_files:
-            out_of_core.register_parquet(con, raw.interactions_files, data_cfg)
+            side_integer = {key: np.asarray(table[key]).dtype.kind in "iu"
+                            for key, table in (("user", raw.users), ("item", raw.items))}
+            integer = out_of_core.register_parquet(con, raw.interactions_files, data_cfg, side_integer)
+            raw = dataclasses.replace(raw, users=_in_space(raw.users, "user", integer["user"]),
+                                      items=_in_space(raw.items, "item", integer["item"]))
         else:
             _require_columns(raw.interactions, INTERACTION_COLUMNS, f"{raw.name} interactions")
             out_of_core.register_frame(con, raw.interactions, raw.name)
@@ -200,12 +235,53 @@ def _interactions_out_of_core(raw: RawData, data_cfg: DataConfig, out: Path, fin
                             f"prepare this data even when spilling to disk: raise it or lower data.threads "
                             f"({str(err).splitlines()[0]})") from None
         con.close()
-        return result
-    except Exception:
+        return result, raw
+    except duckdb.Error as err:
+        shutil.rmtree(out, ignore_errors=True)
+        raise DataError(f"{raw.name}: DuckDB cannot read the interactions: {str(err).strip().splitlines()[0]}") from None
+    except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
         out_of_core.remove_spill(spill)
+
+
+def _in_space(table: pd.DataFrame, key: str, integer_space: bool) -> pd.DataFrame:
+    """``table`` with its ``key`` ids as the id space holds them (:func:`ids.in_space`)."""
+    return table.assign(**{key: ids.in_space(table[key].to_numpy(), integer_space)})
+
+
+def _report_side_rows(raw: RawData, interactions: Interactions, out: Path) -> None:
+    """One line per side table (one with features): how many of the kept users (items), and of
+    their interactions, have a row in it; a table that none match is refused, naming it."""
+    folder = out / "interactions"
+    if set(raw.users.columns) - {"user"}:
+        events = np.diff(np.load(folder / "user_offsets.npy"))
+        _side_line(raw.users_name, "user", np.asarray(interactions.raw_user_ids), events, raw.users["user"])
+    if set(raw.items.columns) - {"item"}:
+        item = np.load(folder / "item.npy", mmap_mode="r")
+        counts = np.zeros(len(interactions.item_vocab) + 1, dtype=np.int64)
+        for lo in range(0, item.shape[0], CHUNK):
+            counts += np.bincount(np.asarray(item[lo:lo + CHUNK]), minlength=counts.size)
+        oov = np.load(folder / "oov_raw_items.npy", allow_pickle=False)
+        oov_ids, oov_events = np.unique(oov, return_counts=True) if oov.size else (oov, np.zeros(0, np.int64))
+        _side_line(raw.items_name, "item", np.concatenate([np.asarray(interactions.item_vocab), oov_ids]),
+                   np.concatenate([counts[1:], oov_events]), raw.items["item"])
+
+
+def _side_line(table: str, key: str, raw_ids: np.ndarray, events: np.ndarray, side_ids: pd.Series) -> None:
+    """Log (or refuse) how many of ``raw_ids`` (with ``events`` interactions each) are in ``side_ids``."""
+    found = pd.Series(raw_ids).isin(pd.Series(np.asarray(side_ids))).to_numpy()
+    if raw_ids.size and not found.any():
+        raise DataError(f"{table}: none of the {raw_ids.size} {key}s of the interactions has a row here (its ids: "
+                        f"{_sample(side_ids)}; the interactions': {_sample(raw_ids)}): check data.{key}_column "
+                        f"and that both files name the same {key}s")
+    _log(f"{table}: {int(found.sum())} of {raw_ids.size} {key}s ({int(events[found].sum())} of "
+         f"{int(events.sum())} interactions) have a row")
+
+
+def _sample(values) -> str:
+    return ", ".join(repr(str(v)) for v in list(pd.unique(np.asarray(values)))[:3]) or "none"
 
 
 def _order_events(inter: pd.DataFrame, name: str, min_interactions: int) -> _Events:
@@ -251,8 +327,15 @@ def _split(events: _Events, data_cfg: DataConfig) -> np.ndarray:
 def _new_cache_folder(final: Path) -> Path:
     """An empty folder beside ``final`` to write the cache into, swapped in at the end
     (``atomic.py``): a crash leaves the old cache whole, and a process still reading the old
-    one (memory-mapped) keeps its files."""
-    out = atomic.new_folder(final)  # first finishes a swap a kill interrupted
+    one (memory-mapped) keeps its files. A folder that cannot be made is refused in one line."""
+    above = next((p for p in final.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DataError(f"data.cache_dir {final}: {above} is a file, not a directory: point data.cache_dir at a "
+                        "folder outside it")
+    try:
+        out = atomic.new_folder(final)  # first finishes a swap a kill interrupted
+    except OSError as err:
+        raise _unwritable(final, err) from None
     is_cache = (final / "feature_spec.json").is_file()
     if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not is_cache)):
         shutil.rmtree(out)
@@ -272,12 +355,12 @@ def _write_interactions(out: Path, events: _Events, split: np.ndarray, item: np.
     }
     for name, array in arrays.items():
         np.save(out / "interactions" / f"{name}.npy", np.ascontiguousarray(array))
-    np.save(out / "raw_user_ids.npy", events.raw_user_ids)
-    np.save(out / "raw_item_ids.npy", np.asarray(item_vocab))
+    np.save(out / "raw_user_ids.npy", ids.stored(events.raw_user_ids))
+    np.save(out / "raw_item_ids.npy", ids.stored(item_vocab))
     # Items first seen outside training are code 0; keep their raw ids for ranked-list exports.
     oov_rows = np.flatnonzero(item == 0)
     np.save(out / "interactions" / "oov_rows.npy", oov_rows)
-    np.save(out / "interactions" / "oov_raw_items.npy", np.asarray(item_raw[oov_rows]))
+    np.save(out / "interactions" / "oov_raw_items.npy", ids.stored(item_raw[oov_rows]))
 
 
 def _write_user_features(out: Path, raw: RawData, interactions: Interactions, features_cfg: FeaturesConfig,
@@ -445,6 +528,11 @@ def trained_user_ids(user: np.ndarray, split: np.ndarray, num_users: int) -> np.
     return codes
 
 
+def _ids(saved: np.ndarray) -> np.ndarray:
+    """Raw ids as read from the cache (int64, or fixed-width text), in memory."""
+    return np.array(saved)
+
+
 class PreparedData:
     """Read-only, memory-mapped view of a prepared cache. Nothing of the interaction columns
     is copied whole: batches gather their rows from the maps, and the statistics below read
@@ -467,6 +555,9 @@ class PreparedData:
         self._rows: dict[int, np.ndarray] = {}
         info = self.dir / INFO
         self.info = json.loads(info.read_text()) if info.is_file() else {}  # caches written before it: {}
+        if self.info.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"prepared data at {self.dir} has format version {self.info.get('format_version', 1)}, "
+                            f"this package reads {FORMAT_VERSION}: run `twotower-rec prepare` again")
 
         def load(*parts: str) -> np.ndarray:
             path = self.dir.joinpath(*parts)
@@ -480,8 +571,8 @@ class PreparedData:
         self.rating = load("interactions", "rating.npy")
         self.split = load("interactions", "split.npy")
         self.user_offsets = np.asarray(load("interactions", "user_offsets.npy"))
-        self.raw_user_ids = np.load(self.dir / "raw_user_ids.npy", allow_pickle=True)
-        self.raw_item_ids = np.load(self.dir / "raw_item_ids.npy", allow_pickle=True)
+        self.raw_user_ids = _ids(load("raw_user_ids.npy"))
+        self.raw_item_ids = _ids(load("raw_item_ids.npy"))
         self.user_features = {
             f.name: np.asarray(load("users", f"{f.name}.npy"))
             for f in self.spec.query_features if f.name not in ("user_id", HISTORY) and not f.name.startswith(RECENT)
@@ -542,7 +633,7 @@ class PreparedData:
         codes = np.asarray(self.item)[rows]
         raw = np.where(codes > 0, self.raw_item_ids[np.maximum(codes - 1, 0)], None).astype(object)
         oov_rows = np.load(self.dir / "interactions" / "oov_rows.npy")
-        oov_raw = np.load(self.dir / "interactions" / "oov_raw_items.npy", allow_pickle=True)
+        oov_raw = _ids(np.load(self.dir / "interactions" / "oov_raw_items.npy", allow_pickle=False))
         where = np.searchsorted(oov_rows, rows)
         hit = (codes == 0) & (where < oov_rows.size)
         raw[hit] = oov_raw[where[hit]]

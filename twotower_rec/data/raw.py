@@ -4,6 +4,8 @@
 in the order the source gives them: ties in time are broken by this order).
 ``RawData.users`` has ``user`` plus categorical side features; ``RawData.items`` has
 ``item``, ``genres`` (a list of strings), ``year`` (int, -1 unknown) and ``title``.
+User and item ids follow the one id rule (``ids.py``): each id space is int64 when every id in
+every file that names it is an integer, else canonical text, so the tables join on equal ids.
 A directory of Parquet files is not read here: ``interactions_files`` lists them (in name
 order, the file order) for the out-of-core ``prepare``, and ``interactions`` is left empty.
 """

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from twotower_rec.data import ids
 from twotower_rec.data.raw import RawData
 from twotower_rec.data.synthetic import synthetic
 from twotower_rec.errors import DataError
@@ -26,12 +27,15 @@ if TYPE_CHECKING:
     from twotower_rec.config import DataConfig
 
 
-def read_table(path: str | Path, what: str) -> pd.DataFrame:
+def read_table(path: str | Path, what: str, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """A CSV, TSV or Parquet file as a DataFrame; errors name the file (and line, for text).
 
     Args:
         path: a ``.csv`` or ``.txt`` (comma-separated), ``.tsv`` or ``.parquet`` file.
         what: what the file holds (``interactions``, ``users``, ...), for error messages.
+        id_columns: columns of raw ids: in a text file, one that pandas reads as neither integers
+            nor text (floats, which round large ids) is read again as the text written, for the id
+            rule (``ids.py``).
     """
     path = Path(path)
     if not path.is_file():
@@ -41,8 +45,13 @@ def read_table(path: str | Path, what: str) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".txt"):
-            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype_backend="numpy_nullable",
-                                skip_blank_lines=False)
+            sep = "\t" if suffix == ".tsv" else ","
+            frame = pd.read_csv(path, sep=sep, dtype_backend="numpy_nullable", skip_blank_lines=False)
+            inexact = [c for c in id_columns if c in frame.columns and not pd.api.types.is_integer_dtype(frame[c])
+                       and not pd.api.types.is_string_dtype(frame[c])]  # floats (and the like) round large ids
+            if inexact:
+                frame = pd.read_csv(path, sep=sep, dtype_backend="numpy_nullable", skip_blank_lines=False,
+                                    dtype={c: "string" for c in inexact})
             frame = frame.dropna(how="all")  # blank lines go; the index keeps each row's file position
             frame.attrs["first_line"] = 2  # the header is line 1
             return frame
@@ -67,26 +76,56 @@ def _where(frame: pd.DataFrame, row: int) -> str:
     return f"row {row + 1}"
 
 
-def _numeric_column(frame: pd.DataFrame, column: str, path: Path, what: str) -> np.ndarray:
-    """A column as float64; the first non-numeric or missing value is reported with its line."""
+SECONDS_LIMIT = 2.0**63  # timestamps are int64 seconds
+
+
+def _in_seconds_range(values: np.ndarray) -> np.ndarray:
+    """Which float timestamps are finite and fit int64 seconds."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (np.abs(values) < SECONDS_LIMIT)
+
+
+def _numeric_column(frame: pd.DataFrame, column: str, path: Path, what: str, seconds: bool = False) -> np.ndarray:
+    """A column as float64; the first non-numeric, missing or non-finite value (or, for
+    ``seconds``, one beyond int64 seconds) is reported with its line."""
     values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    bad = np.isnan(values)
+    bad = ~(_in_seconds_range(values) if seconds else np.isfinite(values))
     if bad.any():
         row = _first_bad(bad)
-        raise DataError(f"{path}: {_where(frame, row)}: {what} '{frame[column].iloc[row]}' in column '{column}' "
-                        f"is not a number ({int(bad.sum())} such rows)")
+        problem = ("is not a number" if np.isnan(values[row]) else "is not finite" if np.isinf(values[row])
+                   else "is beyond the int64 seconds a timestamp holds")
+        raise DataError(f"{path}: {_where(frame, row)}: {what} '{_text(frame[column].iloc[row])}' in column "
+                        f"'{column}' {problem} ({int(bad.sum())} such rows)")
     return values
 
 
 def _side_table(path: str | None, id_column: str, key: str, interactions: pd.DataFrame,
                 setting: str) -> tuple[pd.DataFrame, str]:
-    """An optional user or item feature table keyed by ``key``; ids only when none is given."""
+    """An optional user or item feature table keyed by ``key``; ids only when none is given.
+    The table's ids and the interactions' are one id space (``ids.py``): both are made int64,
+    or both canonical text, so equal ids match."""
     if not path:
+        interactions[key] = ids.id_space(interactions[key])[0]
         return pd.DataFrame({key: pd.unique(interactions[key])}), f"{key}s table (none given: set {setting})"
-    table = read_table(path, f"{key}s").rename(columns={id_column: key})
+    table = _read_side_file(path, id_column, key)
+    interactions[key], table[key] = ids.id_space(interactions[key], table[key])
+    return table, str(path)
+
+
+def _read_side_file(path: str, id_column: str, key: str) -> pd.DataFrame:
+    """A user or item table named in the config: its id column renamed to ``key``; a file
+    without rows, or a row without an id, is refused naming the file (and line)."""
+    table = read_table(path, f"{key}s", (id_column,)).rename(columns={id_column: key})
     if key not in table.columns:
         raise DataError(f"{path}: missing column '{id_column}' (data.{key}_column)")
-    return table, str(path)
+    if len(table) == 0:
+        raise DataError(f"{path}: no {key} rows (the file has a header only); add its rows, or unset "
+                        f"data.{key}s_path")
+    bad = table[key].isna().to_numpy()
+    if bad.any():
+        raise DataError(f"{path}: {_where(table, _first_bad(bad))}: empty {key} id in column '{id_column}' "
+                        f"({int(bad.sum())} such rows)")
+    return table
 
 
 def interactions_source(cfg: DataConfig) -> RawData:
@@ -102,7 +141,7 @@ def interactions_source(cfg: DataConfig) -> RawData:
     path = Path(cfg.interactions_path)
     if path.is_dir():
         return _parquet_directory(path, cfg)
-    frame = read_table(path, "interactions")
+    frame = read_table(path, "interactions", (cfg.user_column, cfg.item_column))
     columns = {"user": cfg.user_column, "item": cfg.item_column, "timestamp": cfg.timestamp_column}
     missing = [f"{name} ('{column}')" for name, column in columns.items() if column not in frame.columns]
     if missing:
@@ -143,14 +182,13 @@ def _parquet_directory(path: Path, cfg: DataConfig) -> RawData:
     if cfg.engine == "pandas":
         raise DataError(f"{path}: a directory of Parquet files is prepared out of core: set data.engine=duckdb "
                         "(or auto)")
-    empty = pd.DataFrame({"user": pd.Series([], dtype=object), "item": pd.Series([], dtype=object)})
-    users, users_name = ((read_table(cfg.users_path, "users").rename(columns={cfg.user_column: "user"}),
-                          str(cfg.users_path)) if cfg.users_path else (empty[["user"]], "users table (none given)"))
-    items, items_name = ((read_table(cfg.items_path, "items").rename(columns={cfg.item_column: "item"}),
-                          str(cfg.items_path)) if cfg.items_path else (empty[["item"]], "items table (none given)"))
-    for table, key, name in ((users, "user", users_name), (items, "item", items_name)):
-        if key not in table.columns:
-            raise DataError(f"{name}: missing column '{getattr(cfg, key + '_column')}' (data.{key}_column)")
+    empty = pd.DataFrame({"user": pd.Series([], dtype=np.int64), "item": pd.Series([], dtype=np.int64)})
+    users, users_name = ((_read_side_file(cfg.users_path, cfg.user_column, "user"), str(cfg.users_path))
+                         if cfg.users_path else (empty[["user"]], "users table (none given)"))
+    items, items_name = ((_read_side_file(cfg.items_path, cfg.item_column, "item"), str(cfg.items_path))
+                         if cfg.items_path else (empty[["item"]], "items table (none given)"))
+    for table, key in ((users, "user"), (items, "item")):  # this file's ids alone; prepare joins the spaces
+        table[key] = ids.id_space(table[key])[0]
     if cfg.items_path:
         items = _item_columns(items, cfg.genres_separator)
     import pyarrow.parquet as pq
@@ -168,7 +206,7 @@ def _seconds(frame: pd.DataFrame, column: str, path: Path, date_format: str = ""
     timestamp = frame[column]
     as_number = pd.to_numeric(timestamp, errors="coerce")
     if as_number.notna().any() and not date_format:  # numeric timestamps (seconds); report the first that is not
-        return _numeric_column(frame, column, path, "timestamp")
+        return _numeric_column(frame, column, path, "timestamp", seconds=True)
     text = timestamp.astype("string").str.strip()
     formats = [date_format] if date_format else _date_formats(text)
     if not formats:
@@ -228,7 +266,7 @@ def _read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str
                     what: str, id_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """A delimited text file; rows with the wrong field count raise (naming the line) or are
     skipped. ``id_columns`` keep their exact text wherever a column is not plain int64 (a
-    float or an overflow would round or wrap the ids), for :func:`_integer_ids` to check."""
+    float or an overflow would round or wrap the ids), for the id rule (``ids.py``)."""
     text = _decode(path, encoding, what)
     total_lines = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
     if len(sep) > 1:  # '::' in MovieLens 1M: the C parser takes one-character separators only
@@ -285,27 +323,15 @@ def _parse(text: str, sep: str, names: list[str] | None, on_bad_rows: str, path:
     return frame, any(issubclass(w.category, pd.errors.ParserWarning) for w in caught)
 
 
-def _integer_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, bad)``: the column's ids exactly (int64 when every one fits, else Python ints in
-    an object array) and the mask of rows whose value is not an integer (their id is 0)."""
-    if column.dtype == np.int64:
-        return column.to_numpy(), np.zeros(len(column), dtype=bool)
-    text = column.astype("string").fillna("").str.strip()
-    good = text.str.fullmatch(r"[+-]?\d+").to_numpy(dtype=bool, na_value=False)
-    ids = [int(value) if ok else 0 for value, ok in zip(text.tolist(), good)]
-    fits = not ids or (min(ids) >= -(2**63) and max(ids) < 2**63)
-    return np.array(ids, dtype=np.int64 if fits else object), ~good
-
-
 def _exact_id_column(frame: pd.DataFrame, column: str, path: Path, on_bad_rows: str) -> pd.DataFrame:
-    """``frame`` with ``column`` as exact integer ids; a row whose id is not an integer raises
-    naming the line, or is dropped and counted."""
-    ids, bad = _integer_ids(frame[column])
+    """``frame`` without the rows whose ``column`` id is not an integer (MovieLens ids are):
+    the first raises naming the line, or they are dropped and counted. The ids keep their text
+    until :func:`movielens` applies the id rule to every file."""
+    bad = ~ids.integer_literals(frame[column])
     if bad.any():
         if on_bad_rows == "error":
             _refuse(frame, column, bad, path, f"{column} id '{{}}' is not an integer")
         print(f"prepare: {path}: skipped {int(bad.sum())} rows whose {column} id is not an integer", file=sys.stderr)
-    frame = frame.assign(**{column: ids})
     return frame[~bad]
 
 
@@ -327,12 +353,16 @@ def _clean_interactions(frame: pd.DataFrame, path: Path, on_bad_rows: str) -> pd
     reasons = []
     for column in ("user", "item", "timestamp", "rating"):
         if column in ("user", "item"):
-            values, bad = _integer_ids(frame[column])
+            values = frame[column].to_numpy()
+            bad = ~ids.integer_literals(values)
             problem = f"{column} id '{{}}' is not an integer"
         else:
             values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64, na_value=np.nan)
             bad = ~np.isfinite(values)
             problem = f"{column} '{{}}' is not a number"
+            if column == "timestamp":
+                bad |= ~_in_seconds_range(values)
+                problem = "timestamp '{}' is not a finite number of seconds within int64"
         if bad.any():
             if on_bad_rows == "error":
                 _refuse(frame, column, bad, path, problem)
@@ -376,6 +406,8 @@ def movielens(cfg: DataConfig) -> RawData:
         interactions, users, items = _movielens_1m(root, cfg.on_bad_rows)
     else:
         interactions, users, items = _movielens_csv(root, cfg.on_bad_rows)
+    interactions["user"], users["user"] = ids.id_space(interactions["user"], users["user"])
+    interactions["item"], items["item"] = ids.id_space(interactions["item"], items["item"])
     return RawData(interactions, _movielens_users(users, cfg.source), _movielens_items(items),
                    name=f"{cfg.source}:{root}", users_name=f"{cfg.source} users", items_name=f"{cfg.source} movies")
 
@@ -421,7 +453,7 @@ def _movielens_csv(root: Path, bad: str) -> tuple[pd.DataFrame, pd.DataFrame, pd
     items["genres"] = items["genres"].fillna("").apply(
         lambda g: [] if g == "(no genres listed)" else [x for x in g.split("|") if x])
     interactions = _clean_interactions(inter, root / "ratings.csv", bad)
-    return interactions, pd.DataFrame({"user": pd.unique(interactions["user"])}), items
+    return interactions, pd.DataFrame({"user": interactions["user"].unique()}), items
 
 
 def _movielens_items(items: pd.DataFrame) -> pd.DataFrame:
