@@ -57,7 +57,7 @@ def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
     target = tmp / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint), str(target))
-    state = torch.load(target, weights_only=False)
+    state = torch.load(target, weights_only=True)
     flat = {}
 
     def walk(prefix, value):

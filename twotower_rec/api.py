@@ -268,7 +268,7 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
     # The plain CPU model, its tables read from the (sharded) checkpoint's files in place: each
     # table is held once, whatever world size wrote it (no gather, no copy per rank).
     plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
-    meta = checkpoints.load(path, plain, data.spec)
+    meta = checkpoints.load(path, plain, data)
     metrics = dict(meta.get("metrics") or {})
     evaluated = Path(cfg.train.out_dir) / f"eval_{cfg.eval.split}.json"
     if evaluated.is_file():  # written by `evaluate` on this checkpoint's run
