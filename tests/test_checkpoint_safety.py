@@ -159,6 +159,30 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
+@pytest.mark.parametrize("verb", ["evaluate", "resume"])
+def test_a_pickle_planted_as_dcp_metadata_is_refused_and_never_run(base, tmp_path, verb):
+    """DCP unpickles ``.metadata`` with plain ``pickle.load``: it is read with only DCP's own
+    metadata classes allowed, even when the planter rewrote its checksum in meta.json."""
+    import pickle
+
+    from twotower_rec import api
+    from twotower_rec.train.integrity import sha256_file
+
+    cfg, out = _copy_run(base, tmp_path, "train.epochs=2")
+    folder = out / ("last" if verb == "resume" else "checkpoint")
+    marker = tmp_path / "pwned"
+    planted = folder / ".metadata"
+    planted.write_bytes(pickle.dumps(_Planted(marker)))
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"][".metadata"] = {"bytes": planted.stat().st_size, "sha256": sha256_file(planted)}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        run(api.evaluate, cfg) if verb == "evaluate" else run(api.train, cfg, resume=True)
+    assert not marker.exists()
+    message = _one_line(err)
+    assert str(planted) in message and "pathlib" in message, message
+
+
 # --- 9b. a non-finite loss stops the run -----------------------------------------------------------
 
 

@@ -405,8 +405,10 @@ def read_shards(state: dict, path: Path) -> None:
         state: the state dict to fill (e.g. ``{"model": model.state_dict()}``).
         path: the (verified) checkpoint folder.
     """
+    if (path / ".metadata").is_file():  # refused here in one line, rather than inside DCP's load
+        integrity.read_metadata(path / ".metadata")
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        dcp.load(state, storage_reader=integrity.SafeReader(str(path)), no_dist=not dist.is_initialized())
     except CheckpointException as err:
         lines = [line for failure, _ in err.failures.values() for line in str(failure).strip().splitlines()]
         raise CheckpointError(f"{path}: its shards cannot be read ({(lines or ['?'])[0][:300]}): the checkpoint is "

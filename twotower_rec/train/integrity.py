@@ -7,15 +7,24 @@
 - ``vocabulary_fingerprint``: a digest of the raw ids of every user and item code. The
   feature spec's fingerprint has the table sizes and the source's name, but two files with
   the same counts and other ids give the same spec: this tells them apart.
+
+DCP reads its ``.metadata`` with plain ``pickle.load``, which runs whatever the file names.
+:class:`SafeReader` reads it allowing only the classes DCP writes into it (its metadata
+dataclasses, ``torch.Size``, dtypes, paths); anything else is refused before it is called.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import pickle
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.distributed.env import gather_objects, world
@@ -155,3 +164,74 @@ def _update_ids(digest, ids: np.ndarray) -> None:
         digest.update(ids.astype("<i8").tobytes())
     else:
         digest.update("\x00".join(map(str, ids.tolist())).encode("utf-8", "surrogatepass") + b"\x00")
+
+
+# What DCP's .metadata holds besides the classes of torch.distributed.checkpoint.metadata.
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata, refusing every global but its own classes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """The global ``module.name`` if DCP's metadata may hold it.
+
+        Args:
+            module: the global's module.
+            name: its (qualified) name.
+
+        Raises:
+            pickle.UnpicklingError: for any other global.
+        """
+        found = None
+        if (module, name) in _METADATA_GLOBALS:
+            found = super().find_class(module, name)
+        elif module == _METADATA_MODULE or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            candidate = super().find_class(module, name)
+            if isinstance(candidate, torch.dtype) or (isinstance(candidate, type) and candidate.__module__ == module):
+                found = candidate
+        if found is None:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return found
+
+
+def read_metadata(path: Path):
+    """DCP's ``.metadata`` at ``path``, unpickled with only DCP's own classes allowed.
+
+    Args:
+        path: the file.
+
+    Raises:
+        CheckpointError: when it names anything else (nothing of it is run) or is not a pickle.
+    """
+    try:
+        return _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refers to {str(err)[:200]}, which torch.distributed.checkpoint's metadata "
+                              "never holds: the file is not the checkpoint's (nothing in it was run); re-train, or use "
+                              "an intact copy") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as err:
+        raise CheckpointError(f"{path}: not torch.distributed.checkpoint metadata ({type(err).__name__}): the "
+                              "checkpoint is damaged; re-train, or use an intact copy") from None
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file system reader, with ``.metadata`` read by :func:`read_metadata`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        """The checkpoint's metadata, as DCP's reader returns it.
+
+        Args:
+            args, kwargs: DCP's (``rank`` for a rank's own metadata file).
+        """
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        metadata = read_metadata(Path(str(self.path)) / (".metadata" if rank is None else f"__{rank}.metadata"))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
