@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -101,9 +102,10 @@ def read_rng(path: Path) -> dict:
             raise TypeError("an RNG state of an earlier version")
         return saved
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, TypeError, IndexError) as err:
-        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not an RNG state this version of twotower_rec reads ({why[:200]}); nothing in "
-                              "it was run. Earlier versions pickled it: re-train (train without --resume), or resume "
+        named = re.search(r"GLOBAL (\S+)", str(err))  # torch's "Unsupported global: GLOBAL <name> ..."
+        why = f"it refers to {named.group(1)}" if named else type(err).__name__
+        raise CheckpointError(f"{path}: not an RNG state this version of twotower_rec reads ({why}); nothing in it "
+                              "was run. Earlier versions pickled it: re-train (train without --resume), or resume "
                               "with the version that wrote it") from None
 
 
