@@ -43,7 +43,7 @@ def load_plain(path: Path, data: PreparedData) -> TwoTower:
     if cfg.model.members != 1:
         raise SystemExit(f"{path}: an ensemble checkpoint (model.members={cfg.model.members}); give single runs")
     model = new_model(cfg.model, data.spec, make_task(cfg), torch.device("cpu"))
-    checkpoint.load(path, model, data.spec)
+    checkpoint.load(path, model, data)
     return model.eval()
 
 

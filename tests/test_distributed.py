@@ -57,7 +57,7 @@ def weights(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
     target = tmp / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
     dcp_to_torch_save(str(checkpoint), str(target))
-    state = torch.load(target, weights_only=False)
+    state = torch.load(target, weights_only=True)
     flat = {}
 
     def walk(prefix, value):
@@ -193,6 +193,34 @@ def test_export_and_evaluation_from_two_ranks_equal_one(setup, tmp_path):
     for name in ("model", "popularity"):
         for key, value in metrics[1][name].items():
             assert metrics[2][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_two_ranks_refuse_a_damaged_checkpoint_and_a_held_out_dir_together(setup, tmp_path):
+    """The ranks agree on the outcome: a changed shard (checked in shares, one rank's files
+    each) and an out_dir another run holds (rank 0 locks) stop both ranks with the message,
+    rather than one rank failing and the other waiting in a collective until the timeout."""
+    import shutil
+    import time
+
+    from twotower_rec.train.lock import out_dir_lock
+
+    root, config, reference = setup
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shard = sorted((out / "checkpoint").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    args = ["--config", config, "--set", f"train.out_dir={out}", "--set", "distributed.timeout_minutes=2"]
+    started = time.monotonic()
+    result = run_cli("evaluate", *args, cwd=root, nproc=2, timeout=180)
+    assert result.returncode != 0 and f"error: {shard}: its SHA-256 differs" in result.stderr, result.describe()
+    with out_dir_lock(out):
+        result = run_cli("train", *args, cwd=root, nproc=2, timeout=180)
+    assert result.returncode != 0 and "is in use: another `twotower-rec train` holds it" in result.stderr, \
+        result.describe()
+    # (torchrun itself then prints a traceback of its own ChildFailedError)
+    assert time.monotonic() - started < 120  # no rank waited for the collective timeout
 
 
 def test_sequence_encoder_two_processes_equal_one(setup):

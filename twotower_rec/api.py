@@ -55,7 +55,8 @@ def prepare(cfg: Config | str | Path) -> PreparedData:
 
 def train(cfg: Config | str | Path, resume: bool | str | Path = False) -> TrainResult:
     """Train on the prepared cache; write ``train.out_dir``'s ``checkpoint`` (best on
-    validation), ``last`` (resumable) and ``train_metrics.json``.
+    validation), ``last`` (resumable) and ``train_metrics.json``. The run holds ``train.out_dir``
+    (an exclusive lock): a second ``train`` on it is refused while this one runs.
 
     Args:
         cfg: the config.
@@ -68,6 +69,7 @@ def train(cfg: Config | str | Path, resume: bool | str | Path = False) -> TrainR
     """
     from twotower_rec.distributed.env import init_distributed, shutdown
     from twotower_rec.train.ensemble import train_ensemble
+    from twotower_rec.train.lock import out_dir_lock
     from twotower_rec.train.trainer import train as train_one
 
     cfg = _config(cfg)
@@ -76,10 +78,11 @@ def train(cfg: Config | str | Path, resume: bool | str | Path = False) -> TrainR
                           f"members' folders under {cfg.train.out_dir}; give --resume without a path")
     env = init_distributed(cfg.distributed.timeout_minutes)
     try:
-        if cfg.model.members > 1:
-            return train_ensemble(cfg, env, resume=bool(resume))
-        start = None if resume is False else Path(cfg.train.out_dir) / "last" if resume is True else Path(resume)
-        return train_one(cfg, env, resume=start)
+        with out_dir_lock(cfg.train.out_dir):  # one run at a time writes a folder
+            if cfg.model.members > 1:
+                return train_ensemble(cfg, env, resume=bool(resume))
+            start = None if resume is False else Path(cfg.train.out_dir) / "last" if resume is True else Path(resume)
+            return train_one(cfg, env, resume=start)
     finally:
         shutdown()
 
@@ -311,7 +314,7 @@ def export(cfg: Config | str | Path, checkpoint: str | Path | None = None, out: 
     # The plain CPU model, its tables read from the (sharded) checkpoint's files in place: each
     # table is held once, whatever world size wrote it (no gather, no copy per rank).
     plain = new_model(trained_cfg.model, data.spec, make_task(trained_cfg), torch.device("cpu"))
-    meta = checkpoints.load(path, plain, data.spec)
+    meta = checkpoints.load(path, plain, data)
     metrics = dict(meta.get("metrics") or {})
     evaluation, note = _evaluation_of(cfg, path)
     if evaluation is not None:

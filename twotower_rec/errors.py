@@ -48,6 +48,10 @@ class AnnError(TwoTowerError):
     """The ANN index cannot be built or read."""
 
 
+class TrainingError(TwoTowerError):
+    """Training cannot go on (e.g. the loss became infinite or NaN); the message names the step."""
+
+
 class ConfigWarning(UserWarning):
     """An option is set where nothing reads it (the CLI prints it as one ``warning:`` line)."""
 

@@ -211,3 +211,30 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     """
     if rank:
         torch.manual_seed(seed * 1_000_003 + rank)
+
+
+def broadcast_object(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself without a process group.
+
+    Args:
+        value: what rank 0 has (the other ranks' values are ignored).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank: how ranks
+    agree on an outcome (e.g. an error one of them met) so that all stop together.
+
+    Args:
+        value: this rank's value.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values

@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed.checkpoint as dcp
-
 from twotower_rec.config import Config, to_dict
 from twotower_rec.data.batches import Batcher
 from twotower_rec.data.prepared import PreparedData
@@ -54,7 +52,7 @@ def _finished(member: Config, data: PreparedData) -> bool:
         meta = checkpoint.read_meta(out / "checkpoint")
     except checkpoint.CheckpointError:
         return False
-    return meta["config"] == to_dict(member) and meta["feature_spec_fingerprint"] == data.spec.fingerprint()
+    return meta["config"] == to_dict(member) and checkpoint.fits(meta, data)
 
 
 def _resumable(member: Config, data: PreparedData) -> Path | None:
@@ -65,7 +63,7 @@ def _resumable(member: Config, data: PreparedData) -> Path | None:
         checkpoint.check_resumable(meta["config"], member)
     except checkpoint.CheckpointError:
         return None
-    return last if meta["feature_spec_fingerprint"] == data.spec.fingerprint() else None
+    return last if checkpoint.fits(meta, data) else None
 
 
 def _load_member(model, k: int, path: Path) -> None:
@@ -73,7 +71,9 @@ def _load_member(model, k: int, path: Path) -> None:
     prefix = f"members.{k}."
     state = model.state_dict()
     part = {key.replace(prefix, "", 1): value for key, value in state.items() if prefix in key}
-    dcp.load({"model": part}, checkpoint_id=str(checkpoint.resolve(path)))
+    folder = checkpoint.resolve(path)
+    checkpoint.verify(folder)
+    checkpoint.read_shards({"model": part}, folder)
     model.load_state_dict(state)
 
 
@@ -112,7 +112,7 @@ def train_ensemble(cfg: Config, env: DistEnv, resume: bool = False) -> TrainResu
     validation = validate(model, data, Batcher(data), validation_config(cfg.eval, cfg.train), task,
                           cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
-    path = checkpoint.save(out_dir / "checkpoint", model, cfg, data.spec, 0, {"validation": validation})
+    path = checkpoint.save(out_dir / "checkpoint", model, cfg, data, 0, {"validation": validation})
     steps = sum(r["steps"] for r in results)
     rate = sum(r["examples_per_second"] for r in results) / members
     metrics = {"members": members, "steps": steps, "examples_per_second": rate, "world_size": env.world_size,

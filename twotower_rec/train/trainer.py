@@ -16,6 +16,7 @@ Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and ex
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from twotower_rec.data.splits import TRAIN
 from twotower_rec.distributed import sharding
 from twotower_rec.distributed.env import DistEnv
 from twotower_rec.distributed.threads import apply_thread_count
-from twotower_rec.errors import ConfigError
+from twotower_rec.errors import ConfigError, TrainingError
 from twotower_rec.model.factory import build_model
 from twotower_rec.tasks import Task, make_task
 from twotower_rec.train import checkpoint
@@ -163,7 +164,7 @@ def _resume(resume: str | Path, cfg: Config, model: DistributedModelParallel, op
     """Weights, optimizer and RNG state from ``resume``, in place; the trainer state and the
     task's saved state (its loss's, e.g. the streaming frequency estimator) to continue from."""
     init_optimizer_state(optimizer, model)
-    meta = checkpoint.load_for_resume(resume, model, optimizer, data.spec, cfg)
+    meta = checkpoint.load_for_resume(resume, model, optimizer, data, cfg)
     if env.is_main:
         print(f"resumed from {meta['path']} at step {meta['trainer']['step']} (written by "
               f"{meta['world_size']} process(es), now {env.world_size})", file=sys.stderr, flush=True)
@@ -261,8 +262,21 @@ class Trainer:
         return BatchesAhead(batches, depth, pin_memory=self.env.device.type == "cuda")
 
     def _read_losses(self) -> None:
-        """Move the losses of the steps since the last read from the device into the state."""
-        self.state.losses.extend(self.loss_log.read())
+        """Move the losses of the steps since the last read from the device into the state, and
+        stop the run at the first that is not finite (read here, where the losses reach the host
+        anyway: no sync of its own). Every rank reads the same all-reduced values, so all stop."""
+        first_step = len(self.state.losses) + 1  # losses[i] is step i + 1's
+        losses = self.loss_log.read()
+        self.state.losses.extend(losses)
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            self.progress.close()
+            kept = (f"; {self.last_path} keeps the last checkpoint saved before it"
+                    if (self.last_path / checkpoint.META).is_file() else "")
+            raise TrainingError(
+                f"train: the loss is {losses[bad]} at step {first_step + bad} ({self.cfg.train.out_dir}): training "
+                "diverged. Lower train.dense_lr / train.sparse_lr, or look for huge or infinite values in the data "
+                f"(e.g. ratings){kept}")
 
     def _plain_line(self, loss: float, rate: float) -> None:
         """Progress as one plain line, every ``train.progress_every_seconds`` and at the end."""
@@ -306,7 +320,7 @@ class Trainer:
         improved = value > state.best
         if improved:
             state.best, state.best_step, state.stale = value, state.step, 0
-            checkpoint.save(self.best_path, self.model, self.cfg, self.data.spec, state.step,
+            checkpoint.save(self.best_path, self.model, self.cfg, self.data, state.step,
                             {"validation": state.validation[-1]})
         else:
             state.stale += 1
@@ -319,7 +333,7 @@ class Trainer:
         state.stopped_early = bool(patience) and state.stale >= patience
 
     def _save_last(self) -> None:
-        checkpoint.save(self.last_path, self.model, self.cfg, self.data.spec, self.state.step, optimizer=self.optimizer,
+        checkpoint.save(self.last_path, self.model, self.cfg, self.data, self.state.step, optimizer=self.optimizer,
                         trainer_state=asdict(self.state), extra=self.task.state_dict())
 
     def _finish(self, rate: float) -> TrainResult:
