@@ -180,8 +180,8 @@ def test_export_and_evaluation_from_two_ranks_equal_one(setup, tmp_path):
         assert result.returncode == 0, result.describe()
         metrics[nproc] = json.loads((tmp_path / f"eval{nproc}.json").read_text())
     one, two = exports[1], exports[2]
-    np.testing.assert_array_equal(np.load(one / "item_ids.npy", allow_pickle=True),
-                                  np.load(two / "item_ids.npy", allow_pickle=True))
+    np.testing.assert_array_equal(np.load(one / "item_ids.npy", allow_pickle=False),
+                                  np.load(two / "item_ids.npy", allow_pickle=False))
     np.testing.assert_allclose(np.load(one / "item_embeddings.npy"), np.load(two / "item_embeddings.npy"),
                                rtol=1e-5, atol=1e-6)
     a, b = ExportedModel.load(one), ExportedModel.load(two)

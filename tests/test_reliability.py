@@ -274,12 +274,12 @@ def test_a_file_swapped_for_one_of_the_same_size_is_refused(pipeline, tmp_path, 
     path = copy / name
     size = path.stat().st_size
     if name == "users.npz":
-        arrays = dict(np.load(path, allow_pickle=True))
+        arrays = dict(np.load(path, allow_pickle=False))
         arrays["history_items"] = arrays["history_items"][::-1].copy()
         with open(path, "wb") as handle:
             np.savez(handle, **arrays)
     else:
-        array = np.load(path, allow_pickle=True)
+        array = np.load(path, allow_pickle=False)
         np.save(path, array[::-1].copy())
     assert path.stat().st_size == size
     with pytest.raises(ExportError) as err:
