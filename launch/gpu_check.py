@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "causal_events": ("base", ["model.history_encoder=causal", "model.encoder_dropout=0.0"]),
     "causal_events_shared": ("shared", ["model.history_encoder=causal", "model.encoder_dropout=0.0"]),
 }
-# Variants whose training never runs through TorchRec's pipeline (task=next_item: see README).
+# Variants whose training never runs through TorchRec's pipeline (task=next_item: see docs/distributed.md).
 UNPIPELINED = {"next_item"}
 
 

@@ -1,8 +1,9 @@
 """The package's layering, read from its import statements (module level and inside functions).
 
-Data flows one way (README, "How it fits together"): raw files -> prepare -> batches -> model
--> checkpoint -> export -> serving. These tests keep the imports pointing the same way, so a
-change to training cannot leak into serving and a model file stays free of distributed code.
+Data flows one way (docs/architecture.md, "How it fits together"): raw files -> prepare ->
+batches -> model -> checkpoint -> export -> serving. These tests keep the imports pointing the
+same way, so a change to training cannot leak into serving and a model file stays free of
+distributed code.
 """
 
 from __future__ import annotations
