@@ -4,6 +4,10 @@ Precedence is CLI (``--set train.batch_size=2048``) > YAML > the defaults below.
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key
 and, for a misspelt key, the closest valid name.
 
+Each option's help is the docstring on the line after its field (first sentence: the one-line
+help); ``python -m twotower_rec.config_reference`` writes them to ``docs/configuration.md``
+and refuses a field without one.
+
 Example::
 
     cfg = load_config("configs/demo.yaml", overrides=["train.batch_size=512"])
