@@ -37,7 +37,7 @@ class RetrievalOptions:
     (BENCHMARKS.md, "Batch scaling")."""
     compile: bool = False
     """torch.compile the whole-batch softmax (losses/compiled.py), off by default. It compiles at the first step
-    and pays only in long runs (BENCHMARKS.md, "train.compile")."""
+    and pays only in long runs (BENCHMARKS.md, "retrieval.compile")."""
 
 
 class RetrievalTask(SoftmaxTask, EventTask):
