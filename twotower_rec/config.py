@@ -273,6 +273,11 @@ class TrainConfig:
     progress_every_seconds: float = 30.0
     """Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often and at every
     validation, instead of a carriage-return update every step."""
+    tensorboard: bool | None = None
+    """Write TensorBoard scalars to <out_dir>/tensorboard (rank 0): the loss of every step, the
+    learning rates, examples/s, a learned temperature and every validation metric. null: on when
+    the tensorboard package is installed (launch/setup.sh installs it), off otherwise; true: refuse
+    to train without it; false: off. A resumed run appends to the same folder."""
 
 
 @dataclass
