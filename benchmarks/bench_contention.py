@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="add to the trainings' env")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every training (e.g. data.data_dir=...)")
+    p.add_argument("--only", choices=["alone", "two together", "beside a CPU hog"], action="append",
+                   help="run only these scenarios (repeatable; e.g. --only alone for lone runs of two trees in turn)")
     p.add_argument("--out", default=str(RESULTS / "contention.json"))
     return p.parse_args()
 
@@ -104,23 +106,26 @@ def main() -> None:
         runner = Runner(args, Path(tmp))
         for _ in range(args.rounds):
             for scenario, threads in SCENARIOS:
+                if args.only and scenario not in args.only:
+                    continue
                 key = f"{scenario}, num_threads={threads}"
                 method = {"alone": runner.alone, "two together": runner.together,
                           "beside a CPU hog": runner.beside_hog}[scenario]
                 rates.setdefault(key, []).extend(method(threads))
     medians = {key: statistics.median(values) for key, values in rates.items()}
-    alone = medians["alone, num_threads=0"]
+    alone = medians.get("alone, num_threads=0", float("nan"))
     print(f"{args.config}, {args.steps} steps, {args.rounds} rounds, tree {args.tree}, env {args.env or '-'}, "
           f"{os.cpu_count()} cores")
     print(f"{'scenario':<34} {'examples/s (median)':>20} {'x alone (default)':>18}  all runs")
     for key, median in medians.items():
         runs = ", ".join(f"{v:,.0f}" for v in rates[key])
         print(f"{key:<34} {median:>20,.0f} {median / alone:>18.3f}  {runs}")
+    nan = float("nan")
     ratios = {
-        "two together / alone (default threads)": medians["two together, num_threads=0"] / alone,
-        "beside hog: default / num_threads=1": (medians["beside a CPU hog, num_threads=0"]
-                                                / medians["beside a CPU hog, num_threads=1"]),
-        "beside hog / alone (default threads)": medians["beside a CPU hog, num_threads=0"] / alone,
+        "two together / alone (default threads)": medians.get("two together, num_threads=0", nan) / alone,
+        "beside hog: default / num_threads=1": (medians.get("beside a CPU hog, num_threads=0", nan)
+                                                / medians.get("beside a CPU hog, num_threads=1", nan)),
+        "beside hog / alone (default threads)": medians.get("beside a CPU hog, num_threads=0", nan) / alone,
     }
     for name, value in ratios.items():
         print(f"{name:<48} {value:.3f}")

@@ -47,7 +47,9 @@ case "$DEVICE" in
   cpu)  FBGEMM_PACKAGE="fbgemm-gpu-cpu==${FBGEMM_VERSION}"; TORCH_INDEX=""; CUDA_VERSION="" ;;
   *)    echo "setup: DEVICE=$DEVICE: expected auto, cuda or cpu" >&2; exit 2 ;;
 esac
+# tensorboard: train.tensorboard's curves (pyproject's `tensorboard` extra; training runs without it)
 RUNTIME_DEPS="tensordict pyre-extensions tqdm torchmetrics==1.9.0 numpy pandas pyarrow pyyaml faiss-cpu==1.13.2 duckdb==2.0.0"
+RUNTIME_DEPS="${RUNTIME_DEPS} tensorboard"
 TEST_DEPS="pytest hypothesis"
 BENCH_DEPS="matplotlib"  # benchmarks/ plots
 

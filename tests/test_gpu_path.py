@@ -237,7 +237,8 @@ def test_batches_ahead_yields_the_same_batches_and_raises_where_the_source_did()
 
 def test_batches_are_built_ahead_only_with_cuda_by_default():
     """A background thread on a CPU-only machine competes with the step for the cores and the
-    GIL (0.5x the examples/s at batch 256 on 2 cores, BENCHMARKS.md): ahead only with CUDA."""
+    GIL (0.5x the examples/s at batch 256 on 2 cores, docs/benchmarks-history.md, "Batches built
+    ahead on a CPU"): ahead only with CUDA."""
     assert prefetch_depth(TrainConfig(), torch.device("cpu")) == 0
     assert prefetch_depth(TrainConfig(), torch.device("cuda", 0)) == 2
     assert prefetch_depth(TrainConfig(prefetch_batches=3), torch.device("cpu")) == 3

@@ -41,20 +41,23 @@ def test_the_affinity_mask_not_the_machine_counts(monkeypatch):
     assert threads.thread_count(0, 1, False)[0] == 1
 
 
-def test_passive_waiting_is_set_only_when_the_user_did_not_choose(monkeypatch):
-    for name in threads.PASSIVE_VARIABLES:
+def test_the_spin_count_is_set_only_when_the_user_did_not_choose(monkeypatch):
+    for name in threads.WAIT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    assert threads.wait_passively() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert threads.limit_spinning() and os.environ["GOMP_SPINCOUNT"] == threads.SPIN_COUNT
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert not threads.wait_passively() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert not threads.limit_spinning() and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
-    assert not threads.wait_passively() and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert not threads.limit_spinning() and os.environ["GOMP_SPINCOUNT"] == "7"
 
 
 def test_the_cli_sets_the_wait_policy_before_torch_is_imported():
-    # OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the CLI module must not import torch.
-    env = {k: v for k, v in os.environ.items() if k not in threads.PASSIVE_VARIABLES}
+    # OpenMP reads GOMP_SPINCOUNT once, when torch loads it: the CLI module must not import torch.
+    env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_VARIABLES}
     code = ("import sys, os; from twotower_rec import cli; torch_before = 'torch' in sys.modules; "
             "cli.main(['recommend', '--help'])")
     proc = subprocess.run([sys.executable, "-c", code.replace("cli.main", "print(torch_before); cli.main")],
@@ -63,9 +66,9 @@ def test_the_cli_sets_the_wait_policy_before_torch_is_imported():
     assert proc.stdout.splitlines()[0] == "False"
     code = ("import os, sys; from twotower_rec import cli\n"
             "try:\n    cli.main(['recommend', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
+            "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip().splitlines()[-1] == "PASSIVE", proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"{threads.SPIN_COUNT} None", proc.stdout + proc.stderr
 
 
 def test_the_first_line_of_a_training_names_the_thread_count_and_its_reason(pipeline):

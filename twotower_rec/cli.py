@@ -347,9 +347,9 @@ def quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from twotower_rec.distributed.threads import wait_passively
+    from twotower_rec.distributed.threads import limit_spinning
 
-    wait_passively()  # before any verb imports torch
+    limit_spinning()  # before any verb imports torch
     code = _run(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _leave(code)

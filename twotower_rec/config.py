@@ -4,6 +4,10 @@ Precedence is CLI (``--set train.batch_size=2048``) > YAML > the defaults below.
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key
 and, for a misspelt key, the closest valid name.
 
+Each option's help is the docstring on the line after its field (first sentence: the one-line
+help); ``python -m twotower_rec.config_reference`` writes them to ``docs/configuration.md``
+and refuses a field without one.
+
 Example::
 
     cfg = load_config("configs/demo.yaml", overrides=["train.batch_size=512"])
@@ -31,63 +35,89 @@ class SyntheticConfig:
     """The built-in data set: users with latent tastes over item clusters."""
 
     num_users: int = 3000
+    """Users generated."""
     num_items: int = 2000
+    """Items in the generated catalog."""
     interactions_per_user: int = 40
+    """The median number of events drawn per user (log-normal spread, at least 5); a repeated (user, item) pair
+    keeps its first event only."""
     num_clusters: int = 20
+    """Latent item clusters: each item belongs to one, and a user's events walk over the clusters they like."""
     num_genres: int = 18
+    """Size of the genre vocabulary; an item's genres follow its cluster, with some noise."""
     clusters_per_user: int = 2
-    stay_probability: float = 0.7  # chance the next item comes from the same cluster as the last
-    # A planted sequential signal: this share of the steps that do not draw a fresh cluster
-    # moves to the successor of the previous step's cluster (a fixed random permutation of the
-    # clusters, a Markov chain) instead of staying. Order then matters: the last item's
-    # cluster tells the next one, which a pooled bag of the history blurs. 0 keeps the draws
-    # of earlier versions exactly.
+    """Clusters each user likes (with Dirichlet weights); at most data.synthetic.num_clusters."""
+    stay_probability: float = 0.7
+    """Chance the next item comes from the same cluster as the last."""
     transition_probability: float = 0.0
+    """A planted sequential signal: this share of the steps that do not draw a fresh cluster moves to the successor
+    of the previous step's cluster instead of staying. The successor is given by a fixed random permutation of the
+    clusters (a Markov chain). Order then matters: the last item's cluster tells the next one, which a pooled bag of
+    the history blurs. 0 keeps the draws of earlier versions exactly."""
     seed: int = 0
+    """Seed of the one generator everything is drawn from."""
 
 
 @dataclass
 class DataConfig:
     """Where interactions come from and where the prepared cache goes."""
 
-    # synthetic | interactions (your own files) | movielens-{100k,1m,latest-small,20m,25m,32m}
     source: str = "synthetic"
-    data_dir: str | None = None  # MovieLens: the unpacked archive
-    on_bad_rows: str = "error"  # error | skip: malformed rows stop prepare (naming the line) or are counted and dropped
-    # source "interactions": one table of events, optional user and item feature tables.
+    """Where the interactions come from: synthetic | interactions (your own files) | movielens-100k | movielens-1m |
+    movielens-latest-small | movielens-20m | movielens-25m | movielens-32m."""
+    data_dir: str | None = None
+    """MovieLens: the unpacked archive."""
+    on_bad_rows: str = "error"
+    """What prepare does with malformed rows: error (stop, naming the line) | skip (count and drop them)."""
     interactions_path: str | None = None
+    """Source interactions: the one table of events (CSV, TSV or Parquet file, or a directory of Parquet files)."""
     users_path: str | None = None
+    """Source interactions: an optional table of user features keyed by data.user_column; none: user ids only."""
     items_path: str | None = None
+    """Source interactions: an optional table of item features keyed by data.item_column; none: item ids only."""
     user_column: str = "user"
+    """Source interactions: the column of raw user ids (in the interactions and the users table)."""
     item_column: str = "item"
+    """Source interactions: the column of raw item ids (in the interactions and the items table)."""
     timestamp_column: str = "timestamp"
-    # Dates in the timestamp column: one strftime format for the whole column (e.g. "%d/%m/%Y",
-    # or "ISO8601"); empty: the one format every row fits, refused when two fit (05/07/2000).
+    """Source interactions: the column of event times, in seconds or as dates (data.timestamp_format)."""
     timestamp_format: str = ""
-    rating_column: str = "rating"  # optional in the file: missing -> every rating is 1.0
+    """Dates in the timestamp column: one strftime format for the whole column (e.g. "%d/%m/%Y", or "ISO8601").
+    Empty: the one format every row fits, refused when two fit (05/07/2000)."""
+    rating_column: str = "rating"
+    """The column of ratings; optional in the file: missing -> every rating is 1.0."""
     genres_separator: str = "|"
-    cache_dir: str = ""  # the prepared cache; empty: <run_dir>/data
-    # leave_last_out: per user, last event = test, second-last = validation (SASRec / HSTU protocol);
-    # temporal: the latest events of the whole log; random: each event drawn with data.seed.
+    """What separates the genres in the text of the items table's genres column."""
+    cache_dir: str = ""
+    """The prepared cache; empty: <run_dir>/data."""
     split: str = "leave_last_out"
-    validation_fraction: float = 0.1  # temporal and random splits
-    test_fraction: float = 0.1  # temporal and random splits
-    seed: int = 42  # random split
-    min_interactions: int = 3  # users with fewer are dropped (leave-last-out needs 3: train, validation, test)
-    # How prepare sorts, deduplicates, splits and encodes the interactions. pandas: in memory
-    # (a few hundred bytes a row at its peak: README, "Data bigger than memory"); duckdb: out of
-    # core, within data.memory_limit, spilling to data.spill_dir; the cache it writes is the
-    # same, byte for byte. auto: duckdb when data.interactions_path is a directory of Parquet
-    # files, pandas otherwise.
+    """How events are split into train, validation and test: leave_last_out | temporal | random. leave_last_out:
+    per user, last event = test, second-last = validation (SASRec / HSTU protocol). temporal: the latest events of
+    the whole log. random: each event drawn with data.seed."""
+    validation_fraction: float = 0.1
+    """Share of the events in validation (temporal and random splits)."""
+    test_fraction: float = 0.1
+    """Share of the events in test (temporal and random splits)."""
+    seed: int = 42
+    """Seed of the random split."""
+    min_interactions: int = 3
+    """Users with fewer events are dropped (leave-last-out needs 3: train, validation, test)."""
     engine: str = "auto"
-    memory_limit: str = "4GB"  # duckdb: its memory_limit (e.g. 500MB, 4GB); past it, it spills to disk
-    threads: int = 0  # duckdb: worker threads (0: one per core); each needs some of data.memory_limit
-    spill_dir: str = ""  # duckdb: where it spills; empty: a temporary folder beside data.cache_dir
-    # Hashed ids, per id feature: {user_id: 1000000} maps each raw user id to row
-    # 1 + hash(id) % 1000000 instead of a vocabulary built on training rows (data/features.py):
-    # no vocabulary to build, store or serve, and an id never seen in training still gets a
-    # row; distinct ids may share one (prepare reports the collision rate). user_id | item_id.
+    """How prepare sorts, deduplicates, splits and encodes the interactions: auto | pandas | duckdb. pandas: in memory
+    (a few hundred bytes a row at its peak: README, "Data bigger than memory"). duckdb: out of core, within
+    data.memory_limit, spilling to data.spill_dir; the cache it writes is the same, byte for byte. auto: duckdb when
+    data.interactions_path is a directory of Parquet files, pandas otherwise."""
+    memory_limit: str = "4GB"
+    """duckdb: its memory_limit (e.g. 500MB, 4GB); past it, it spills to disk."""
+    threads: int = 0
+    """duckdb: worker threads (0: one per core); each needs some of data.memory_limit."""
+    spill_dir: str = ""
+    """duckdb: where it spills; empty: a temporary folder beside data.cache_dir."""
     hash_buckets: dict[str, int] = field(default_factory=dict)
+    """Hashed ids, per id feature (user_id | item_id): {user_id: 1000000} maps each raw user id to row
+    1 + hash(id) % 1000000. That replaces a vocabulary built on training rows (data/features.py): no vocabulary to
+    build, store or serve, and an id never seen in training still gets a row; distinct ids may share one (prepare
+    reports the collision rate)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -96,13 +126,19 @@ class FeaturesConfig:
     """Which features each tower sees and how long the history bag is."""
 
     user_features: list[str] = field(default_factory=lambda: ["user_id", "gender", "age", "occupation"])
+    """The query tower's user features: user_id and columns of the users table, each with its own vocabulary."""
     item_features: list[str] = field(default_factory=lambda: ["item_id", "genres", "year"])
-    history_length: int = 50  # the last N items strictly before the interaction; 0 turns it off
-    # The k most recent items before the interaction as k features of their own (recent_1 is
-    # the last one), looked up in the history's table: the pooled bag forgets order.
+    """The item tower's sparse features: item_id and columns of the items table. genres is multi-valued, year is
+    bucketed by 5 years, and title_tokens is the words of the title column."""
+    history_length: int = 50
+    """The last N items strictly before the interaction; 0 turns it off."""
     recent_items: int = 0
-    share_item_table: bool = False  # history looks up the item tower's item-id table instead of its own
+    """The k most recent items before the interaction as k features of their own (recent_1 is the last one). They
+    are looked up in the history's table: the pooled bag forgets order."""
+    share_item_table: bool = False
+    """History looks up the item tower's item-id table instead of its own."""
     item_dense: list[str] = field(default_factory=lambda: ["year_norm"])
+    """The item tower's dense features: year_norm (the standardised release year) is the only one; [] for none."""
 
 
 @dataclass
@@ -110,29 +146,36 @@ class ModelConfig:
     """Tower shapes: every table has ``embedding_dim`` columns; MLP then projection to ``output_dim``."""
 
     embedding_dim: int = 32
+    """Columns of every embedding table."""
     mlp_dims: list[int] = field(default_factory=lambda: [128])
+    """Widths of each tower's hidden layers (Linear, then ReLU), in order; [] for the projection alone."""
     output_dim: int = 64
+    """Width of the L2-normalised embedding both towers end in (the projection's output)."""
     dropout: float = 0.0
-    # How the query tower reads the history (one file each under twotower_rec/model/): bag (a
-    # mean-pooled bag, pooled with the other features) | transformer (a transformer over the
-    # unpooled items, output at the most recent one; model/transformer.py) | causal (a causal
-    # transformer over the items oldest first: its output at position t depends on items 0..t
-    # only, so one pass gives a query at every position; task=next_item needs it; model/causal.py)
+    """Dropout after each hidden layer of the towers' MLPs (0: none); in [0, 1)."""
     history_encoder: str = "bag"
-    encoder_layers: int = 1  # transformer | causal: transformer layers
-    encoder_heads: int = 2  # transformer | causal: attention heads
-    encoder_dropout: float = 0.1  # transformer | causal: dropout inside the encoder
-    # How the user features join the causal encoder's state in the query MLP's input: concat
-    # (side by side, F * E + E wide) | add (summed into one E-wide vector). causal only.
+    """How the query tower reads the history (one file each under twotower_rec/model/): bag | transformer | causal.
+    bag: a mean-pooled bag, pooled with the other features. transformer: a transformer over the unpooled items,
+    output at the most recent one (model/transformer.py). causal: a causal transformer over the items oldest first:
+    its output at position t depends on items 0..t only, so one pass gives a query at every position; task=next_item
+    needs it (model/causal.py)."""
+    encoder_layers: int = 1
+    """transformer | causal: transformer layers."""
+    encoder_heads: int = 2
+    """transformer | causal: attention heads."""
+    encoder_dropout: float = 0.1
+    """transformer | causal: dropout inside the encoder."""
     user_join: str = "concat"
-    # causal: the mean of the history's items up to each position (a pooled bag) joins the query
-    # beside the causal state (concatenated, or added with user_join=add)
+    """How the user features join the causal encoder's state in the query MLP's input: concat | add. concat: side
+    by side, F * E + E wide. add: summed into one E-wide vector. causal only."""
     history_mean: bool = False
-    # An ensemble: train this many two-tower members one after another (seeds train.seed + k,
-    # each with its own early stop) and serve them as one model, embeddings side by side /
-    # sqrt(members), so a score is the mean of the members' cosines (model/ensemble.py,
-    # train/ensemble.py). Costs members x the training time and the embedding size.
+    """causal: the mean of the history's items up to each position (a pooled bag) joins the query beside the causal
+    state (concatenated, or added with user_join=add)."""
     members: int = 1
+    """An ensemble: train this many two-tower members one after another and serve them as one model. Each member
+    has seed train.seed + k and its own early stop; served, their embeddings lie side by side / sqrt(members), so
+    a score is the mean of the members' cosines (model/ensemble.py, train/ensemble.py). Costs members x the
+    training time and the embedding size."""
 
 
 @dataclass
@@ -141,21 +184,27 @@ class LossConfig:
     next_item) train with: temperature, logQ, accidental hits, mixed negatives."""
 
     temperature: float = 0.2
-    learn_temperature: bool = False  # start at loss.temperature and learn it (kept within [0.01, 1])
-    # Score each rank's queries against the items of the whole global batch (all-gathered),
-    # so the loss, and training, do not depend on the number of processes.
+    """The softmax temperature: scores (cosines of the L2-normalised embeddings) are divided by it."""
+    learn_temperature: bool = False
+    """Start at loss.temperature and learn it (kept within [0.01, 1])."""
     global_negatives: bool = True
-    # logQ correction (Yi et al. 2019): subtract log(expected count in the batch) from every
-    # candidate's logit. counts: from training frequencies; streaming: the paper's per-step
-    # frequency estimator (no global pass); none.
+    """Score each rank's queries against the items of the whole global batch (all-gathered). The loss, and
+    training, then do not depend on the number of processes."""
     logq: str = "counts"
-    logq_weight: float = 1.0  # scale of the correction: 1 = the paper's; 0 = none
-    streaming_hash_size: int = 1 << 20  # logq=streaming: slots of the estimator's hash table
-    streaming_alpha: float = 0.01  # logq=streaming: the estimator's moving-average rate
-    # Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the
-    # catalog per global batch join the in-batch candidates (0: in-batch only).
+    """logQ correction (Yi et al. 2019), subtracting log(expected count in the batch) from every candidate's
+    logit: counts | streaming | none. counts: from training frequencies. streaming: the paper's per-step frequency
+    estimator (no global pass)."""
+    logq_weight: float = 1.0
+    """Scale of the correction: 1 = the paper's; 0 = none."""
+    streaming_hash_size: int = 1 << 20
+    """logq=streaming: slots of the estimator's hash table."""
+    streaming_alpha: float = 0.01
+    """logq=streaming: the estimator's moving-average rate."""
     uniform_negatives: int = 0
-    mask_accidental_hits: bool = True  # drop in-batch candidates equal to the row's positive
+    """Mixed negative sampling (Yang et al. 2020): this many items drawn uniformly from the catalog per global batch
+    join the in-batch candidates (0: in-batch only)."""
+    mask_accidental_hits: bool = True
+    """Drop in-batch candidates equal to the row's positive."""
 
 
 @dataclass
@@ -163,47 +212,72 @@ class TrainConfig:
     """The training loop: batch, epochs, optimizers and their schedule, the validation and
     checkpoint schedule, early stopping, and how steps run (pipeline, bf16, threads)."""
 
-    batch_size: int = 1024  # examples a global batch (task=next_item: windows)
+    batch_size: int = 1024
+    """Examples a global batch (task=next_item: windows)."""
     epochs: int = 3
-    max_steps: int = 0  # 0: run all epochs
+    """Passes over the training examples."""
+    max_steps: int = 0
+    """Stop after this many steps; 0: run all epochs."""
     dense_lr: float = 1e-3
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the dense layers
-    warmup_steps: int = 0  # dense learning rate ramps linearly from 0 over these steps
-    lr_schedule: str = "constant"  # constant | cosine (dense learning rate decays to 0 at the last step)
-    # The table learning rate; null: the table optimizer's own default (0.05 for the Adagrads
-    # and SGD, 0.001 for Adam: distributed/sharding.py SPARSE_LR_DEFAULTS).
+    """The dense layers' (AdamW) learning rate, before train.warmup_steps and train.lr_schedule scale it."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay of the dense layers."""
+    warmup_steps: int = 0
+    """Dense learning rate ramps linearly from 0 over these steps."""
+    lr_schedule: str = "constant"
+    """The dense learning rate's schedule: constant | cosine (decays to 0 at the last step)."""
     sparse_lr: float | None = None
-    # L2 weight decay per table, by table name (as the sharding plan prints it), applied by
-    # fbgemm inside the fused row-wise Adagrad update to the rows a batch touches, e.g.
-    # {t_history: 0.01}. On CPU fbgemm applies it only to a pooled table read by two or more
-    # features (its fast path for a single feature passes no decay), so that is checked.
+    """The table learning rate; null: the table optimizer's own default. That is 0.05 for the Adagrads and SGD,
+    0.001 for Adam (distributed/sharding.py SPARSE_LR_DEFAULTS)."""
     table_weight_decay: dict[str, float] = field(default_factory=dict)
-    sparse_optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | sgd | adam (CUDA only); fused into backward
-    val_every_steps: int = 200  # 0: validate only at the end of each epoch
-    val_max_users: int = 2000  # validation during training scores a seeded sample of this many events (0: all)
-    select_metric: str = "ndcg@10"  # the checkpoint kept is the one best on this validation metric
-    early_stopping_patience: int = 0  # stop after this many validations without improvement (0: never)
+    """L2 weight decay per table, by table name (as the sharding plan prints it), e.g. {t_history: 0.01}. fbgemm
+    applies it inside the fused row-wise Adagrad update to the rows a batch touches. On CPU fbgemm applies it only
+    to a pooled table read by two or more features (its fast path for a single feature passes no decay), so that
+    is checked."""
+    sparse_optimizer: str = "rowwise_adagrad"
+    """The tables' optimizer, fused into backward: rowwise_adagrad | adagrad | sgd | adam (CUDA only)."""
+    val_every_steps: int = 200
+    """Validate every this many steps; 0: validate only at the end of each epoch."""
+    val_max_users: int = 2000
+    """Validation during training scores a seeded sample of this many events (0: all)."""
+    select_metric: str = "ndcg@10"
+    """The checkpoint kept is the one best on this validation metric."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without improvement (0: never)."""
     log_every_steps: int = 20
+    """Read the steps' losses (one host sync, an all-reduce across ranks) and show them every this many steps."""
     seed: int = 0
-    out_dir: str = ""  # checkpoints and metrics; empty: <run_dir>/train
-    checkpoint_every_steps: int = 500  # <out_dir>/last (model, optimizers, step, RNG) for --resume; 0: at the end only
-    bf16: bool = False  # autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)
-    # CUDA: float32 matrix products in TF32 (torch.set_float32_matmul_precision("high")) on Ampere
-    # and later GPUs, several times faster than full float32; losses differ within launch/gpu_check.py's
-    # TOLERANCE["tf32"]. No effect on a CPU.
+    """Seed of the model's initial weights, each epoch's shuffle and the uniform negatives."""
+    out_dir: str = ""
+    """Checkpoints and metrics; empty: <run_dir>/train."""
+    checkpoint_every_steps: int = 500
+    """Save <out_dir>/last (model, optimizers, step, RNG) for --resume every this many steps; 0: at the end only."""
+    bf16: bool = False
+    """Autocast the towers' MLPs to bfloat16 (tables and the loss stay float32)."""
     tf32: bool = False
-    pipeline: str = "auto"  # TorchRec TrainPipelineSparseDist: auto (with CUDA, tasks that allow it) | always | never
-    # intra-op threads per process; 0: the policy (usable cores / processes on this host, less
-    # one for a prefetch thread; OMP_NUM_THREADS when set): distributed/threads.py
+    """CUDA: float32 matrix products in TF32 (torch.set_float32_matmul_precision("high")) on Ampere and later GPUs.
+    Several times faster than full float32; losses differ within launch/gpu_check.py's TOLERANCE["tf32"]. No effect
+    on a CPU."""
+    pipeline: str = "auto"
+    """Whether steps run in TorchRec's TrainPipelineSparseDist: auto (with CUDA, tasks that allow it) | always |
+    never."""
     num_threads: int = 0
-    # Batches built ahead by a background thread while the step runs (in pinned memory on
-    # CUDA, so the pipeline's copies overlap); 0: built on the main thread, between steps;
-    # null: 2 with CUDA, 0 on a CPU (there the thread competes with the step for the cores).
+    """Intra-op threads per process; 0: the policy (distributed/threads.py). The policy is usable cores / processes
+    on this host, less one for a prefetch thread; OMP_NUM_THREADS when set."""
     prefetch_batches: int | None = None
+    """Batches built ahead by a background thread while the step runs; 0: built on the main thread, between steps.
+    On CUDA they are built in pinned memory, so the pipeline's copies overlap. null: 2 with CUDA, 0 on a CPU (there
+    the thread competes with the step for the cores)."""
     progress: bool = True
-    # Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often
-    # and at every validation, instead of a carriage-return update every step.
+    """Show training progress (rank 0): a bar on a terminal, plain lines into a file or a pipe."""
     progress_every_seconds: float = 30.0
+    """Into a file or a pipe (nohup, Slurm, CI logs) the bar becomes a plain line this often and at every
+    validation, instead of a carriage-return update every step."""
+    tensorboard: bool | None = None
+    """Write TensorBoard scalars to <out_dir>/tensorboard (rank 0): the loss of every step, the
+    learning rates, examples/s, a learned temperature and every validation metric. null: on when
+    the tensorboard package is installed (launch/setup.sh installs it), off otherwise; true: refuse
+    to train without it; false: off. A resumed run appends to the same folder."""
 
 
 @dataclass
@@ -211,20 +285,22 @@ class ShardingConfig:
     """How TorchRec's planner may place tables (see distributed/sharding.py)."""
 
     sharding_types: list[str] = field(default_factory=lambda: ["table_wise"])
-    # fused: tables in device memory (GPU or CPU RAM), updated inside the backward.
-    # fused_uvm_caching (CUDA only): tables in host memory, a cache of hot rows on the GPU,
-    # for tables larger than GPU memory; dense: plain autograd tables (for debugging).
+    """The sharding types the planner may give a table: table_wise | row_wise | column_wise | table_row_wise."""
     compute_kernel: str = "fused"
-    cache_load_factor: float = 0.2  # fused_uvm_caching: the share of each table's rows cached on the GPU
+    """Where tables live and how they are updated: fused | fused_uvm_caching | dense. fused: tables in device memory
+    (GPU or CPU RAM), updated inside the backward. fused_uvm_caching (CUDA only): tables in host memory, a cache of
+    hot rows on the GPU, for tables larger than GPU memory. dense: plain autograd tables (for debugging)."""
+    cache_load_factor: float = 0.2
+    """fused_uvm_caching: the share of each table's rows cached on the GPU."""
 
 
 @dataclass
 class DistributedConfig:
     """The process group of a multi-process run (``torchrun``)."""
 
-    # How long a collective waits for the other ranks before the job is stopped (NCCL's watchdog);
-    # a checkpoint save of a large table to a shared filesystem can take minutes.
     timeout_minutes: float = 60.0
+    """How long a collective waits for the other ranks before the job is stopped (NCCL's watchdog). A checkpoint
+    save of a large table to a shared filesystem can take minutes."""
 
 
 @dataclass
@@ -232,16 +308,22 @@ class EvalConfig:
     """Full-catalog evaluation: cut-offs, seen-item filtering, split, and the baselines' settings."""
 
     ks: list[int] = field(default_factory=lambda: [10, 50, 100, 200])
+    """The cut-offs K of the metrics evaluate reports (recall@K, ndcg@K); ranked lists are max(ks) long."""
     filter_seen: bool = True
-    split: str = "test"  # test | validation
-    user_chunk: int = 1024  # queries scored against the whole catalog at once
-    # evaluate: 0 scores every event of eval.split; otherwise a seeded sample of this many
-    # (validation during training samples train.val_max_users instead)
+    """Remove the items a user interacted with before the event from its ranked list (validation too)."""
+    split: str = "test"
+    """The split evaluate scores: test | validation."""
+    user_chunk: int = 1024
+    """Queries scored against the whole catalog at once."""
     max_users: int = 0
-    # evaluate --baselines (see twotower_rec/evaluation/baselines.py)
+    """evaluate: 0 scores every event of eval.split; otherwise a seeded sample of this many. Validation during
+    training samples train.val_max_users instead."""
     ease_lambda: float = 500.0
-    transition_last: int = 3  # last items a transition-model query looks at
-    transition_decay: float = 0.5  # weight of the m-th last item: decay^(m-1)
+    """evaluate --baselines (see twotower_rec/evaluation/baselines.py): the ease baseline's L2 regularisation."""
+    transition_last: int = 3
+    """evaluate --baselines: last items a transition-model query looks at."""
+    transition_decay: float = 0.5
+    """evaluate --baselines: weight of the m-th last item in a transition-model query: decay^(m-1)."""
 
 
 @dataclass
@@ -249,15 +331,24 @@ class ExportConfig:
     """The export directory: embedding dtype and the ANN index (kind, parameters, how its recall
     is measured)."""
 
-    dir: str = ""  # empty: <run_dir>/export
-    dtype: str = "float32"  # item_embeddings.npy: float32 | float16 (half the size; scored in float32)
-    ann: str = "hnsw"  # items.faiss: flat (exact) | hnsw | ivf | none
+    dir: str = ""
+    """The export folder; empty: <run_dir>/export."""
+    dtype: str = "float32"
+    """item_embeddings.npy: float32 | float16 (half the size; scored in float32)."""
+    ann: str = "hnsw"
+    """items.faiss: flat (exact) | hnsw | ivf | none."""
     hnsw_m: int = 32
+    """hnsw: the graph degree."""
     hnsw_ef_construction: int = 200
+    """hnsw: candidates explored per added vector."""
     hnsw_ef_search: int = 128
-    ivf_nlist: int = 0  # 0: about 4 * sqrt(items)
+    """hnsw: candidates explored per query (serving sets it from the manifest)."""
+    ivf_nlist: int = 0
+    """ivf: clusters; 0: about 4 * sqrt(items)."""
     ivf_nprobe: int = 16
-    recall_queries: int = 2000  # users whose query embeddings measure the index's recall against exact search
+    """ivf: clusters searched per query, at most ivf_nlist (serving sets it from the manifest)."""
+    recall_queries: int = 2000
+    """Users whose query embeddings measure the index's recall against exact search."""
 
 
 @dataclass
@@ -265,14 +356,14 @@ class CommonConfig:
     """The sections every run has; :data:`Config` adds one section per task that has options
     of its own (``twotower_rec/tasks/``)."""
 
-    # The folder of a run: data.cache_dir, train.out_dir and export.dir are <run_dir>/data,
-    # <run_dir>/train and <run_dir>/export unless set.
     run_dir: str = "runs/demo"
-    # The training mode (twotower_rec/tasks/, one file each): retrieval (in-batch sampled softmax
-    # over events) | pointwise (BCE on a rating threshold, or rating MSE) | next_item (every
-    # position of a window of a user's sequence scores the next item; the causal encoder) |
-    # bpr (pairwise: each positive against the batch's other items)
+    """The folder of a run: data.cache_dir, train.out_dir and export.dir are <run_dir>/data, <run_dir>/train and
+    <run_dir>/export unless set."""
     task: str = "retrieval"
+    """The training mode (twotower_rec/tasks/, one file each): retrieval | pointwise | next_item | bpr. retrieval:
+    in-batch sampled softmax over events. pointwise: BCE on a rating threshold, or rating MSE. next_item: every
+    position of a window of a user's sequence scores the next item; the causal encoder. bpr: pairwise, each
+    positive against the batch's other items."""
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

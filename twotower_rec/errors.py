@@ -52,6 +52,11 @@ class TrainingError(TwoTowerError):
     """Training cannot go on (e.g. the loss became infinite or NaN); the message names the step."""
 
 
+class ConfigDocError(TwoTowerError):
+    """An option of a config dataclass has no help (or keeps it in a comment), so the configuration
+    reference cannot be written; the message names the file, the line and the field."""
+
+
 class ConfigWarning(UserWarning):
     """An option is set where nothing reads it (the CLI prints it as one ``warning:`` line)."""
 

@@ -5,9 +5,13 @@ they wait for each other. Beside another busy process, a spinning worker holds a
 other worker needs: a step then waits whole scheduler slices at every barrier (BENCHMARKS.md,
 "CPU throughput when the cores are shared"). So:
 
-- :func:`wait_passively` asks OpenMP to sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``)
-  unless the user chose (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set). It must run before
-  torch is imported: the CLI calls it first thing.
+- :func:`limit_spinning` shortens how long GNU OpenMP's workers spin before they sleep
+  (``GOMP_SPINCOUNT``, :data:`SPIN_COUNT` instead of libgomp's 300,000) unless the user chose
+  (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set). A short spin still catches the next parallel
+  region of a step on a quiet machine, where sleeping at once (``OMP_WAIT_POLICY=PASSIVE``)
+  costs a lone run; beside a busy process the workers sleep within microseconds instead of
+  holding a core (BENCHMARKS.md, "CPU throughput when the cores are shared"). It must run
+  before torch is imported: the CLI calls it first thing.
 - :func:`thread_count` is the policy: the cores this process may run on
   (``os.sched_getaffinity``), shared by the processes of this host (``LOCAL_WORLD_SIZE``),
   less one where a batch-prefetch thread runs beside the step; at least one. A number in
@@ -18,14 +22,15 @@ from __future__ import annotations
 
 import os
 
-PASSIVE_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SPIN_COUNT = "1000"  # chosen by benchmarks/bench_contention.py among 0 (passive), 1e3, 1e4, 1e5
 
 
-def wait_passively() -> bool:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set how OpenMP waits; whether it did."""
-    if any(name in os.environ for name in PASSIVE_VARIABLES):
+def limit_spinning() -> bool:
+    """Set ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` unless the user set how OpenMP waits; whether it did."""
+    if any(name in os.environ for name in WAIT_VARIABLES):
         return False
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
 
 

@@ -4,7 +4,7 @@
 logits, logQ, the accidental-hit mask and the cross-entropy in one graph, so the ``[B, N]`` mask
 and the edited logits are never written out. What it buys, what compiling costs at the first
 step and how far its per-step losses are from eager: ``benchmarks/bench_compile.py``,
-BENCHMARKS.md ("retrieval.compile, the roofline after it, and batch scaling").
+BENCHMARKS.md ("retrieval.compile") and docs/benchmarks-history.md ("retrieval.compile: the loss, the heads, both").
 
 Compiling every tower's head (MLP and L2 normalisation) too was measured (``bench_compile.py``,
 modes ``mlp`` and ``both``) and is not done: it bought nothing over the loss alone and moved the

@@ -25,7 +25,7 @@ def logit_offset(like: torch.Tensor, columns: int, log_q: torch.Tensor | None = 
     it), and the float minimum where ``masked``. It is built
     outside autograd for ``torch.addmm(offset, queries, candidates.t())``, so no pass over the
     logits is recorded for the backward, and none is made in the forward beyond the product: a
-    ``masked_fill_`` ran again on the gradient and a ``sub_`` was one more pass (BENCHMARKS.md,
+    ``masked_fill_`` ran again on the gradient and a ``sub_`` was one more pass (docs/benchmarks-history.md,
     "The ceiling, and one more loss cut").
 
     Args:

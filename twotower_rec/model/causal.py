@@ -13,7 +13,8 @@ encoder computes with a causal and a padding mask (a test checks it) in fewer op
 - the causal mask alone (slot ``t`` attends to slots ``<= t``): with right padding every pad
   slot comes after a row's items, so no valid slot reads one (pad slots' outputs are unused);
 - dropout as one uniform draw and a compare (:meth:`CausalEncoder.drop`) instead of
-  ``bernoulli_``, which is slow on CPU (BENCHMARKS.md, "Sequence mode", training speed).
+  ``bernoulli_``, which is slow on CPU (docs/benchmarks-history.md, "Speed: the causal encoder's
+  own pass, and what was not done").
 
 Training with ``task: next_item`` reads every position (:meth:`CausalEncoder.encode`):
 the output at slot ``t`` is the query that scores the item at ``t + 1``. Evaluation, export and

@@ -9,7 +9,8 @@ mode.
 
 A task is one file under ``twotower_rec/tasks/``: a subclass with a ``name`` registers itself
 (``tasks/__init__.py`` imports every module of the package), and its ``Options`` dataclass,
-if it has one, becomes the config section ``section`` (``config.py`` adds it to ``Config``).
+if it has one, becomes the config section ``section`` (``config.py`` adds it to ``Config``);
+each of its fields carries its help as a docstring on the line after it, as ``config.py``'s do.
 A task file imports nothing of ``twotower_rec.config`` at module level (the config imports
 the tasks), nor of the later stages (train, export, serving).
 

@@ -30,24 +30,23 @@ WINDOWS = ("last", "tiled")
 class NextItemOptions:
     """``next_item``: which windows are trained on and what each position scores."""
 
-    # Which windows of a user with more than features.history_length + 1 training events are
-    # trained on. last: the last history_length + 1 events only (one window per user). tiled:
-    # windows of history_length + 1 events cut back from the end, overlapping by one event, so
-    # every training event after a user's first is a target once per epoch.
     windows: str = "tiled"
-    # tiled: windows start every history_length - window_context items, and in a window after a
-    # user's first the first window_context positions are context only (not scored), so every
-    # target there reads at least that many earlier items, as evaluation's queries read up to
-    # history_length; each item is still a target once per epoch. 0: windows overlap by one
-    # item and every position is scored. Must be below features.history_length.
+    """Which windows of a user with more than features.history_length + 1 training events are trained on: last |
+    tiled. last: the last history_length + 1 events only (one window per user). tiled: windows of history_length + 1
+    events cut back from the end, overlapping by one event, so every training event after a user's first is a
+    target once per epoch."""
     window_context: int = 0
-    # drop the other items of a position's own window from its candidates (the user's other
-    # events, before or after it, are not negatives)
+    """tiled: the first positions of every window after a user's first that are context only (not scored); must be
+    below features.history_length. Windows then start every history_length - window_context items, so every target
+    there reads at least that many earlier items, as evaluation's queries read up to history_length; each item is
+    still a target once per epoch. 0: windows overlap by one item and every position is scored."""
     mask_window_items: bool = False
-    # a position's positives are the next k items of its window (1: the next one only); its
-    # loss is the mean of their log-softmax over the same candidates (a short-horizon form of
-    # PinnerFormer's dense all-action loss; BENCHMARKS.md, "Sequence mode")
+    """Drop the other items of a position's own window from its candidates (the user's other events, before or
+    after it, are not negatives)."""
     future_targets: int = 1
+    """A position's positives are the next k items of its window (1: the next one only). Its loss is the mean of
+    their log-softmax over the same candidates (a short-horizon form of PinnerFormer's dense all-action loss;
+    BENCHMARKS.md, "Sequence mode")."""
 
 
 class NextItemTask(SoftmaxTask):

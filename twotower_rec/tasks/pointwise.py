@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 class PointwiseOptions:
     """``pointwise``: the objective and its labels."""
 
-    objective: str = "bce"  # bce (label = rating >= rating_threshold) | mse (rating regression)
-    rating_threshold: float = 4.0  # bce: the label of a pair is rating >= this
-    negative_ratio: int = 0  # bce: sampled (uniform) negatives with label 0 per positive
+    objective: str = "bce"
+    """The objective: bce (label = rating >= rating_threshold) | mse (rating regression)."""
+    rating_threshold: float = 4.0
+    """bce: the label of a pair is rating >= this."""
+    negative_ratio: int = 0
+    """bce: sampled (uniform) negatives with label 0 per positive."""
 
 
 class PointwiseHead(nn.Module):

@@ -27,17 +27,17 @@ if TYPE_CHECKING:
 class RetrievalOptions:
     """``retrieval``: how the in-batch softmax of an event batch is computed."""
 
-    # 0 computes the [B, N] logits at once; > 0 scores this many candidates at a time
-    # (losses/chunked.py): the same loss with O(B x chunk_size) memory, for large batches.
     chunk_size: int = 0
-    # 0 scores every row against every positive of the (global) batch; > 0 against this many of
-    # them, drawn without replacement each step (the same draw on every rank), plus its own
-    # positive and the uniform negatives: [B, 1 + batch_negatives + uniform_negatives] logits,
-    # so a step's cost grows linearly with the batch (BENCHMARKS.md, "Batch scaling").
+    """0 computes the [B, N] logits at once; > 0 scores this many candidates at a time (losses/chunked.py). The
+    same loss with O(B x chunk_size) memory, for large batches."""
     batch_negatives: int = 0
-    # torch.compile the whole-batch softmax (losses/compiled.py): it compiles at the first step
-    # and pays only in long runs (BENCHMARKS.md, "train.compile"); off by default.
+    """0 scores every row against every positive of the (global) batch; > 0 against this many of them. They are
+    drawn without replacement each step (the same draw on every rank), plus its own positive and the uniform
+    negatives: [B, 1 + batch_negatives + uniform_negatives] logits, so a step's cost grows linearly with the batch
+    (BENCHMARKS.md, "Batch scaling")."""
     compile: bool = False
+    """torch.compile the whole-batch softmax (losses/compiled.py), off by default. It compiles at the first step
+    and pays only in long runs (BENCHMARKS.md, "retrieval.compile")."""
 
 
 class RetrievalTask(SoftmaxTask, EventTask):

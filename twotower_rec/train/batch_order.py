@@ -94,7 +94,7 @@ def _local_batches(make_batch, num_examples: int, first: list[np.ndarray], batch
 def prefetch_depth(train: TrainConfig, device: torch.device) -> int:
     """How many batches :class:`BatchesAhead` builds ahead: ``train.prefetch_batches``, or when
     it is null 2 with CUDA and 0 on a CPU, where the thread competes with the step for the cores
-    and the GIL (BENCHMARKS.md, "The GPU path on CPU processes").
+    and the GIL (docs/benchmarks-history.md, "Batches built ahead on a CPU").
 
     Args:
         train: the ``train`` section (``prefetch_batches``).

@@ -20,7 +20,7 @@ from twotower_rec.config import TrainConfig
 def dense_adamw(params, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the dense layers (``train.weight_decay``; 0 = Adam), as one fused kernel over
     all of them: on a CPU torch's default is a loop over the parameters, several small ops
-    each, much slower for these models (BENCHMARKS.md, "The dense optimizer as one fused kernel").
+    each, much slower for these models (docs/benchmarks-history.md, "The dense optimizer as one fused kernel").
 
     Args:
         params: the dense parameters.

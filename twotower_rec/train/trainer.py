@@ -9,8 +9,9 @@ a window of a user's sequence) is the task's (``twotower_rec/tasks/``).
 
 Writes ``<out_dir>/checkpoint`` (weights best on validation, for evaluate and export),
 ``<out_dir>/last`` (weights, optimizer state, RNG, step and data position, every
-``train.checkpoint_every_steps`` and at the end, for ``train --resume``) and
-``<out_dir>/train_metrics.json``.
+``train.checkpoint_every_steps`` and at the end, for ``train --resume``),
+``<out_dir>/train_metrics.json`` and, with ``train.tensorboard``, ``<out_dir>/tensorboard``
+(``tensorboard.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from twotower_rec.train import checkpoint
 from twotower_rec.train.batch_order import BatchesAhead, local_batches, num_global_batches, prefetch_depth
 from twotower_rec.train.optim import build_optimizer, init_optimizer_state, lr_factor, set_dense_lr
 from twotower_rec.train.step import LossLog, Stepper
+from twotower_rec.train.tensorboard import NoCurves, open_curves, validation_scalars, writes_curves
 from twotower_rec.train.validation import validate, validation_config
 
 
@@ -106,6 +108,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     data = PreparedData(cfg.data.cache_dir)
     task = make_task(cfg)
     check_setup(cfg, task, data, env)
+    tensorboard = writes_curves(cfg.train.tensorboard, env)  # before the model: a refusal comes at once
     model = build_model(cfg, task, data, env)
     optimizer = build_optimizer(model, cfg.train)
     if env.is_main:
@@ -114,7 +117,7 @@ def train(cfg: Config, env: DistEnv, resume: str | Path | None = None) -> TrainR
     state, task_state = TrainerState(), None
     if resume is not None:
         state, task_state = _resume(resume, cfg, model, optimizer, data, env)
-    return Trainer(cfg, task, env, data, model, optimizer, state, task_state, entered).run()
+    return Trainer(cfg, task, env, data, model, optimizer, state, task_state, entered, tensorboard).run()
 
 
 def use_tf32(enabled: bool, device: torch.device) -> bool:
@@ -175,7 +178,8 @@ class Trainer:
     """One run of the loop over a built (and possibly resumed) model and optimizer."""
 
     def __init__(self, cfg: Config, task: Task, env: DistEnv, data: PreparedData, model: DistributedModelParallel,
-                 optimizer, state: TrainerState, task_state: dict | None = None, entered: float | None = None) -> None:
+                 optimizer, state: TrainerState, task_state: dict | None = None, entered: float | None = None,
+                 tensorboard: bool = False) -> None:
         """Args:
             cfg: the run's config.
             task: the run's task.
@@ -187,6 +191,8 @@ class Trainer:
             task_state: the task's saved state (its loss's, e.g. the streaming frequency estimator); None: fresh.
             entered: the ``time.perf_counter()`` at which :func:`train` began, for the start-up time; None: not
                 measured.
+            tensorboard: whether this process writes the TensorBoard curves
+                (:func:`~twotower_rec.train.tensorboard.writes_curves`: rank 0 at most).
         """
         self.cfg, self.task, self.env, self.data = cfg, task, env, data
         self.model, self.optimizer, self.state = model, optimizer, state
@@ -209,10 +215,22 @@ class Trainer:
         self.last_line = time.monotonic()
         task.start(data, env, state.step, task_state)
         self.loss_log = LossLog()
+        self.tensorboard = tensorboard
+        self.curves = NoCurves()  # run() opens the writer, and closes it however the run ends
 
     def run(self) -> TrainResult:
         """Steps until the last epoch, ``train.max_steps`` or early stopping; then a last
         validation (unless the last step just had one), ``last`` and ``train_metrics.json``."""
+        self.curves = open_curves(self.out_dir, self.tensorboard, self.state.step)
+        if self.curves.on:
+            print(f"train: TensorBoard curves in {self.curves.folder} (tensorboard --logdir {self.curves.folder})",
+                  file=sys.stderr, flush=True)
+        try:
+            return self._run()
+        finally:
+            self.curves.close()
+
+    def _run(self) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = self._batches()
         started, examples_here = time.perf_counter(), 0
@@ -222,8 +240,8 @@ class Trainer:
         self.model.train()
         try:
             while state.step < self.total_steps and not state.stopped_early and state.epoch < cfg.train.epochs:
-                set_dense_lr(self.optimizer, self.model,
-                             cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train))
+                dense_lr = cfg.train.dense_lr * lr_factor(state.step, self.total_steps, cfg.train)
+                set_dense_lr(self.optimizer, self.model, dense_lr)
                 self.loss_log.add(stepper.step())
                 examples = stepper.last_examples
                 end_of_epoch = self._advance(examples)
@@ -233,6 +251,7 @@ class Trainer:
                     rate = examples_here / max(time.perf_counter() - started, 1e-9)
                     self.progress.set_postfix(loss=f"{state.losses[-1]:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
                     self._plain_line(state.losses[-1], rate)
+                    self._log_curves(dense_lr, rate)
                 self.progress.update(1)
                 if state.step < self.total_steps:
                     self._between_steps(stepper, end_of_epoch)
@@ -268,6 +287,8 @@ class Trainer:
         first_step = len(self.state.losses) + 1  # losses[i] is step i + 1's
         losses = self.loss_log.read()
         self.state.losses.extend(losses)
+        for i, loss in enumerate(losses):  # every step's: they reach the host together, here
+            self.curves.scalars(first_step + i, {"train/loss": loss})
         bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if bad is not None:
             self.progress.close()
@@ -277,6 +298,16 @@ class Trainer:
                 f"train: the loss is {losses[bad]} at step {first_step + bad} ({self.cfg.train.out_dir}): training "
                 "diverged. Lower train.dense_lr / train.sparse_lr, or look for huge or infinite values in the data "
                 f"(e.g. ratings){kept}")
+
+    def _log_curves(self, dense_lr: float, rate: float) -> None:
+        """The curves of a log step beside the loss: learning rates, examples/s and the task's
+        summary (a learned temperature), read where the losses just reached the host."""
+        if not self.curves.on:
+            return  # the task's summary may read the device
+        summary = {f"train/{name}": float(value) for name, value in self.task.train_summary(self.model).items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self.curves.scalars(self.state.step, {"train/dense_lr": dense_lr, "train/table_lr": sharding.sparse_lr(
+            self.cfg.train), "train/examples_per_second": rate, **summary})
 
     def _plain_line(self, loss: float, rate: float) -> None:
         """Progress as one plain line, every ``train.progress_every_seconds`` and at the end."""
@@ -316,6 +347,8 @@ class Trainer:
         state, metric = self.state, self.metric
         result = validate(self.model, self.data, self.batcher, self.validation_cfg, self.task, self.cfg.train.seed)
         state.validation.append({"step": state.step, **result})
+        self.curves.scalars(state.step, validation_scalars(result))
+        self.curves.flush()
         value = result[metric]
         improved = value > state.best
         if improved:
