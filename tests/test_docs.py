@@ -1,5 +1,7 @@
 """The documentation: README.md stays short and names the two commands, and every relative link
-in README.md and docs/*.md leads to a file that exists (and a ``#anchor`` to one of its headings).
+in README.md, BENCHMARKS.md and docs/*.md leads to a file that exists (and a ``#anchor`` to one of
+its headings), so the README's results links land on sections BENCHMARKS.md and
+docs/benchmarks-history.md have.
 
 Anchors follow GitHub's rule for heading ids: the heading's text (inline code, emphasis and links
 rendered to their text) in lower case, every character that is not a letter, digit, space,
@@ -128,7 +130,7 @@ def readme_problems(path: Path) -> list[str]:
 
 
 def _documents() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_readme_is_short_and_names_both_commands():
@@ -146,7 +148,14 @@ def test_docs_folder_has_the_topic_pages():
                 "architecture.md"}
     assert expected <= pages, sorted(expected - pages)
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert [page for page in sorted(expected) if f"(docs/{page})" not in readme] == []
+    linked = expected | {"configuration.md", "benchmarks-history.md"}
+    assert [page for page in sorted(linked) if f"(docs/{page})" not in readme] == []
+    assert "(configuration.md)" in (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+
+
+def test_readme_results_link_into_benchmarks_sections():
+    targets = [target for _, target in link_targets((ROOT / "README.md").read_text(encoding="utf-8"))]
+    assert [t for t in targets if t.startswith("BENCHMARKS.md#")], "README's results link no BENCHMARKS.md section"
 
 
 @pytest.mark.parametrize("heading, expected", [
