@@ -29,7 +29,66 @@ from twotower_rec.data.features import HISTORY, Feature, fnv1a_finish, recent_po
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.query_inputs import item_before, last_items
 from twotower_rec.model.ensemble import Ensemble
+from twotower_rec.model.transformer import TransformerPooling
 from twotower_rec.model.two_tower import TwoTower
+
+
+class FusedTransformerPooling(TransformerPooling):
+    """:class:`TransformerPooling` whose layers run torch's fused encoder-layer operator, as eager
+    evaluation runs them, so the exported program computes evaluation's queries bit for bit.
+
+    In evaluation mode without gradients, ``nn.TransformerEncoderLayer`` takes a fast path, one
+    fused operator per layer. ``torch.export`` traces with fake tensors, which the fast path's
+    condition reads as tensors with torch functions, so a plain export records the unfused
+    operators instead: the same function, with float32 results that differ from evaluation's in
+    the last bits (up to 5e-7 in ``tests/test_query_tower_program.py``'s cases). This module calls the fused operator itself, with the float
+    padding mask the layer makes of ``pad``; it is used only where eager evaluation takes the
+    fast path (:func:`fused_like_eager`).
+    """
+
+    @classmethod
+    def from_trained(cls, pooling: TransformerPooling) -> "FusedTransformerPooling":
+        """A copy of ``pooling``'s weights in evaluation mode.
+
+        Args:
+            pooling: the trained transformer pooling.
+        """
+        first = pooling.encoder.layers[0]
+        fused = cls(pooling.positions.embedding_dim, pooling.max_length, len(pooling.encoder.layers),
+                    first.self_attn.num_heads, 0.0)
+        fused.load_state_dict(pooling.state_dict())
+        return fused.eval()
+
+    def layers(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`TransformerPooling.layers`, through ``torch._transformer_encoder_layer_fwd``.
+
+        Args:
+            x: ``[B, T, E]`` each row's items with their position embeddings.
+            pad: ``[B, T]`` bool, the slots attention ignores.
+        """
+        mask = torch.zeros_like(pad, dtype=x.dtype).masked_fill_(pad, float("-inf"))  # the layer's float mask
+        for layer in self.encoder.layers:
+            attention = layer.self_attn
+            x = torch._transformer_encoder_layer_fwd(
+                x, attention.embed_dim, attention.num_heads, attention.in_proj_weight, attention.in_proj_bias,
+                attention.out_proj.weight, attention.out_proj.bias, layer.activation_relu_or_gelu == 2,
+                layer.norm_first, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+                layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+                mask, 1)  # mask type 1: a [B, T] key padding mask
+        return x
+
+
+def fused_like_eager(pooling: TransformerPooling) -> bool:
+    """Whether eager evaluation runs ``pooling``'s layers on torch's fast path: the conditions of
+    ``nn.TransformerEncoderLayer.forward`` that vary for this module (the others hold by construction:
+    batch first, biases, ReLU, one eps, post-norm).
+
+    Args:
+        pooling: the trained transformer pooling.
+    """
+    layer = pooling.encoder.layers[0]
+    return (torch.backends.mha.get_fastpath_enabled() and layer.self_attn.num_heads % 2 == 0
+            and not layer.norm_first and layer.activation_relu_or_gelu > 0 and layer.norm1.eps == layer.norm2.eps)
 
 
 class MemberQueryEncoder(nn.Module):
@@ -273,10 +332,11 @@ def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str
     return out
 
 
-def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEncoder:
+def _member_encoder(model: TwoTower, features: list[Feature], for_export: bool = False) -> MemberQueryEncoder:
     """Copy one unsharded TwoTower's query-side tables and query MLP; inputs follow
     ``model.query_feature_order``, and a history that shares the item tower's item-id table
-    takes its weights from there."""
+    takes its weights from there. ``for_export``: a transformer history runs its layers as eager
+    evaluation does (:class:`FusedTransformerPooling`)."""
     by_name = {f.name: f for f in features}
     item_tables = model.item_tower.embedding_bags.embedding_bags
     tables = {**item_tables, **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags
@@ -289,6 +349,8 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
     served = model.history.for_serving({name: bag.weight for name, bag in item_tables.items()})
     if served is not None:  # the history encoder's table and its scriptable module
         sequence_table, sequence_pooling = served[0], copy.deepcopy(served[1]).eval()
+        if for_export and type(sequence_pooling) is TransformerPooling and fused_like_eager(sequence_pooling):
+            sequence_pooling = FusedTransformerPooling.from_trained(sequence_pooling)
     return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
                               sequence_pooling, model.query_tower.join == "add")
 
@@ -313,14 +375,15 @@ def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
 
 
 def build_query_tower(model: TwoTower | Ensemble, features: list[Feature]) -> QueryTower:
-    """A :class:`QueryTower` (codes -> embeddings) from an unsharded TwoTower (or Ensemble: one member encoder each).
+    """A :class:`QueryTower` (codes -> embeddings) from an unsharded TwoTower (or Ensemble: one member encoder
+    each), to export with :func:`export_program`.
 
     Args:
         model: the trained model, unsharded; its query-side tables are copied, its query MLPs used as they are.
         features: the query features (``FeatureSpec.query_features``): each one's table and pooling.
     """
     members = list(model.members) if isinstance(model, Ensemble) else [model]
-    return QueryTower([_member_encoder(m, features) for m in members]).eval()
+    return QueryTower([_member_encoder(m, features, for_export=True) for m in members]).eval()
 
 
 EXAMPLE_ROWS = 3  # rows of the traced example: not 0 or 1, which torch.export would specialise on
