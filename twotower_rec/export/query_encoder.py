@@ -41,9 +41,9 @@ class FusedTransformerPooling(TransformerPooling):
     fused operator per layer. ``torch.export`` traces with fake tensors, which the fast path's
     condition reads as tensors with torch functions, so a plain export records the unfused
     operators instead: the same function, with float32 results that differ from evaluation's in
-    the last bits (up to 5e-7 in ``tests/test_query_tower_program.py``'s cases). This module calls the fused operator itself, with the float
-    padding mask the layer makes of ``pad``; it is used only where eager evaluation takes the
-    fast path (:func:`fused_like_eager`).
+    the last bits (up to 5e-7 in ``tests/test_query_tower_program.py``'s cases). This module
+    calls the fused operator itself, with the float padding mask the layer makes of ``pad``; it
+    is used only where eager evaluation takes the fast path (:func:`fused_like_eager`).
     """
 
     @classmethod
