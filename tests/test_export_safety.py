@@ -57,8 +57,8 @@ def test_export_writes_into_an_empty_or_missing_folder_and_replaces_an_export(pi
 
 
 def test_a_failed_write_is_an_export_error_and_keeps_the_old_export(pipeline, tmp_path, monkeypatch):
-    """A full disk while writing the query tower (``torch.jit.save`` aborted the process in C++
-    before): ``ExportError`` naming the folder, the previous export whole, no temporary left."""
+    """A full disk while writing the query tower (``torch.jit.save`` to a path aborted the process
+    in C++ before): ``ExportError`` naming the folder, the previous export whole, no temporary left."""
     from twotower_rec.export import writer
 
     out = tmp_path / "export"
@@ -67,7 +67,7 @@ def test_a_failed_write_is_an_export_error_and_keeps_the_old_export(pipeline, tm
     real_open = open
 
     def full_disk(path, *args, **kwargs):
-        if str(path).endswith("query_tower.pt"):
+        if str(path).endswith("query_tower.pt2"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, *args, **kwargs)
 
@@ -81,12 +81,12 @@ def test_a_failed_write_is_an_export_error_and_keeps_the_old_export(pipeline, tm
 
 
 def test_a_large_query_tower_is_written_only_where_it_fits(pipeline, tmp_path, monkeypatch):
-    """A tower too large to serialise in memory is written by torch to the path, which aborts on a
-    full disk: the folder's free space is checked first."""
+    """A tower larger than IN_MEMORY_BYTES is written only once the folder is seen to have room for
+    it (a TorchScript one is written by torch to the path, which aborts on a full disk)."""
     from twotower_rec.export import writer
 
     monkeypatch.setattr(writer, "IN_MEMORY_BYTES", 0)
-    out = _export(pipeline, tmp_path / "export")  # written by torch to its path
+    out = _export(pipeline, tmp_path / "export", overrides=["export.torchscript=true"])  # .pt by torch to its path
     ExportedModel.load(out)
     monkeypatch.setattr(writer, "_free_bytes", lambda folder: 1 << 20)
     with pytest.raises(ExportError, match=f"cannot write the export {out}: 1 MiB free, the query tower needs"):
@@ -160,9 +160,81 @@ def test_an_export_of_the_format_that_needed_pickles_is_refused(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = 3
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match=f"format version 3, this package reads {FORMAT_VERSION}: export again"):
+    with pytest.raises(ExportError, match=f"format version 3, this package reads {FORMAT_VERSION}: this export was "
+                                          "written by an older version; run `twotower-rec export` again"):
         ExportedModel.load(copy)
     assert FORMAT_VERSION >= 4
+
+
+def _as_format_4(export) -> None:
+    """Make ``export`` what format 4 wrote: a TorchScript ``query_tower.pt``, no ``.pt2``, no ``hashed`` entry."""
+    (export / "query_tower.pt2").rename(export / "query_tower.pt")
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    manifest.pop("hashed")
+    manifest.pop("query_tower")
+    manifest["files"]["query_tower.pt"] = manifest["files"].pop("query_tower.pt2")
+    (export / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("verb", ["recommend", "serve"])
+def test_recommend_and_serve_refuse_a_format_4_export_in_one_line(copy, cli, pipeline, verb):
+    """Format 5 serves query_tower.pt2: an export of format 4 (TorchScript) is read by exporting
+    it again from its checkpoint, and the one line says so."""
+    assert FORMAT_VERSION == 5
+    _as_format_4(copy)
+    args = ("--user", str(np.load(copy / "users.npz")["raw_user_ids"][0])) if verb == "recommend" else ("--port", "0")
+    result = cli(verb, "--export", copy, *args, cwd=pipeline.root, timeout=120)
+    assert result.returncode == 2, result.describe()
+    assert result.stderr.strip() == (f"error: {copy / 'manifest.json'}: format version 4, this package reads 5: this "
+                                     "export was written by an older version; run `twotower-rec export` again from "
+                                     "the checkpoint"), result.describe()
+    assert result.stdout == ""
+
+
+def _rewrite_archive(path, replace: dict) -> None:
+    """Rewrite the zip at ``path`` with the entries of ``replace`` (inner name -> bytes) swapped in."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    for name, data in replace.items():
+        entries[next(n for n in entries if n.endswith(name))] = data
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+
+
+@pytest.mark.parametrize("where", ["weights", "sample_inputs"])
+def test_loading_refuses_a_query_tower_archive_with_a_pickle_without_running_it(copy, tmp_path, where):
+    """torch.export.load unpickles a weight marked use_pickle, and falls back to an unsafe torch.load
+    for sample inputs the safe one refuses: such an archive is refused before torch reads it."""
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    marker = tmp_path / "pickle-ran"
+    path = copy / "query_tower.pt2"
+    if where == "weights":
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data/weights/model_weights_config.json"))
+            config = json.loads(archive.read(name))
+        first = next(iter(config["config"]))
+        config["config"][first]["use_pickle"] = True
+        planted = {"data/weights/model_weights_config.json": json.dumps(config).encode(),
+                   f"data/weights/{config['config'][first]['path_name']}": pickle.dumps(_Planted(str(marker)))}
+    else:
+        buffer = io.BytesIO()
+        torch.save(_Planted(str(marker)), buffer)
+        planted = {"data/sample_inputs/model.pt": buffer.getvalue()}
+    _rewrite_archive(path, planted)
+    _fix_checksum(copy, "query_tower.pt2")
+    with pytest.raises(ExportError, match="query_tower.pt2: .*which torch.export.load would unpickle") as caught:
+        ExportedModel.load(copy)
+    assert "\n" not in str(caught.value)
+    assert not marker.exists()
 
 
 def test_ids_are_stored_as_plain_arrays():

@@ -114,6 +114,44 @@ def test_encode_raw_equals_the_encoded_path_for_known_users(exported, data):
     torch.testing.assert_close(raw_path, code_path, rtol=1e-5, atol=1e-6)
 
 
+def test_the_program_loads_and_runs_with_torch_alone(exported, pipeline):
+    """``torch.export.load`` in a fresh interpreter that imports neither TorchRec nor this package
+    gives the embedding this package's loader gives."""
+    import subprocess
+    import sys
+
+    names = exported.manifest["query_features"]
+    user = str(exported.users["raw_user_ids"][0])
+    values, lengths, _, _ = exported.user_query([user])
+    code = (
+        "import json, sys, torch\n"
+        "program = torch.export.load(sys.argv[1]).module()\n"
+        "inputs = json.loads(sys.argv[2])\n"
+        "values = [torch.tensor(v, dtype=torch.int64) for v in inputs['values']]\n"
+        "lengths = [torch.tensor(n, dtype=torch.int64) for n in inputs['lengths']]\n"
+        "with torch.no_grad():\n"
+        "    out = program(values, lengths)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'twotower_rec', 'fbgemm_gpu'))\n"
+        "print(json.dumps({'embedding': out.tolist(), 'dtype': str(out.dtype), 'loaded': loaded}))\n"
+    )
+    inputs = json.dumps({"values": [v.tolist() for v in values], "lengths": [n.tolist() for n in lengths]})
+    result = subprocess.run([sys.executable, "-c", code, str(pipeline.export_dir / "query_tower.pt2"), inputs],
+                            capture_output=True, text=True, timeout=120, cwd=pipeline.root)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["loaded"] == [] and payload["dtype"] == "torch.float32"
+    assert len(names) == len(values)
+    assert torch.equal(torch.tensor(payload["embedding"]), exported.query_tower(values, lengths))
+
+
+def test_the_export_writes_no_torchscript_by_default(exported, pipeline):
+    assert not (pipeline.export_dir / "query_tower.pt").exists()
+    assert "query_tower.pt" not in exported.manifest["files"] and "query_tower.pt2" in exported.manifest["files"]
+    assert exported.manifest["query_tower"] == {"file": "query_tower.pt2", "format": "torch.export",
+                                                "torchscript": None}
+    assert "deprecated" not in pipeline.export.stderr
+
+
 def test_cold_start_returns_items_and_not_the_liked_ones(exported):
     liked = [str(x) for x in exported.item_ids[:5].tolist()]
     recs = exported.recommend_new_user(liked=liked, k=10)
@@ -244,15 +282,15 @@ def test_mismatched_manifest_is_refused(copy, key, value, message):
 def test_a_corrupt_query_tower_is_refused(copy):
     from twotower_rec.serving.manifest import sha256
 
-    path = copy / "query_tower.pt"
+    path = copy / "query_tower.pt2"
     size = path.stat().st_size
     path.write_bytes(b"\0" * size)  # same size, wrong content
-    with pytest.raises(ExportError, match="query_tower.pt: its SHA-256"):
+    with pytest.raises(ExportError, match="query_tower.pt2: its SHA-256"):
         ExportedModel.load(copy)
     manifest = json.loads((copy / "manifest.json").read_text())  # a manifest written for the broken file
-    manifest["files"]["query_tower.pt"]["sha256"] = sha256(path)
+    manifest["files"]["query_tower.pt2"]["sha256"] = sha256(path)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match="query_tower.pt: cannot load"):
+    with pytest.raises(ExportError, match="query_tower.pt2: cannot load"):
         ExportedModel.load(copy)
 
 

@@ -184,17 +184,61 @@ def test_export_recommend_equals_evaluation_top_k(trained, exported):
     assert [r.item for r in exported.recommend_user(raw, k=3)] == [r.item for r in served[4]][:3]
 
 
-def test_scripted_query_tower_equals_training_query_embedding(trained, exported):
+def test_exported_query_tower_equals_training_query_embedding(trained, exported):
     from twotower_rec.evaluation.ranking import query_embeddings
 
     data = trained.data
     codes = np.arange(1, data.spec.num_users + 1, dtype=np.int64)
     values, lengths, _, _ = exported.user_query([data.raw_user_ids[c - 1] for c in codes.tolist()])
     with torch.no_grad():
-        scripted = exported.query_tower(values, lengths)
+        program = exported.query_tower(values, lengths)  # query_tower.pt2
     training = query_embeddings(trained.query_tower, trained.batcher, codes, data.user_offsets[codes])
-    assert scripted.shape == training.shape == (codes.size, trained.cfg.model.output_dim)
-    torch.testing.assert_close(scripted, training, rtol=1e-5, atol=1e-6)
+    assert program.shape == training.shape == (codes.size, trained.cfg.model.output_dim)
+    # nn.EmbeddingBag and TorchRec's kernels round the pooled sums apart: 1 ulp (6e-8) measured, TorchScript too
+    torch.testing.assert_close(program, training, rtol=0, atol=1.2e-7)
+
+
+def _rows(values, lengths, start: int, stop: int):
+    """Rows ``start:stop`` of the query tower's inputs (per feature: values back to back, per-row counts)."""
+    out_values, out_lengths = [], []
+    for value, length in zip(values, lengths):
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(length, 0)])
+        out_values.append(value[offsets[start]:offsets[stop]])
+        out_lengths.append(length[start:stop])
+    return out_values, out_lengths
+
+
+def test_the_program_equals_its_eager_tower_at_any_batch_size(trained, exported):
+    """query_tower.pt2 was traced on EXAMPLE_ROWS rows with a dynamic batch size and value counts: at
+    every other batch size, and on a batch without any history value, it computes what the eager
+    tower it was exported from computes on the same rows, bit for bit."""
+    from twotower_rec.distributed.sharding import full_state_dict
+    from twotower_rec.export.query_encoder import EXAMPLE_ROWS, build_query_tower
+    from twotower_rec.model.factory import new_model
+    from twotower_rec.tasks import make_task
+
+    spec = trained.data.spec
+    plain = new_model(trained.trained_cfg.model, spec, make_task(trained.trained_cfg), torch.device("cpu")).eval()
+    plain.load_state_dict(full_state_dict(trained.model))
+    eager = build_query_tower(plain, spec.query_features)
+    users = [str(u) for u in exported.users["raw_user_ids"].tolist()]
+    values, lengths, _, _ = exported.user_query(users)
+    names = exported.manifest["query_features"]
+    assert "history" in names
+    start = 0
+    with torch.no_grad():
+        for size in (1, 2, 5, 8, 64, len(users) - 80):
+            assert size != EXAMPLE_ROWS
+            part_values, part_lengths = _rows(values, lengths, start, start + size)
+            program = exported.query_tower(part_values, part_lengths)
+            assert program.shape == (size, exported.manifest["embedding_dim"])
+            assert torch.equal(program, eager(part_values, part_lengths)), size
+            start = (start + size) % (len(users) - 64)
+        empty = [torch.zeros(0, dtype=torch.long) if n == "history" else v[:4] for n, v in zip(names, values)]
+        counts = [torch.zeros(4, dtype=torch.long) if n == "history" else c[:4] for n, c in zip(names, lengths)]
+        no_history = exported.query_tower(empty, counts)
+        assert torch.equal(no_history, eager(empty, counts))
+        assert not torch.equal(no_history, exported.query_tower(*_rows(values, lengths, 0, 4)))
 
 
 def test_exported_item_embeddings_equal_the_evaluation_catalog(trained, exported):

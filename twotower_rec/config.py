@@ -349,6 +349,9 @@ class ExportConfig:
     """ivf: clusters searched per query, at most ivf_nlist (serving sets it from the manifest)."""
     recall_queries: int = 2000
     """Users whose query embeddings measure the index's recall against exact search."""
+    torchscript: bool = False
+    """Also write ``query_tower.pt``, the TorchScript query tower, beside ``query_tower.pt2``: deprecated
+    (PyTorch deprecated ``torch.jit.script``), kept for one release; serving reads ``query_tower.pt2``."""
 
 
 @dataclass

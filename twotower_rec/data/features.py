@@ -180,8 +180,8 @@ def fnv1a_finish(h: int) -> int:
 def hash_rows(ids, buckets: int, chunk: int = 1 << 20) -> np.ndarray:
     """``[N]`` int64 rows ``1 + hash(str(id)) % buckets`` of raw ids (row 0 stays the unknown
     value): 32-bit FNV-1a over the UTF-8 bytes of the id's text, then :func:`fnv1a_finish`,
-    vectorized over chunks of ids. The served tower computes the same per id
-    (``export/query_encoder.py``, ``hash_row``).
+    vectorized over chunks of ids. Serving calls it on raw ids (``serving/query_inputs.py``); the
+    deprecated TorchScript tower computes the same per id (``export/query_encoder.py``, ``hash_row``).
 
     Args:
         ids: ``[N]`` raw ids: integers, or values whose ``str`` is the id's text.

@@ -1,13 +1,17 @@
-"""The served query tower: a TorchScript module of plain torch tables and the trained MLPs.
+"""The served query tower: plain torch tables and the trained MLPs, TorchRec-free.
 
-:func:`build_query_encoder` copies an unsharded TwoTower's (or Ensemble's) query side into a
-:class:`QueryEncoder`, which ``torch.jit.script`` compiles; loading it needs only torch. Its
-raw-value entry point maps strings to codes with the export's vocabularies, then builds the
-history and recent-item inputs with the same functions training batches use
-(:mod:`twotower_rec.data.query_inputs`, compiled into the module). Calling conventions are in
-``export/__init__.py``.
+:func:`build_query_tower` copies an unsharded TwoTower's (or Ensemble's) query side into a
+:class:`QueryTower` of codes -> embeddings, and :func:`export_program` turns it into a
+``torch.export`` program (``query_tower.pt2``: batch size and value counts dynamic; loading it
+needs only torch). Raw values are mapped to codes before the program, in plain Python, by
+``serving/query_inputs.py``, which builds the history and recent-item inputs with the same
+functions training batches use (:mod:`twotower_rec.data.query_inputs`).
 
-Shapes: ``B`` rows, ``D`` one member's output dim, ``K`` members.
+Deprecated, for one release (``export.torchscript``): :class:`QueryEncoder`, the same tower with
+its raw-value entry point compiled in, which ``torch.jit.script`` writes to ``query_tower.pt``.
+Calling conventions are in ``export/__init__.py``.
+
+Shapes: ``B`` rows, ``D`` one member's output dim, ``K`` members, ``N_f`` feature f's values.
 """
 
 from __future__ import annotations
@@ -19,12 +23,72 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim, ExportedProgram
 
 from twotower_rec.data.features import HISTORY, Feature, fnv1a_finish, recent_position
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.data.query_inputs import item_before, last_items
 from twotower_rec.model.ensemble import Ensemble
+from twotower_rec.model.transformer import TransformerPooling
 from twotower_rec.model.two_tower import TwoTower
+
+
+class FusedTransformerPooling(TransformerPooling):
+    """:class:`TransformerPooling` whose layers run torch's fused encoder-layer operator, as eager
+    evaluation runs them, so the exported program computes evaluation's queries bit for bit.
+
+    In evaluation mode without gradients, ``nn.TransformerEncoderLayer`` takes a fast path, one
+    fused operator per layer. ``torch.export`` traces with fake tensors, which the fast path's
+    condition reads as tensors with torch functions, so a plain export records the unfused
+    operators instead: the same function, with float32 results that differ from evaluation's in
+    the last bits (up to 5e-7 in ``tests/test_query_tower_program.py``'s cases). This module
+    calls the fused operator itself, with the float padding mask the layer makes of ``pad``; it
+    is used only where eager evaluation takes the fast path (:func:`fused_like_eager`).
+    """
+
+    @classmethod
+    def from_trained(cls, pooling: TransformerPooling) -> "FusedTransformerPooling":
+        """A copy of ``pooling``'s weights in evaluation mode.
+
+        Args:
+            pooling: the trained transformer pooling.
+        """
+        first = pooling.encoder.layers[0]
+        fused = cls(pooling.positions.embedding_dim, pooling.max_length, len(pooling.encoder.layers),
+                    first.self_attn.num_heads, 0.0)
+        fused.load_state_dict(pooling.state_dict())
+        return fused.eval()
+
+    def layers(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """As :meth:`TransformerPooling.layers`, through ``torch._transformer_encoder_layer_fwd``.
+
+        Args:
+            x: ``[B, T, E]`` each row's items with their position embeddings.
+            pad: ``[B, T]`` bool, the slots attention ignores.
+        """
+        mask = torch.zeros_like(pad, dtype=x.dtype).masked_fill_(pad, float("-inf"))  # the layer's float mask
+        for layer in self.encoder.layers:
+            attention = layer.self_attn
+            x = torch._transformer_encoder_layer_fwd(
+                x, attention.embed_dim, attention.num_heads, attention.in_proj_weight, attention.in_proj_bias,
+                attention.out_proj.weight, attention.out_proj.bias, layer.activation_relu_or_gelu == 2,
+                layer.norm_first, layer.norm1.eps, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+                layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias,
+                mask, 1)  # mask type 1: a [B, T] key padding mask
+        return x
+
+
+def fused_like_eager(pooling: TransformerPooling) -> bool:
+    """Whether eager evaluation runs ``pooling``'s layers on torch's fast path: the conditions of
+    ``nn.TransformerEncoderLayer.forward`` that vary for this module (the others hold by construction:
+    batch first, biases, ReLU, one eps, post-norm).
+
+    Args:
+        pooling: the trained transformer pooling.
+    """
+    layer = pooling.encoder.layers[0]
+    return (torch.backends.mha.get_fastpath_enabled() and layer.self_attn.num_heads % 2 == 0
+            and not layer.norm_first and layer.activation_relu_or_gelu > 0 and layer.norm1.eps == layer.norm2.eps)
 
 
 class MemberQueryEncoder(nn.Module):
@@ -79,12 +143,38 @@ class MemberQueryEncoder(nn.Module):
         return F.normalize(self.mlp(joined), dim=-1)
 
 
-class QueryEncoder(nn.Module):
-    """The served query tower: raw values or codes -> ``[B, D_out]`` L2-normalised embeddings.
+class QueryTower(nn.Module):
+    """Codes -> ``[B, K * D]`` L2-normalised query embeddings: what ``query_tower.pt2`` computes.
 
     One :class:`MemberQueryEncoder` per model member; with K > 1 (``model.members``) their
     outputs are concatenated and divided by ``sqrt(K)``, as ``model/ensemble.py`` does.
+    ``forward(values, lengths)``: one ``values[f]`` ``[N_f]`` int64 and ``lengths[f]`` ``[B]``
+    int64 per query feature, in ``model.query_feature_order``.
     """
+
+    def __init__(self, members: list[MemberQueryEncoder]) -> None:
+        """Combine the member encoders.
+
+        Args:
+            members: one :class:`MemberQueryEncoder` per model member, all taking the same inputs.
+        """
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.scale = 1.0 / float(np.sqrt(len(members)))
+
+    def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
+        """Codes per feature, ``values[f]`` ``[sum(lengths[f])]`` and ``lengths[f]`` ``[B]``, in
+        query feature order -> ``[B, K * D]`` (see ``export/__init__.py``)."""
+        parts: List[torch.Tensor] = []
+        for member in self.members:
+            parts.append(member(values, lengths))
+        return torch.cat(parts, dim=1) * self.scale  # one member: scale 1, the member's own vectors
+
+
+class QueryEncoder(QueryTower):
+    """Deprecated (``export.torchscript``, ``query_tower.pt``): a :class:`QueryTower` whose
+    raw-value entry point is compiled in with it by ``torch.jit.script``; the export's
+    ``query_tower.pt2`` and ``serving/query_inputs.py`` replace it."""
 
     def __init__(self, members: list[MemberQueryEncoder], feature_names: list[str] | None = None,
                  vocabularies: dict[str, dict[str, int]] | None = None, history_length: int = 0,
@@ -98,9 +188,7 @@ class QueryEncoder(nn.Module):
             history_length: how many of a raw history's last items ``history`` keeps.
             hashed: hashed id feature (``data.hash_buckets``) -> its bucket count; :func:`hash_row` gives its codes.
         """
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.scale = 1.0 / float(np.sqrt(len(members)))
+        super().__init__(members)
         # torch.jit.Attribute: the types TorchScript cannot infer from (possibly empty) containers
         self.feature_names = torch.jit.Attribute(list(feature_names or []), List[str])
         self.vocabularies = torch.jit.Attribute(dict(vocabularies or {}), Dict[str, Dict[str, int]])
@@ -193,15 +281,6 @@ class QueryEncoder(nn.Module):
                 codes.append(vocab.get(row[0], 0))
         return torch.tensor(codes, dtype=torch.long), torch.ones(len(codes), dtype=torch.long)
 
-    def forward(self, values: List[torch.Tensor], lengths: List[torch.Tensor]) -> torch.Tensor:
-        """Codes per feature, ``values[f]`` ``[sum(lengths[f])]`` and ``lengths[f]`` ``[B]``, in
-        ``feature_names`` order -> ``[B, K * D]`` (see ``export/__init__.py``)."""
-        parts: List[torch.Tensor] = []
-        for member in self.members:
-            parts.append(member(values, lengths))
-        return torch.cat(parts, dim=1) * self.scale  # one member: scale 1, the member's own vectors
-
-
 @torch.jit.unused
 def _eager_utf8(text: str) -> List[int]:
     return list(text.encode("utf-8"))
@@ -253,10 +332,11 @@ def raw_vocabularies(data: PreparedData, names: list[str]) -> dict[str, dict[str
     return out
 
 
-def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEncoder:
+def _member_encoder(model: TwoTower, features: list[Feature], for_export: bool = False) -> MemberQueryEncoder:
     """Copy one unsharded TwoTower's query-side tables and query MLP; inputs follow
     ``model.query_feature_order``, and a history that shares the item tower's item-id table
-    takes its weights from there."""
+    takes its weights from there. ``for_export``: a transformer history runs its layers as eager
+    evaluation does (:class:`FusedTransformerPooling`)."""
     by_name = {f.name: f for f in features}
     item_tables = model.item_tower.embedding_bags.embedding_bags
     tables = {**item_tables, **(model.query_tower.embedding_bags.embedding_bags if model.query_tower.embedding_bags
@@ -269,6 +349,8 @@ def _member_encoder(model: TwoTower, features: list[Feature]) -> MemberQueryEnco
     served = model.history.for_serving({name: bag.weight for name, bag in item_tables.items()})
     if served is not None:  # the history encoder's table and its scriptable module
         sequence_table, sequence_pooling = served[0], copy.deepcopy(served[1]).eval()
+        if for_export and type(sequence_pooling) is TransformerPooling and fused_like_eager(sequence_pooling):
+            sequence_pooling = FusedTransformerPooling.from_trained(sequence_pooling)
     return MemberQueryEncoder(weights, [f.pooling for f in ordered], model.query_tower.mlp, sequence_table,
                               sequence_pooling, model.query_tower.join == "add")
 
@@ -290,3 +372,49 @@ def build_query_encoder(model: TwoTower | Ensemble, features: list[Feature],
     hashed = {n: b for n, b in data.spec.hashed.items() if n in names} if data is not None else {}
     encoders = [_member_encoder(m, features) for m in members]
     return QueryEncoder(encoders, names, vocabularies, history_length, hashed).eval()
+
+
+def build_query_tower(model: TwoTower | Ensemble, features: list[Feature]) -> QueryTower:
+    """A :class:`QueryTower` (codes -> embeddings) from an unsharded TwoTower (or Ensemble: one member encoder
+    each), to export with :func:`export_program`.
+
+    Args:
+        model: the trained model, unsharded; its query-side tables are copied, its query MLPs used as they are.
+        features: the query features (``FeatureSpec.query_features``): each one's table and pooling.
+    """
+    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    return QueryTower([_member_encoder(m, features, for_export=True) for m in members]).eval()
+
+
+EXAMPLE_ROWS = 3  # rows of the traced example: not 0 or 1, which torch.export would specialise on
+
+
+def example_inputs(names: list[str], history_length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Codes to trace the tower with: :data:`EXAMPLE_ROWS` rows of the unknown code 0; the history has
+    rows of different lengths (one empty), each at most ``history_length``; other features one value a row.
+
+    Args:
+        names: the query features, in input order.
+        history_length: the most items a history row holds (``features.history_length``).
+    """
+    values, lengths = [], []
+    for name in names:
+        counts = [min(2, history_length), 0, min(3, history_length)] if name == HISTORY else [1] * EXAMPLE_ROWS
+        lengths.append(torch.tensor(counts, dtype=torch.long))
+        values.append(torch.zeros(sum(counts), dtype=torch.long))
+    return values, lengths
+
+
+def export_program(tower: QueryTower, names: list[str], history_length: int) -> ExportedProgram:
+    """``tower`` as a ``torch.export`` program (``query_tower.pt2``): the batch size ``B`` (shared by
+    every ``lengths[f]``) and each feature's value count ``N_f`` are dynamic, from 0 up.
+
+    Args:
+        tower: the query tower, in evaluation mode.
+        names: the query features, in input order (one ``(values, lengths)`` pair each).
+        history_length: the most items a history row holds (the traced example stays within it).
+    """
+    batch = Dim("batch")
+    dynamic = ([(Dim(f"values_{index}"),) for index in range(len(names))], [(batch,)] * len(names))
+    with torch.no_grad():
+        return torch.export.export(tower, example_inputs(names, history_length), dynamic_shapes=dynamic)

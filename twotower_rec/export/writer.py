@@ -1,11 +1,11 @@
 """Write the export directory (see ``export/__init__.py``) from an unsharded model.
 
 Everything is written beside the export and swapped in (``atomic.py``), so a crash leaves the
-previous export whole. Every file goes through Python's own file I/O (the faiss index, and a
-query tower of up to ``IN_MEMORY_BYTES``, are serialised to memory first: ``torch.jit.save`` to a
-path aborted the process in C++ on a full disk; a larger tower is written by torch once the
-folder has room for it), so a failed write is an ``ExportError`` naming the folder, and the
-previous export stays.
+previous export whole. Every file goes through Python's own file I/O (the faiss index, and the
+query tower: ``torch.export.save`` and ``torch.jit.save`` write to an open file handle, because
+``torch.jit.save`` to a path aborted the process in C++ on a full disk), so a failed write is an
+``ExportError`` naming the folder, and the previous export stays. A tower larger than
+``IN_MEMORY_BYTES`` is written only once the folder is seen to have room for it.
 Only an export (or an empty or missing folder) is replaced: :func:`check_target`.
 """
 
@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from twotower_rec.data.ids import canonical_id
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.errors import ExportError
 from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
-from twotower_rec.export.query_encoder import build_query_encoder
+from twotower_rec.export.query_encoder import build_query_encoder, build_query_tower, export_program
 from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
 from twotower_rec.serving import ann
@@ -37,7 +37,7 @@ from twotower_rec.serving import manifest as export_manifest
 if TYPE_CHECKING:
     from twotower_rec.config import ExportConfig
 
-IN_MEMORY_BYTES = 128 << 20  # a query tower up to this size is serialised in memory (see _save_query_tower)
+IN_MEMORY_BYTES = 128 << 20  # a larger query tower is written only where the disk has room (_save_query_tower)
 
 
 def check_target(out_dir: str | Path) -> None:
@@ -110,31 +110,48 @@ def _write_files(tmp: Path, model: TwoTower | Ensemble, data: PreparedData, cfg_
     batcher = Batcher(data)
     item_emb = _write_items(tmp, model, data, batcher, cfg)
     ann_info = _ann_section(cfg, item_emb, model, data, batcher, tmp)
-    encoder = build_query_encoder(model, data.spec.query_features, data)
-    _save_query_tower(torch.jit.script(encoder), tmp / "query_tower.pt", _tensor_bytes(model))
+    _write_query_towers(tmp, model, data, cfg)
     _write_users(tmp, data)
     manifest = _manifest(tmp, model, data, item_emb, cfg, cfg_dict, metrics, ann_info)
     _write_bytes(tmp / export_manifest.MANIFEST, json.dumps(manifest, indent=2).encode())
     return item_emb, ann_info
 
 
-def _save_query_tower(scripted: torch.jit.ScriptModule, path: Path, size: int) -> None:
-    """``query_tower.pt`` such that a failed write is an ``OSError``, never a C++ abort.
-
-    A tower of up to :data:`IN_MEMORY_BYTES` (``size``: the model's tensors, an upper bound) is
-    serialised to memory and written by Python. A larger one would hold about two more copies of
-    its tables in memory that way, so torch writes it to the path itself, once the folder is seen
-    to have room for it (``torch.jit.save`` to a path aborts the process when the disk fills).
-    """
-    if size <= IN_MEMORY_BYTES:
-        with open(path, "wb") as handle:  # torch serialises to memory, Python writes the bytes
-            torch.jit.save(scripted, handle)
+def _write_query_towers(out: Path, model: TwoTower | Ensemble, data: PreparedData, cfg: ExportConfig) -> None:
+    """``query_tower.pt2`` (``torch.export``), and with ``export.torchscript`` the deprecated ``query_tower.pt``."""
+    names, size = list(model.query_feature_order), _tensor_bytes(model)
+    program = export_program(build_query_tower(model, data.spec.query_features), names, data.spec.history_length)
+    _save_query_tower(lambda handle: torch.export.save(program, handle), out / "query_tower.pt2", size)
+    if not cfg.torchscript:
         return
-    free = _free_bytes(path.parent)
-    if free < size + (64 << 20):
-        raise OSError(errno.ENOSPC, f"{free >> 20} MiB free, the query tower needs up to {size >> 20} MiB",
-                      str(path.parent))
-    torch.jit.save(scripted, str(path))
+    scripted = torch.jit.script(build_query_encoder(model, data.spec.query_features, data))
+    _save_query_tower(lambda handle: torch.jit.save(scripted, handle), out / "query_tower.pt", size, large_to_path=True)
+    print("export: warning: export.torchscript=true also writes query_tower.pt (TorchScript), which is deprecated "
+          "(PyTorch deprecated torch.jit.script) and goes in the next release; serving reads query_tower.pt2",
+          file=sys.stderr)
+
+
+def _save_query_tower(save: Callable[[IO[bytes] | str], None], path: Path, size: int,
+                      large_to_path: bool = False) -> None:
+    """Write a query tower with ``save(handle)`` such that a failed write is an ``OSError``, never a C++ abort.
+
+    torch writes to a Python file handle, so a full disk is Python's ``OSError``. A tower of more
+    than :data:`IN_MEMORY_BYTES` (``size``: the model's tensors, an upper bound) is written only
+    once the folder is seen to have room for it. ``torch.export.save`` copies one tensor at a time
+    to the handle; ``torch.jit.save`` serialises the whole module in memory first (about two more
+    copies of its tables), so a large TorchScript tower (``large_to_path``) is written by torch to
+    the path itself.
+    """
+    if size > IN_MEMORY_BYTES:
+        free = _free_bytes(path.parent)
+        if free < size + (64 << 20):
+            raise OSError(errno.ENOSPC, f"{free >> 20} MiB free, the query tower needs up to {size >> 20} MiB",
+                          str(path.parent))
+        if large_to_path:
+            save(str(path))
+            return
+    with open(path, "wb") as handle:
+        save(handle)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -220,6 +237,10 @@ def _manifest(out: Path, model: TwoTower | Ensemble, data: PreparedData, item_em
         "num_users": int(spec.num_users),
         "query_features": model.query_feature_order,
         "history_length": spec.history_length,
+        # hashed query features (data.hash_buckets) -> buckets: a raw value's code is 1 + hash % buckets
+        "hashed": {name: int(buckets) for name, buckets in spec.hashed.items() if name in model.query_feature_order},
+        "query_tower": {"file": "query_tower.pt2", "format": "torch.export",
+                        "torchscript": "query_tower.pt" if cfg.torchscript else None},
         "feature_spec_fingerprint": spec.fingerprint(),
         "data_source": spec.source,
         "data": data.summary(),

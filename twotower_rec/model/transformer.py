@@ -8,8 +8,9 @@ vector. Every item in the history precedes the event, so attention over all of t
 nothing. One transformer pass per event: the causal encoder (``model/causal.py``) reads every
 position of a window in one pass instead.
 
-:class:`TransformerPooling` is plain torch and scriptable: the exported query tower reuses it
-as it is, so serving computes exactly what training does.
+:class:`TransformerPooling` is plain torch and scriptable: the exported query tower reuses it,
+its :meth:`~TransformerPooling.layers` run through torch's fused operator as eager evaluation
+runs them (``export/query_encoder.py``), so serving computes exactly what evaluation does.
 
 Shapes: ``B`` rows, ``T`` = ``max_length``, ``E`` embedding dim, ``N`` = ``sum(lengths)``.
 """
@@ -64,9 +65,18 @@ class TransformerPooling(nn.Module):
         x = padded + self.positions(recency)
         pad = slots >= lengths.unsqueeze(1)
         pad[:, 0] = pad[:, 0] & (lengths > 0)  # an empty history attends to one zero slot, not to nothing
-        out = self.norm(self.encoder(x, src_key_padding_mask=pad))
+        out = self.norm(self.layers(x, pad))
         last = out[torch.arange(rows, device=values.device), (lengths - 1).clamp(min=0)]
         return last * (lengths > 0).unsqueeze(1).to(last.dtype)
+
+    def layers(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """``[B, T, E]`` -> ``[B, T, E]``: the encoder's layers, ``pad`` ``[B, T]`` (True: a pad slot) masked out.
+
+        Args:
+            x: ``[B, T, E]`` each row's items with their position embeddings, zeros in pad slots.
+            pad: ``[B, T]`` bool, the slots attention ignores.
+        """
+        return self.encoder(x, src_key_padding_mask=pad)
 
 
 class TransformerHistory(HistoryEncoder):

@@ -11,7 +11,12 @@ Loading first finishes or rolls back an export a kill interrupted (``atomic.py``
 it against its manifest: format version, metric, dims, dtype, every listed file present with
 the size and SHA-256 it was written with (so a truncated, changed or swapped file is refused,
 ``manifest.py``), and the ANN index's size and dimension. Arrays are read with
-``allow_pickle=False``: an array that needs a pickle is refused, never unpickled.
+``allow_pickle=False``: an array that needs a pickle is refused, never unpickled; so is a query
+tower archive that would need one (``query_tower.py``).
+
+The query tower is ``query_tower.pt2``, a ``torch.export`` program of codes, behind the
+pre-processing of raw values (``query_inputs.py``): ``model.query_tower(values, lengths)``
+and ``model.query_tower.encode_raw(features)``.
 
 Raw ids are looked up with the one rule of ``data/ids.py``: ``--user 007`` is user ``7`` of an
 integer id space, and so is a liked ``"007"`` item.
@@ -19,7 +24,6 @@ integer id space, and so is a liked ``"007"`` item.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,11 +33,13 @@ import torch
 
 from twotower_rec import atomic
 from twotower_rec.data.features import HISTORY, recent_position
-from twotower_rec.data.ids import canonical_id, lookup_key
+from twotower_rec.data.ids import canonical_id
 from twotower_rec.data.query_inputs import query_inputs, ranges_csr
 from twotower_rec.errors import ExportError, UnknownUserError
 from twotower_rec.evaluation.topk import chunked_topk
 from twotower_rec.serving import manifest as export_manifest
+from twotower_rec.serving.query_inputs import IdSpace, QueryInputs, raw_key, read_vocabularies
+from twotower_rec.serving.query_tower import TOWER_FILE, ServedQueryTower, load_program
 
 
 @dataclass
@@ -56,39 +62,9 @@ class Recommendation:
         return asdict(self)
 
 
-def _raw_key(value) -> str:
-    return str(value.item() if isinstance(value, np.generic) else value)
-
-
-class _IdSpace:
-    """The rows of an export's raw ids (int64: an integer id space; unicode: text ids), looked up
-    under the id rule (``data/ids.py``)."""
-
-    def __init__(self, ids: np.ndarray) -> None:
-        """Index ``ids``.
-
-        Args:
-            ids: ``[N]`` raw ids, int64 or unicode; row ``r`` holds ``ids[r]``.
-        """
-        self.integer = ids.dtype.kind in "iu"
-        self.row = {key: r for r, key in enumerate(ids.tolist())}
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-    def find(self, value) -> int | None:
-        """The row of the raw id ``value`` (as a user typed or sent it), or None.
-
-        Args:
-            value: a raw id: text or an integer.
-        """
-        key = lookup_key(value, self.integer)
-        return None if key is None else self.row.get(key)
-
-
 class ExportedModel:
     def __init__(self, directory: Path, manifest: dict, item_embeddings: np.ndarray, item_ids: np.ndarray,
-                 items: pd.DataFrame, query_tower: torch.jit.ScriptModule, users: dict[str, np.ndarray],
+                 items: pd.DataFrame, program: torch.nn.Module, users: dict[str, np.ndarray],
                  index=None, vocabularies: dict | None = None) -> None:
         """Hold an export read from disk; :meth:`load` reads and checks one.
 
@@ -98,7 +74,7 @@ class ExportedModel:
             item_embeddings: ``[N, D]`` item embeddings (scored as float32); row ``r`` is item ``item_ids[r]``.
             item_ids: ``[N]`` raw item ids.
             items: ``items.parquet``: its ``title`` and ``genres`` columns, where present, by row; may be empty.
-            query_tower: the TorchScript query tower (``query_tower.pt``).
+            program: the query tower's ``torch.export`` program (``query_tower.pt2``, :func:`load_program`).
             users: the arrays of ``users.npz``: ``raw_user_ids``, ``history_offsets``, ``history_items``,
                 ``feature_<name>``.
             index: the faiss index over the item embeddings (``items.faiss``); ``None``: exact search only.
@@ -108,20 +84,24 @@ class ExportedModel:
         self.manifest = manifest
         self.item_embeddings = torch.from_numpy(np.ascontiguousarray(item_embeddings, dtype=np.float32))
         self.item_ids = item_ids
-        self.items_space = _IdSpace(item_ids)
+        self.items_space = IdSpace(item_ids)
         self.item_row = self.items_space.row
         n = item_ids.shape[0]
         self.titles = items["title"].fillna("").astype(str).tolist() if "title" in items.columns else [""] * n
         self.genres = items["genres"].fillna("").astype(str).tolist() if "genres" in items.columns else [""] * n
-        self.query_tower = query_tower
         self.users = users
-        self.users_space = _IdSpace(users["raw_user_ids"])
+        self.users_space = IdSpace(users["raw_user_ids"])
         self.user_row = self.users_space.row
         self.history = torch.from_numpy(np.asarray(users["history_items"], dtype=np.int64))
         self.side_features = {name[len("feature_"):]: column for name, column in users.items()
                               if name.startswith("feature_")}
         self.index = index
         self.vocabularies = vocabularies or {}
+        # query_tower.pt2's program behind the raw-value pre-processing (query_inputs.py), on these id spaces
+        inputs = QueryInputs(manifest["query_features"], manifest["history_length"], self.items_space,
+                             self.users_space, self.side_features.get("user_id"), self.vocabularies,
+                             manifest.get("hashed", {}))
+        self.query_tower = ServedQueryTower(program, inputs)
 
     @classmethod
     def load(cls, directory: str | Path) -> "ExportedModel":
@@ -135,8 +115,8 @@ class ExportedModel:
         manifest = export_manifest.read(directory)
         item_embeddings, item_ids, users = _read_arrays(directory, manifest)
         items = _read_items(directory, item_ids.shape[0])
-        return cls(directory, manifest, item_embeddings, item_ids, items, _read_query_tower(directory), users,
-                   _read_index(directory, manifest), _read_vocabularies(directory))
+        return cls(directory, manifest, item_embeddings, item_ids, items, load_program(directory / TOWER_FILE), users,
+                   _read_index(directory, manifest), read_vocabularies(directory))
 
     def user_query(self, raw_user_ids: list) -> tuple[list[torch.Tensor], list[torch.Tensor], np.ndarray, np.ndarray]:
         """Query-tower inputs for known users after all their interactions, and their seen items (CSR).
@@ -152,7 +132,7 @@ class ExportedModel:
         for raw in raw_user_ids:
             row = self.users_space.find(raw)
             if row is None:
-                raise UnknownUserError(f"unknown user '{_raw_key(raw)}': not among the {len(self.user_row)} users "
+                raise UnknownUserError(f"unknown user '{raw_key(raw)}': not among the {len(self.user_row)} users "
                                        "of this export")
             rows.append(row)
         code = np.asarray(rows, dtype=np.int64) + 1
@@ -195,7 +175,7 @@ class ExportedModel:
         return out
 
     def _recommendation(self, row: int, score: float) -> Recommendation:
-        return Recommendation(_raw_key(self.item_ids[row]), float(score), self.titles[row], self.genres[row])
+        return Recommendation(raw_key(self.item_ids[row]), float(score), self.titles[row], self.genres[row])
 
     @torch.no_grad()
     def recommend_users(self, raw_user_ids: list, k: int = 10, exclude_seen: bool = True,
@@ -251,7 +231,7 @@ class ExportedModel:
             elif name == "user_id":
                 features[name] = [[canonical_id(row["user"])] if row.get("user") is not None else [] for row in rows]
             else:
-                features[name] = [[_raw_key(row["features"][name])] if name in row.get("features", {}) else []
+                features[name] = [[raw_key(row["features"][name])] if name in row.get("features", {}) else []
                                   for row in rows]
         for row in rows:
             unknown = sorted(set(row.get("features", {})) - set(names))
@@ -266,7 +246,7 @@ class ExportedModel:
         Args:
             raw_item_ids: raw item ids, looked up under the id rule (``"007"`` is item ``7``).
         """
-        return [_raw_key(i) for i in raw_item_ids if self.items_space.find(i) is None]
+        return [raw_key(i) for i in raw_item_ids if self.items_space.find(i) is None]
 
     def unknown_features(self, features: dict) -> dict[str, str]:
         """The side-feature values of ``features`` that training never saw (they read as the unknown
@@ -276,9 +256,9 @@ class ExportedModel:
             features: side feature name -> raw value, as :meth:`recommend_new_user` takes them.
         """
         _check_feature_types(features)
-        known = {name: {_raw_key(v) for v in values} for name, values in self.vocabularies.items()}
-        return {name: _raw_key(value) for name, value in features.items()
-                if name in known and _raw_key(value) not in known[name]}
+        known = {name: {raw_key(v) for v in values} for name, values in self.vocabularies.items()}
+        return {name: raw_key(value) for name, value in features.items()
+                if name in known and raw_key(value) not in known[name]}
 
     def recommend_new_user(self, liked: list | None = None, features: dict | None = None, k: int = 10,
                            exclude_liked: bool = True, ann: bool = False) -> list[Recommendation]:
@@ -319,7 +299,7 @@ class ExportedModel:
         if liked or not features or len(unknown) < len(features):
             return
         name, value = next(iter(unknown.items()))
-        known = [_raw_key(v) for v in self.vocabularies[name]]
+        known = [raw_key(v) for v in self.vocabularies[name]]
         shown = ", ".join(repr(v) for v in known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
         raise ExportError(f"none of the side-feature values is known to this export (unknown: "
                           f"{', '.join(f'{n}={v}' for n, v in unknown.items())}); '{name}' takes {shown}")
@@ -374,18 +354,6 @@ def _load_plain(path: Path):
         raise ExportError(f"{path}: cannot read the array ({err})") from None
 
 
-def _read_vocabularies(directory: Path) -> dict:
-    """``vocabularies.json`` (side feature -> known raw values); empty where the export has none."""
-    path = directory / "vocabularies.json"
-    if not path.is_file():
-        return {}
-    try:
-        vocabularies = json.loads(path.read_text())
-    except ValueError as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
-    return vocabularies if isinstance(vocabularies, dict) else {}
-
-
 def _read_items(directory: Path, num_items: int) -> pd.DataFrame:
     """Titles and genres for people (``items.parquet``; optional)."""
     if not (directory / "items.parquet").is_file():
@@ -394,14 +362,6 @@ def _read_items(directory: Path, num_items: int) -> pd.DataFrame:
     if len(items) != num_items:
         raise ExportError(f"{directory / 'items.parquet'}: {len(items)} rows for {num_items} items")
     return items
-
-
-def _read_query_tower(directory: Path) -> torch.jit.ScriptModule:
-    try:
-        return torch.jit.load(str(directory / "query_tower.pt"), map_location="cpu").eval()
-    except RuntimeError as err:
-        raise ExportError(f"{directory / 'query_tower.pt'}: cannot load TorchScript module "
-                          f"({str(err).splitlines()[0]})") from None
 
 
 def _read_index(directory: Path, manifest: dict):

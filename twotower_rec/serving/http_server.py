@@ -130,7 +130,7 @@ def answer(model: ExportedModel, body, max_k: int = 1000, ann_default: bool = Fa
                 "unknown_features": model.unknown_features(features)}
     except UnknownUserError as err:
         raise RequestError(HTTPStatus.NOT_FOUND, str(err)) from None
-    except (ExportError, torch.jit.Error) as err:  # the query tower's ValueErrors on raw values come as jit errors
+    except ExportError as err:  # raw values the pre-processing refuses (serving/query_inputs.py) among them
         raise RequestError(HTTPStatus.BAD_REQUEST, str(err).strip().splitlines()[-1]) from None
 
 

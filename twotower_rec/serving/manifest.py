@@ -10,7 +10,12 @@ a file swapped for another of the same size (embeddings of another run, reordere
 refused. ``sha256sum`` checks the same digests by hand. Checksums detect damage, not tampering:
 whoever can write the files can write the manifest too, so the arrays are plain (int64, float,
 fixed-width unicode) and read with ``allow_pickle=False``: loading an export never runs code
-from it (only ``query_tower.pt``, TorchScript, is a program, and it runs in torch's interpreter).
+from it (only ``query_tower.pt2`` is a program: a graph of torch operators that torch runs, its
+archive checked for pickles before it is read, ``query_tower.py``).
+
+An export of an older format is refused with one line saying how to read it: ``twotower-rec
+export`` again from its checkpoint (5: the query tower is a ``torch.export`` program, not
+TorchScript; the checkpoint format did not change).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from pathlib import Path
 
 from twotower_rec.errors import ExportError
 
-FORMAT_VERSION = 4  # 3: SHA-256 of every file; 4: raw ids as int64 or unicode arrays (no pickles)
+# 3: SHA-256 of every file; 4: raw ids as int64 or unicode arrays (no pickles); 5: query_tower.pt2
+# (torch.export) replaces query_tower.pt (TorchScript), the manifest lists the hashed query features
+FORMAT_VERSION = 5
 METRIC = "inner_product"
 MANIFEST = "manifest.json"
-REQUIRED_FILES = (MANIFEST, "item_embeddings.npy", "item_ids.npy", "query_tower.pt", "users.npz")
-REQUIRED_ENTRIES = ("embedding_dim", "num_items", "query_features", "history_length", "files")
+REQUIRED_FILES = (MANIFEST, "item_embeddings.npy", "item_ids.npy", "query_tower.pt2", "users.npz")
+REQUIRED_ENTRIES = ("embedding_dim", "num_items", "query_features", "history_length", "hashed", "files")
 
 
 def file_entries(directory: Path) -> dict[str, dict]:
@@ -76,15 +83,37 @@ def read(directory: Path) -> dict:
     """
     if not directory.is_dir():
         raise ExportError(f"export directory not found: {directory}")
-    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
-    if missing:
-        raise ExportError(f"{directory} is not a complete export: missing {', '.join(missing)}")
+    if not (directory / MANIFEST).is_file():
+        raise ExportError(f"{directory} is not a complete export: missing {MANIFEST}")
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except json.JSONDecodeError as err:
         raise ExportError(f"{directory / MANIFEST}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    check_version(directory, manifest)  # an older export lacks newer files: say so, not that they are missing
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ExportError(f"{directory} is not a complete export: missing {', '.join(missing)}")
     check(directory, manifest)
     return manifest
+
+
+def check_version(directory: Path, manifest: dict) -> None:
+    """``ExportError`` unless ``manifest`` is of the format this package reads, in one line saying
+    what to do: an older export is exported again from its checkpoint.
+
+    Args:
+        directory: the export directory.
+        manifest: its parsed ``manifest.json``.
+    """
+    where = directory / MANIFEST
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise ExportError(f"{where}: format version {version}, this package reads {FORMAT_VERSION}: this export was "
+                          "written by an older version; run `twotower-rec export` again from the checkpoint")
+    raise ExportError(f"{where}: format version {version}, this package reads {FORMAT_VERSION}: export again with "
+                      "this version (or serve it with the version that wrote it)")
 
 
 def check(directory: Path, manifest: dict) -> None:
@@ -95,9 +124,7 @@ def check(directory: Path, manifest: dict) -> None:
         manifest: its parsed ``manifest.json``.
     """
     where = directory / MANIFEST
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{where}: format version {manifest.get('format_version')}, this package reads "
-                          f"{FORMAT_VERSION}: export again with this version")
+    check_version(directory, manifest)
     if manifest.get("metric") != METRIC:
         raise ExportError(f"{where}: metric {manifest.get('metric')!r}, this package scores by {METRIC!r}")
     for key in REQUIRED_ENTRIES:
