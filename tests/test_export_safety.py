@@ -43,14 +43,23 @@ def test_export_refuses_a_folder_that_is_not_an_export(pipeline, tmp_path):
 
 
 def test_export_writes_into_an_empty_or_missing_folder_and_replaces_an_export(pipeline, tmp_path):
+    """An empty folder, an earlier export and a missing folder are each written; a replaced export
+    holds exactly the new manifest's files (the old ones and any temporary are gone)."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    _export(pipeline, empty)
-    ExportedModel.load(empty)
+    assert _export(pipeline, empty) == empty
+    first = ExportedModel.load(empty)
+    (empty / "stale.txt").write_text("from an earlier export")
     _export(pipeline, empty)  # an earlier export is replaced
-    ExportedModel.load(empty)
-    _export(pipeline, tmp_path / "new" / "export")
-    ExportedModel.load(tmp_path / "new" / "export")
+    second = ExportedModel.load(empty)
+    assert not (empty / "stale.txt").exists()
+    manifest = json.loads((empty / "manifest.json").read_text())
+    assert {p.name for p in empty.iterdir()} == {"manifest.json", *manifest["files"]}
+    np.testing.assert_array_equal(second.item_ids, first.item_ids)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".empty.")]  # no temporary left
+    new = tmp_path / "new" / "export"
+    _export(pipeline, new)
+    assert ExportedModel.load(new).item_embeddings.shape == first.item_embeddings.shape
 
 
 # --- item 15: a write that fails is an ExportError, the old export stays -------------------------------
