@@ -28,6 +28,7 @@ from twotower_rec.data.ids import canonical_id
 from twotower_rec.data.prepared import PreparedData
 from twotower_rec.errors import ExportError
 from twotower_rec.evaluation.ranking import catalog_embeddings, query_embeddings
+from twotower_rec.export.pt2 import save_program
 from twotower_rec.export.query_encoder import build_query_encoder, build_query_tower, export_program
 from twotower_rec.model.ensemble import Ensemble
 from twotower_rec.model.two_tower import TwoTower
@@ -121,7 +122,7 @@ def _write_query_towers(out: Path, model: TwoTower | Ensemble, data: PreparedDat
     """``query_tower.pt2`` (``torch.export``), and with ``export.torchscript`` the deprecated ``query_tower.pt``."""
     names, size = list(model.query_feature_order), _tensor_bytes(model)
     program = export_program(build_query_tower(model, data.spec.query_features), names, data.spec.history_length)
-    _save_query_tower(lambda handle: torch.export.save(program, handle), out / "query_tower.pt2", size)
+    _save_query_tower(lambda handle: save_program(program, handle), out / "query_tower.pt2", size)
     if not cfg.torchscript:
         return
     scripted = torch.jit.script(build_query_encoder(model, data.spec.query_features, data))
@@ -137,7 +138,7 @@ def _save_query_tower(save: Callable[[IO[bytes] | str], None], path: Path, size:
 
     torch writes to a Python file handle, so a full disk is Python's ``OSError``. A tower of more
     than :data:`IN_MEMORY_BYTES` (``size``: the model's tensors, an upper bound) is written only
-    once the folder is seen to have room for it. ``torch.export.save`` copies one tensor at a time
+    once the folder is seen to have room for it. :func:`save_program` streams one tensor at a time
     to the handle; ``torch.jit.save`` serialises the whole module in memory first (about two more
     copies of its tables), so a large TorchScript tower (``large_to_path``) is written by torch to
     the path itself.
