@@ -397,6 +397,37 @@ def test_a_full_disk_during_a_save_names_the_folder_and_keeps_the_previous_check
     assert not [p.name for p in out.iterdir() if p.name.startswith(".last.")]  # the half-written folder is gone
 
 
+def test_ctrl_c_during_a_save_finishes_the_checkpoint_then_interrupts(base, tmp_path, monkeypatch):
+    """A SIGINT that lands inside DCP's write used to reach the CLI as a CheckpointException (a
+    traceback, exit 1, a half-written folder): the save now completes, then KeyboardInterrupt."""
+    import signal
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from twotower_rec import api
+    from twotower_rec.train import checkpoint
+
+    root, _, _ = base
+    out = tmp_path / "run"
+    cfg = _config(root, f"train.out_dir={out}", "train.checkpoint_every_steps=2")
+    real_write = dcp_fs.FileSystemWriter.write_data
+    saves = {"n": 0}
+
+    def interrupted_write(self, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the second save of `last`: Ctrl-C half-way through the shards
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(dcp_fs.FileSystemWriter, "write_data", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(api.train, cfg)
+    monkeypatch.undo()
+    assert checkpoint.read_meta(out / "last")["step"] == 4  # the interrupted save is whole
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".last.")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 # --- 3. one train per out_dir -----------------------------------------------------------------------
 
 

@@ -14,19 +14,45 @@ reader and writer calls before it opens the folder, finishes such a swap (the ne
 complete) or puts the old folder back, and deletes ``.tmp-*`` / ``.old-*`` folders whose
 writer has gone (a process of this host that no longer runs; folders of other hosts, or of
 live processes, are left alone).
+
+A Ctrl-C (SIGINT) that lands inside such a write would stop it half way, and libraries that
+catch exceptions there (DCP turns it into a ``CheckpointException``) would hide what it was:
+:func:`uninterrupted` holds it until the write is done, then raises ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 COMPLETE = ".complete"
 _FAULT_COUNTS: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Within this block a SIGINT is held, and raised as ``KeyboardInterrupt`` when the block
+    ends (normally; an error of the block's own wins). Only the main thread receives signals:
+    elsewhere, or when SIGINT is not Python's default handler (a user's own), nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def fault(phase: str) -> None:

@@ -133,8 +133,15 @@ def save(path: str | Path, model: torch.nn.Module, cfg: Config, data: PreparedDa
     Raises:
         CheckpointError: on every rank, when a rank cannot write (e.g. a full disk); the checkpoint
             at ``path`` is then left as it was.
+        KeyboardInterrupt: after the save, when a Ctrl-C came during it (``atomic.uninterrupted``).
     """
-    path = Path(path)
+    with atomic.uninterrupted():  # a Ctrl-C during the save is raised once the checkpoint is whole
+        return _save(Path(path), model, cfg, data, step, metrics, optimizer, trainer_state, extra)
+
+
+def _save(path: Path, model: torch.nn.Module, cfg: Config, data: PreparedData, step: int, metrics: dict | None,
+          optimizer, trainer_state: dict | None, extra: dict | None) -> Path:
+    """:func:`save`'s body."""
     rank, world_size = world()
     tmp = _shared_folder(path, rank)
     state = {"model": model.state_dict()}
