@@ -140,27 +140,8 @@ def register_parquet(con, files: list[Path], data_cfg: DataConfig, side_integer:
         ``{"user": ..., "item": ...}``: whether each id space is integer (its ids in ``raw`` are
         BIGINT), else canonical text (VARCHAR).
     """
-    import pyarrow.parquet as pq
-
     names = {"user": data_cfg.user_column, "item": data_cfg.item_column, "timestamp": data_cfg.timestamp_column}
-    starts, total, types = [], 0, {}
-    first_rated = data_cfg.rating_column in pq.ParquetFile(files[0]).schema_arrow.names
-    for path in files:
-        meta = pq.ParquetFile(path)
-        starts.append((str(path), total))
-        total += meta.metadata.num_rows
-        schema = meta.schema_arrow
-        missing = [f"{k} ('{v}')" for k, v in names.items() if v not in schema.names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {schema.names}. Name yours with "
-                            "data.user_column / data.item_column / data.timestamp_column")
-        for column in names.values():
-            types.setdefault(column, set()).add(str(schema.field(column).type))
-        if (data_cfg.rating_column in schema.names) != first_rated:
-            has = "has" if data_cfg.rating_column in schema.names else "has no"
-            raise DataError(f"{path}: {has} rating column '{data_cfg.rating_column}', unlike {files[0]}: give every "
-                            "file of the directory the same columns")
-    has_ratings = first_rated
+    starts, types, has_ratings = _parquet_schemas(files, names, data_cfg.rating_column)
     con.execute("CREATE TEMP TABLE file_start (filename VARCHAR, start BIGINT)")
     con.executemany("INSERT INTO file_start VALUES (?, ?)", starts)
     listed = "[" + ", ".join(_quote(str(p)) for p in files) + "]"
@@ -179,6 +160,42 @@ def register_parquet(con, files: list[Path], data_cfg: DataConfig, side_integer:
     rating = f"CAST({_ident(data_cfg.rating_column)} AS FLOAT)" if has_ratings else "CAST(1.0 AS FLOAT)"
     con.execute(f"""CREATE VIEW raw_checked AS SELECT {id_sql['user']} AS user, {id_sql['item']} AS item,
         {seconds} AS timestamp, {rating} AS rating, filename, file_row_number AS file_row FROM raw_file""")
+    _refuse_missing_values(con)
+    con.execute("""CREATE VIEW raw AS SELECT r.user, r.item, r.timestamp, r.rating, f.start + r.file_row AS pos
+                   FROM raw_checked r JOIN file_start f USING (filename)""")
+    return integer
+
+
+def _parquet_schemas(files: list[Path], names: dict[str, str],
+                     rating_column: str) -> tuple[list[tuple[str, int]], dict[str, set[str]], bool]:
+    """Each file's first row number in the directory's order, every named column's types over the
+    files, and whether they have ratings; a file missing a column, or alone in having (or not
+    having) the rating column, is a ``DataError`` naming it."""
+    import pyarrow.parquet as pq
+
+    starts, total, types = [], 0, {}
+    first_rated = rating_column in pq.ParquetFile(files[0]).schema_arrow.names
+    for path in files:
+        meta = pq.ParquetFile(path)
+        starts.append((str(path), total))
+        total += meta.metadata.num_rows
+        schema = meta.schema_arrow
+        missing = [f"{k} ('{v}')" for k, v in names.items() if v not in schema.names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {schema.names}. Name yours with "
+                            "data.user_column / data.item_column / data.timestamp_column")
+        for column in names.values():
+            types.setdefault(column, set()).add(str(schema.field(column).type))
+        if (rating_column in schema.names) != first_rated:
+            has = "has" if rating_column in schema.names else "has no"
+            raise DataError(f"{path}: {has} rating column '{rating_column}', unlike {files[0]}: give every "
+                            "file of the directory the same columns")
+    return starts, types, first_rated
+
+
+def _refuse_missing_values(con) -> None:
+    """The first row of ``raw_checked`` with a missing id, time or rating (or a non-finite rating),
+    as a ``DataError`` naming its file and row and how many such rows there are."""
     for column, what in (("user", "empty user id"), ("item", "empty item id"), ("timestamp", "missing timestamp"),
                          ("rating", "missing or non-finite rating")):
         test = f"{column} IS NULL" + (" OR NOT isfinite(rating)" if column == "rating" else "")
@@ -186,9 +203,6 @@ def register_parquet(con, files: list[Path], data_cfg: DataConfig, side_integer:
                           "ORDER BY filename, file_row LIMIT 1").fetchone()
         if bad:
             raise DataError(f"{bad[0]}: row {bad[1] + 1}: {what} ({bad[2]} such rows)")
-    con.execute("""CREATE VIEW raw AS SELECT r.user, r.item, r.timestamp, r.rating, f.start + r.file_row AS pos
-                   FROM raw_checked r JOIN file_start f USING (filename)""")
-    return integer
 
 
 _INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",

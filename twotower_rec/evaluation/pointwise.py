@@ -31,30 +31,13 @@ def pointwise_metrics(model, batcher, rows: np.ndarray, objective: str, threshol
         bce: ``auroc``, ``accuracy``, ``f1``, ``bce``, ``neg_bce``; mse: ``rmse``, ``neg_rmse``;
         and ``pairs``, the number of pairs.
     """
-    from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
-    from torchmetrics.regression import MeanSquaredError
-
     tower = model.module if hasattr(model, "module") else model
-    if objective == "bce":
-        metrics = {"auroc": BinaryAUROC(sync_on_compute=False), "accuracy": BinaryAccuracy(sync_on_compute=False),
-                   "f1": BinaryF1Score(sync_on_compute=False)}
-    else:
-        metrics = {"rmse": MeanSquaredError(squared=False, sync_on_compute=False)}
     # each rank scores its share of the pairs, on its device; the scores are gathered, and every
     # rank computes the metrics over them, chunk by chunk as one process would
-    local = local_part(np.asarray(rows))
-    scored, labelled = [], []
-    for begin in range(0, local.size, chunk):
-        batch = batcher.batch(local[begin:begin + chunk])
-        if device is not None:
-            batch = batch.to(device)
-        query = tower.encode_query(batch.query_features).float()
-        item = tower.encode_items(batch.item_features, batch.item_dense).float()
-        scored.append(tower.head.score(query, item))
-        labelled.append(batch.labels.float())
-    empty = torch.zeros(0, device=device)
-    all_scores = gather_parts(torch.cat(scored) if scored else empty, rows.size).cpu()
-    all_labels = gather_parts(torch.cat(labelled) if labelled else empty, rows.size).cpu()
+    local_scores, local_labels = _score_pairs(tower, batcher, local_part(np.asarray(rows)), device, chunk)
+    all_scores = gather_parts(local_scores, rows.size).cpu()
+    all_labels = gather_parts(local_labels, rows.size).cpu()
+    metrics = _metrics(objective)
     total, count = 0.0, 0
     for begin in range(0, rows.size, chunk):
         scores = all_scores[begin:begin + chunk]
@@ -74,3 +57,31 @@ def pointwise_metrics(model, batcher, rows: np.ndarray, objective: str, threshol
         out["neg_rmse"] = -out["rmse"]
     out["pairs"] = float(count)
     return out
+
+
+def _metrics(objective: str) -> dict:
+    """The torchmetrics of ``objective``, not synchronised (every rank holds every score)."""
+    from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryF1Score
+    from torchmetrics.regression import MeanSquaredError
+
+    if objective == "bce":
+        return {"auroc": BinaryAUROC(sync_on_compute=False), "accuracy": BinaryAccuracy(sync_on_compute=False),
+                "f1": BinaryF1Score(sync_on_compute=False)}
+    return {"rmse": MeanSquaredError(squared=False, sync_on_compute=False)}
+
+
+def _score_pairs(tower, batcher, rows: np.ndarray, device, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's pair scores and labels at ``rows``, ``chunk`` rows at a time, on ``device``."""
+    scored, labelled = [], []
+    for begin in range(0, rows.size, chunk):
+        batch = batcher.batch(rows[begin:begin + chunk])
+        if device is not None:
+            batch = batch.to(device)
+        query = tower.encode_query(batch.query_features).float()
+        item = tower.encode_items(batch.item_features, batch.item_dense).float()
+        scored.append(tower.head.score(query, item))
+        labelled.append(batch.labels.float())
+    if not scored:
+        empty = torch.zeros(0, device=device)
+        return empty, empty
+    return torch.cat(scored), torch.cat(labelled)

@@ -434,6 +434,22 @@ def future_positives(target_index: torch.Tensor, scored: torch.Tensor, k: int) -
     return torch.where(inside, target_index[ahead], -1)
 
 
+def _sequence_mask(query: torch.Tensor, target_ids: torch.Tensor, negative_ids: torch.Tensor, own: torch.Tensor,
+                   window_items: torch.Tensor | None, mask_accidental_hits: bool) -> torch.Tensor:
+    """``[P, U + M]`` (or ``[1, U + M]``) the candidates a position does not score: padding targets;
+    with ``window_items``, the window's items other than the position's ``own`` positives; with
+    ``mask_accidental_hits``, uniform negatives equal to one of its positives."""
+    masked = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
+    if window_items is not None:
+        others = window_items.clone().scatter_(1, own, False)  # the position's own positives stay
+        masked = masked | torch.cat([others, others.new_zeros(others.shape[0], negative_ids.shape[0])], dim=1)
+    if mask_accidental_hits and negative_ids.shape[0]:
+        hits = (target_ids[own].unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
+        masked = masked | torch.cat([torch.zeros(query.shape[0], target_ids.shape[0], dtype=torch.bool,
+                                                 device=query.device), hits], dim=1)
+    return masked
+
+
 def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, num_targets: int,
                   target_index: torch.Tensor, global_positions: int, temperature, cfg: LossConfig,
                   ctx: LossContext, window_items: torch.Tensor | None = None,
@@ -476,21 +492,12 @@ def sequence_loss(query: torch.Tensor, item: torch.Tensor, item_ids: torch.Tenso
     negatives, negative_ids = item[num_targets:], item_ids[num_targets:]
     if negatives.shape[0]:
         negatives, negative_ids, _ = gather_candidates(negatives, negative_ids)
-    num_all_targets = targets.shape[0]
     if positives is None:
         own, valid = target_index.unsqueeze(1), None  # [P, 1]
     else:  # [P, k]; a missing positive (-1) repeats the first, the next target, which always exists
         valid = positives >= 0
         own = torch.where(valid, positives, positives[:, :1])
-    # Padding targets are never scored; with window_items, neither are the window's other items
-    masked = torch.cat([target_ids == 0, torch.zeros_like(negative_ids, dtype=torch.bool)]).unsqueeze(0)
-    if window_items is not None:
-        others = window_items.clone().scatter_(1, own, False)  # the position's own positives stay
-        masked = masked | torch.cat([others, others.new_zeros(others.shape[0], negatives.shape[0])], dim=1)
-    if cfg.mask_accidental_hits and negatives.shape[0]:
-        hits = (target_ids[own].unsqueeze(2) == negative_ids.view(1, 1, -1)).any(1)  # [P, M]
-        masked = masked | torch.cat([torch.zeros(query.shape[0], num_all_targets, dtype=torch.bool,
-                                                 device=query.device), hits], dim=1)
+    masked = _sequence_mask(query, target_ids, negative_ids, own, window_items, cfg.mask_accidental_hits)
     offset = logit_offset(query, masked.shape[1], ctx.target_log_q(target_ids, negatives.shape[0], global_positions),
                           masked)
     logits = torch.addmm(offset, query / temperature, torch.cat([targets, negatives]).t())  # [P, U + M]
