@@ -20,7 +20,7 @@ Ids follow the id rule (``data/ids.py``): ``"007"`` is item ``7`` of an integer 
 
 Shapes: ``B`` rows. Example (an export whose query features are ``user_id``, ``history``)::
 
-    inputs = QueryInputs.from_export(directory, manifest)
+    inputs = ExportedModel.load(directory).query_tower.inputs  # a QueryInputs on the export's own files
     values, lengths = inputs.encode({"user_id": [["42"], []], "history": [["1", "50"], ["260"]]})
     # values[f] [N_f] int64 codes, lengths[f] [B] int64: what query_tower.pt2 takes
 """
@@ -118,27 +118,6 @@ class QueryInputs:
         self.recent = {name: recent_position(name) for name in self.names if recent_position(name)}
         self.codes = {name: {raw_key(value): code for code, value in enumerate(values, start=1)}
                       for name, values in (vocabularies or {}).items() if name in self.names}
-
-    @classmethod
-    def from_export(cls, directory: str | Path, manifest: dict, items: IdSpace | None = None,
-                    users: IdSpace | None = None, user_codes: np.ndarray | None = None) -> "QueryInputs":
-        """The pre-processing of the export at ``directory`` (read as it is; :class:`ExportedModel` checks it first).
-
-        Args:
-            directory: the export directory.
-            manifest: its ``manifest.json``.
-            items, users, user_codes: the id spaces and ``feature_user_id`` when the caller holds them already;
-                read from ``item_ids.npy`` and ``users.npz`` (``allow_pickle=False``) otherwise.
-        """
-        directory = Path(directory)
-        if items is None:
-            items = IdSpace(np.load(directory / "item_ids.npy", allow_pickle=False))
-        if users is None and "user_id" in manifest["query_features"]:
-            with np.load(directory / "users.npz", allow_pickle=False) as arrays:
-                users = IdSpace(arrays["raw_user_ids"])
-                user_codes = arrays["feature_user_id"] if "feature_user_id" in arrays.files else None
-        return cls(manifest["query_features"], manifest["history_length"], items, users, user_codes,
-                   read_vocabularies(directory), manifest.get("hashed", {}))
 
     def encode(self, features: Mapping[str, Sequence[Sequence]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Raw values -> the codes ``query_tower.pt2`` takes, one ``(values [N_f], lengths [B])``
